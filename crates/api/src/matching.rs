@@ -1,0 +1,416 @@
+//! Which pod gets which identity: pods, bindings and identities in, the desired assignments out.
+//!
+//! The rules, those of aad-pod-identity 1.8 with the decisions where this project differs:
+//! - a pod takes part when its label `aadpodidbinding` is set and not empty, it has a node, it is not
+//!   being deleted and has not finished (phase `Succeeded` or `Failed`);
+//! - a binding matches a pod when its `selector` equals that label value exactly;
+//! - a binding refers to the identity of its `azureIdentity` name in the binding's own namespace;
+//! - [`Scope::Namespaced`] (the default) also requires the binding to be in the pod's namespace;
+//!   [`Scope::CrossNamespace`] lets a binding of any namespace match, except for identities that carry
+//!   the annotation `aadpodidentity.k8s.io/Behavior: namespaced`;
+//! - a pod's identities are ranked by binding `weight` (highest first), then binding namespace and
+//!   name; the first is what a request naming no identity gets (the original took an arbitrary one);
+//! - when two matches produce the same assignment name (same identity name in two namespaces, in
+//!   cross-namespace scope), the higher ranked one is kept and the other reported;
+//! - bindings and identities that fail validation are skipped and reported, never half-used.
+//!
+//! Exceptions do not change assignments, as in the original: an excepted pod that is also bound still
+//! gets the identity on its node, which it then reaches directly.
+
+use std::collections::{BTreeMap, HashMap, btree_map::Entry};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use crate::{
+    AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, BEHAVIOR_ANNOTATION, BEHAVIOR_NAMESPACED,
+    POD_LABEL,
+    naming::{ObjectKey, assigned_identity_name},
+    validation::SpecError,
+};
+
+/// Namespace of assignments in cross-namespace scope, where the original always put them.
+pub const CROSS_NAMESPACE_ASSIGNMENT_NAMESPACE: &str = "default";
+
+/// Whether bindings may give identities to pods of other namespaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Identity, binding and pod must share a namespace.
+    #[default]
+    Namespaced,
+    /// A binding of any namespace may match a pod, as in the original's default mode.
+    CrossNamespace,
+}
+
+/// What matching needs to know of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodView {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// UID, when known; tells a pod from an earlier one of the same name.
+    pub uid: Option<String>,
+    /// All labels (exceptions look at any of them).
+    pub labels: BTreeMap<String, String>,
+    /// Node the pod is scheduled to.
+    pub node_name: Option<String>,
+    /// `status.phase`.
+    pub phase: Option<String>,
+    /// Whether `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+}
+
+impl PodView {
+    /// The view of a Kubernetes pod.
+    pub fn from_pod(pod: &Pod) -> Self {
+        Self {
+            key: ObjectKey::new(pod.namespace().unwrap_or_default(), pod.name_any()),
+            uid: pod.uid(),
+            labels: pod.labels().clone(),
+            node_name: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+        }
+    }
+
+    /// The value of the `aadpodidbinding` label, if set and not empty.
+    pub fn binding_selector(&self) -> Option<&str> {
+        self.labels
+            .get(POD_LABEL)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// One identity one pod should have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredAssignment {
+    /// Namespace and name of the `AzureAssignedIdentity` that records it.
+    pub assignment: ObjectKey,
+    /// The pod.
+    pub pod: ObjectKey,
+    /// UID of the pod, when known.
+    pub pod_uid: Option<String>,
+    /// The pod's node.
+    pub node: String,
+    /// The identity.
+    pub identity: ObjectKey,
+    /// The binding that matched.
+    pub binding: ObjectKey,
+    /// Position among the pod's identities; 0 is the pod's default identity.
+    pub rank: usize,
+}
+
+/// Why a pod has no identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSkip {
+    /// No `aadpodidbinding` label, or an empty one.
+    NotLabelled,
+    /// Not scheduled to a node yet.
+    NotScheduled,
+    /// Being deleted.
+    Terminating,
+    /// Finished; the phase is given.
+    Finished(String),
+}
+
+/// Why a binding that could have matched a pod gave it nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The binding is in another namespace and the scope is namespaced.
+    OtherNamespace,
+    /// The identity is namespaced by annotation and the pod is in another namespace.
+    IdentityNamespaced,
+    /// The binding's spec is invalid.
+    InvalidBinding(Vec<SpecError>),
+    /// No identity of that name exists in the binding's namespace.
+    IdentityMissing(ObjectKey),
+    /// The identity's spec is invalid.
+    InvalidIdentity(ObjectKey, Vec<SpecError>),
+    /// Another binding already gives this pod an assignment of the same name: `kept` is the binding
+    /// of that assignment. When both refer to the same identity this is mere duplication.
+    NameTaken {
+        /// Binding whose assignment was kept.
+        kept: ObjectKey,
+        /// Whether both bindings refer to the same identity.
+        same_identity: bool,
+    },
+}
+
+/// A binding with the same selector as a pod, and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The binding.
+    pub binding: ObjectKey,
+    /// The identity it names (in its own namespace).
+    pub identity: ObjectKey,
+    /// `Ok(rank)` when it gave the pod an identity, otherwise why not.
+    pub outcome: Result<usize, Rejection>,
+}
+
+/// Everything matching decided about one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDecision {
+    /// The pod.
+    pub pod: ObjectKey,
+    /// Why the pod takes no part, if it does not.
+    pub skipped: Option<PodSkip>,
+    /// Whether an `AzurePodIdentityException` of the pod's namespace matches it.
+    pub excepted: bool,
+    /// Every binding whose selector equals the pod's label, in rank order, with its outcome.
+    pub candidates: Vec<Candidate>,
+    /// The pod's assignments, rank order.
+    pub assignments: Vec<DesiredAssignment>,
+}
+
+/// The cluster state matching reads.
+#[derive(Clone, Copy, Debug)]
+pub struct World<'a> {
+    /// Bindings of all namespaces.
+    pub bindings: &'a [AzureIdentityBinding],
+    /// Identities of all namespaces.
+    pub identities: &'a [AzureIdentity],
+    /// Exceptions of all namespaces.
+    pub exceptions: &'a [AzurePodIdentityException],
+    /// Namespaced or cross-namespace matching.
+    pub scope: Scope,
+}
+
+/// Lookups built once per evaluation, so that matching many pods stays linear.
+pub struct Index<'a> {
+    world: World<'a>,
+    bindings_by_selector: HashMap<&'a str, Vec<&'a AzureIdentityBinding>>,
+    identities: HashMap<(&'a str, &'a str), &'a AzureIdentity>,
+    exceptions_by_namespace: HashMap<&'a str, Vec<&'a AzurePodIdentityException>>,
+}
+
+impl<'a> Index<'a> {
+    /// Indexes the world.
+    pub fn new(world: World<'a>) -> Self {
+        let mut bindings_by_selector: HashMap<&str, Vec<&AzureIdentityBinding>> = HashMap::new();
+        for binding in world.bindings {
+            if let Some(selector) = binding.spec.selector.as_deref().filter(|s| !s.is_empty()) {
+                bindings_by_selector.entry(selector).or_default().push(binding);
+            }
+        }
+        for list in bindings_by_selector.values_mut() {
+            list.sort_by(|a, b| rank_order(a, b));
+        }
+        let identities = world
+            .identities
+            .iter()
+            .map(|identity| {
+                (
+                    (
+                        namespace_of(identity),
+                        identity.metadata.name.as_deref().unwrap_or(""),
+                    ),
+                    identity,
+                )
+            })
+            .collect();
+        let mut exceptions_by_namespace: HashMap<&str, Vec<&AzurePodIdentityException>> = HashMap::new();
+        for exception in world.exceptions {
+            exceptions_by_namespace
+                .entry(namespace_of(exception))
+                .or_default()
+                .push(exception);
+        }
+        Self {
+            world,
+            bindings_by_selector,
+            identities,
+            exceptions_by_namespace,
+        }
+    }
+
+    /// The identity of that namespace and name.
+    pub fn identity(&self, namespace: &str, name: &str) -> Option<&'a AzureIdentity> {
+        self.identities.get(&(namespace, name)).copied()
+    }
+
+    /// Whether an exception of the pod's namespace matches the pod.
+    pub fn is_excepted(&self, pod: &PodView) -> bool {
+        self.exceptions_by_namespace
+            .get(pod.key.namespace.as_str())
+            .is_some_and(|list| list.iter().any(|exception| exception.spec.excepts(&pod.labels)))
+    }
+
+    /// Everything matching decides about one pod.
+    pub fn decide(&self, pod: &PodView) -> PodDecision {
+        let mut decision = PodDecision {
+            pod: pod.key.clone(),
+            skipped: skip_reason(pod),
+            excepted: self.is_excepted(pod),
+            candidates: Vec::new(),
+            assignments: Vec::new(),
+        };
+        let Some(selector) = pod.binding_selector() else {
+            return decision;
+        };
+        let node = pod.node_name.as_deref();
+        let mut taken: BTreeMap<ObjectKey, (ObjectKey, ObjectKey)> = BTreeMap::new();
+        for binding in self.bindings_by_selector.get(selector).into_iter().flatten() {
+            let binding_key = key_of(*binding);
+            let identity_name = binding.spec.azure_identity.clone().unwrap_or_default();
+            let identity_key = ObjectKey::new(binding_key.namespace.clone(), identity_name);
+            let outcome = self
+                .evaluate(pod, binding, &binding_key, &identity_key)
+                .and_then(|assignment| match taken.entry(assignment.clone()) {
+                    Entry::Occupied(kept) => {
+                        let (kept_binding, kept_identity) = kept.get();
+                        Err(Rejection::NameTaken {
+                            kept: kept_binding.clone(),
+                            same_identity: *kept_identity == identity_key,
+                        })
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert((binding_key.clone(), identity_key.clone()));
+                        Ok(assignment)
+                    }
+                });
+            let outcome = match (outcome, node, &decision.skipped) {
+                (Ok(assignment), Some(node), None) => {
+                    let rank = decision.assignments.len();
+                    decision.assignments.push(DesiredAssignment {
+                        assignment,
+                        pod: pod.key.clone(),
+                        pod_uid: pod.uid.clone(),
+                        node: node.to_owned(),
+                        identity: identity_key.clone(),
+                        binding: binding_key.clone(),
+                        rank,
+                    });
+                    Ok(rank)
+                }
+                // The binding would apply, but the pod takes no part yet (or any more); the rank is
+                // what it would have.
+                (Ok(_), _, _) => Ok(decision.candidates.iter().filter(|c| c.outcome.is_ok()).count()),
+                (Err(rejection), _, _) => Err(rejection),
+            };
+            decision.candidates.push(Candidate {
+                binding: binding_key,
+                identity: identity_key,
+                outcome,
+            });
+        }
+        decision
+    }
+
+    /// The assignment a binding gives a pod, or why it gives none.
+    fn evaluate(
+        &self,
+        pod: &PodView,
+        binding: &AzureIdentityBinding,
+        binding_key: &ObjectKey,
+        identity_key: &ObjectKey,
+    ) -> Result<ObjectKey, Rejection> {
+        if self.world.scope == Scope::Namespaced && binding_key.namespace != pod.key.namespace {
+            return Err(Rejection::OtherNamespace);
+        }
+        let binding_errors = binding.spec.validate();
+        if !binding_errors.is_empty() {
+            return Err(Rejection::InvalidBinding(binding_errors));
+        }
+        let identity = self
+            .identity(&identity_key.namespace, &identity_key.name)
+            .ok_or_else(|| Rejection::IdentityMissing(identity_key.clone()))?;
+        let namespaced_identity =
+            self.world.scope == Scope::Namespaced || is_namespaced_by_annotation(identity);
+        if namespaced_identity && identity_key.namespace != pod.key.namespace {
+            return Err(Rejection::IdentityNamespaced);
+        }
+        let identity_errors = identity.spec.validate();
+        if !identity_errors.is_empty() {
+            return Err(Rejection::InvalidIdentity(identity_key.clone(), identity_errors));
+        }
+        let namespace = if namespaced_identity {
+            identity_key.namespace.clone()
+        } else {
+            CROSS_NAMESPACE_ASSIGNMENT_NAMESPACE.to_owned()
+        };
+        let name = assigned_identity_name(&pod.key.name, &pod.key.namespace, &identity_key.name);
+        Ok(ObjectKey::new(namespace, name))
+    }
+}
+
+/// The outcome of matching every pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// The assignments all pods should have, ordered by assignment namespace and name.
+    pub assignments: Vec<DesiredAssignment>,
+    /// Assignments of different pods that came out with the same name (the first is kept, the second
+    /// dropped). Names are `<pod>-<namespace>-<identity>`, so pod `a-b` of namespace `c` and pod `a` of
+    /// namespace `b-c` collide when both land in one namespace, as in cross-namespace scope; the
+    /// original silently wrote one object for both.
+    pub collisions: Vec<(DesiredAssignment, DesiredAssignment)>,
+}
+
+/// Matches every pod; the result does not depend on the order of any input.
+pub fn desired_assignments(pods: &[PodView], world: World<'_>) -> Desired {
+    let index = Index::new(world);
+    let mut all: Vec<DesiredAssignment> = pods
+        .iter()
+        .flat_map(|pod| index.decide(pod).assignments)
+        .collect();
+    all.sort_by(|a, b| a.assignment.cmp(&b.assignment).then_with(|| a.pod.cmp(&b.pod)));
+    let mut desired = Desired::default();
+    for assignment in all {
+        match desired.assignments.last() {
+            Some(kept) if kept.assignment == assignment.assignment => {
+                desired.collisions.push((kept.clone(), assignment));
+            }
+            _ => desired.assignments.push(assignment),
+        }
+    }
+    desired
+}
+
+/// Ordering of a pod's bindings: highest weight first, then namespace and name.
+fn rank_order(a: &AzureIdentityBinding, b: &AzureIdentityBinding) -> std::cmp::Ordering {
+    b.spec
+        .effective_weight()
+        .cmp(&a.spec.effective_weight())
+        .then_with(|| namespace_of(a).cmp(namespace_of(b)))
+        .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+}
+
+fn skip_reason(pod: &PodView) -> Option<PodSkip> {
+    if pod.binding_selector().is_none() {
+        return Some(PodSkip::NotLabelled);
+    }
+    if pod.terminating {
+        return Some(PodSkip::Terminating);
+    }
+    if let Some(phase @ ("Succeeded" | "Failed")) = pod.phase.as_deref() {
+        return Some(PodSkip::Finished(phase.to_owned()));
+    }
+    if pod.node_name.is_none() {
+        return Some(PodSkip::NotScheduled);
+    }
+    None
+}
+
+fn is_namespaced_by_annotation(identity: &AzureIdentity) -> bool {
+    identity
+        .annotations()
+        .get(BEHAVIOR_ANNOTATION)
+        .is_some_and(|value| value.eq_ignore_ascii_case(BEHAVIOR_NAMESPACED))
+}
+
+fn namespace_of<K: kube::Resource>(object: &K) -> &str {
+    object.meta().namespace.as_deref().unwrap_or("")
+}
+
+fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {
+    ObjectKey::new(
+        namespace_of(object),
+        object.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

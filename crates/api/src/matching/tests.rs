@@ -1,0 +1,580 @@
+//! One test per matching rule, named after the rule.
+
+use std::collections::BTreeMap;
+
+use kube::api::ObjectMeta;
+
+use super::*;
+use crate::{AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityExceptionSpec};
+
+const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+fn identity(namespace: &str, name: &str) -> AzureIdentity {
+    AzureIdentity {
+        metadata: meta(namespace, name),
+        spec: AzureIdentitySpec {
+            type_: Some(0),
+            resource_id: Some(format!(
+                "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            )),
+            client_id: Some(CLIENT_ID.into()),
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+fn binding(namespace: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
+    AzureIdentityBinding {
+        metadata: meta(namespace, name),
+        spec: AzureIdentityBindingSpec {
+            azure_identity: Some(identity.into()),
+            selector: Some(selector.into()),
+            weight: None,
+        },
+        status: None,
+    }
+}
+
+fn weighted(mut b: AzureIdentityBinding, weight: i64) -> AzureIdentityBinding {
+    b.spec.weight = Some(weight);
+    b
+}
+
+fn pod(namespace: &str, name: &str, selector: &str, node: &str) -> PodView {
+    PodView {
+        key: ObjectKey::new(namespace, name),
+        uid: Some(format!("uid-{name}")),
+        labels: BTreeMap::from([(POD_LABEL.to_owned(), selector.to_owned())]),
+        node_name: Some(node.into()),
+        phase: Some("Running".into()),
+        terminating: false,
+    }
+}
+
+struct Fixture {
+    bindings: Vec<AzureIdentityBinding>,
+    identities: Vec<AzureIdentity>,
+    exceptions: Vec<AzurePodIdentityException>,
+    scope: Scope,
+}
+
+impl Fixture {
+    fn new(identities: Vec<AzureIdentity>, bindings: Vec<AzureIdentityBinding>) -> Self {
+        Self {
+            bindings,
+            identities,
+            exceptions: Vec::new(),
+            scope: Scope::Namespaced,
+        }
+    }
+
+    fn cross_namespace(mut self) -> Self {
+        self.scope = Scope::CrossNamespace;
+        self
+    }
+
+    fn world(&self) -> World<'_> {
+        World {
+            bindings: &self.bindings,
+            identities: &self.identities,
+            exceptions: &self.exceptions,
+            scope: self.scope,
+        }
+    }
+
+    fn desired(&self, pods: &[PodView]) -> Desired {
+        desired_assignments(pods, self.world())
+    }
+
+    fn decide(&self, pod: &PodView) -> PodDecision {
+        Index::new(self.world()).decide(pod)
+    }
+
+    fn names(&self, pods: &[PodView]) -> Vec<String> {
+        self.desired(pods)
+            .assignments
+            .into_iter()
+            .map(|a| a.assignment.to_string())
+            .collect()
+    }
+}
+
+#[test]
+fn matching_selector_in_same_namespace_assigns_identity() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "payments-binding", "payments", "pay")],
+    );
+    let desired = fx.desired(&[pod("shop", "web", "pay", "node-1")]);
+    assert_eq!(
+        desired.assignments,
+        vec![DesiredAssignment {
+            assignment: ObjectKey::new("shop", "web-shop-payments"),
+            pod: ObjectKey::new("shop", "web"),
+            pod_uid: Some("uid-web".into()),
+            node: "node-1".into(),
+            identity: ObjectKey::new("shop", "payments"),
+            binding: ObjectKey::new("shop", "payments-binding"),
+            rank: 0,
+        }]
+    );
+    assert!(desired.collisions.is_empty());
+}
+
+#[test]
+fn selector_is_compared_by_exact_string_equality() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "Pay")],
+    );
+    assert!(fx.names(&[pod("shop", "web", "pay", "n")]).is_empty());
+    assert!(fx.names(&[pod("shop", "web", "Pay-x", "n")]).is_empty());
+    assert_eq!(
+        fx.names(&[pod("shop", "web", "Pay", "n")]),
+        vec!["shop/web-shop-payments"]
+    );
+}
+
+#[test]
+fn pod_without_label_or_with_empty_label_gets_nothing() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    let mut unlabelled = pod("shop", "web", "pay", "n");
+    unlabelled.labels.clear();
+    let empty = pod("shop", "web2", "", "n");
+    assert!(fx.names(&[unlabelled.clone(), empty.clone()]).is_empty());
+    assert_eq!(fx.decide(&unlabelled).skipped, Some(PodSkip::NotLabelled));
+    assert_eq!(fx.decide(&empty).skipped, Some(PodSkip::NotLabelled));
+}
+
+#[test]
+fn pod_without_node_gets_nothing_until_scheduled() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    let mut pending = pod("shop", "web", "pay", "n");
+    pending.node_name = None;
+    assert!(fx.names(std::slice::from_ref(&pending)).is_empty());
+    let decision = fx.decide(&pending);
+    assert_eq!(decision.skipped, Some(PodSkip::NotScheduled));
+    assert_eq!(
+        decision.candidates.len(),
+        1,
+        "the binding that will apply once scheduled is shown"
+    );
+    assert_eq!(decision.candidates[0].outcome, Ok(0));
+}
+
+#[test]
+fn terminating_pod_releases_its_identities() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    let mut leaving = pod("shop", "web", "pay", "n");
+    leaving.terminating = true;
+    assert!(fx.names(std::slice::from_ref(&leaving)).is_empty());
+    assert_eq!(fx.decide(&leaving).skipped, Some(PodSkip::Terminating));
+}
+
+#[test]
+fn finished_pods_release_their_identities() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    for phase in ["Succeeded", "Failed"] {
+        let mut done = pod("shop", "job", "pay", "n");
+        done.phase = Some(phase.into());
+        assert!(fx.names(std::slice::from_ref(&done)).is_empty());
+        assert_eq!(fx.decide(&done).skipped, Some(PodSkip::Finished(phase.into())));
+    }
+    for phase in ["Pending", "Running", "Unknown"] {
+        let mut live = pod("shop", "job", "pay", "n");
+        live.phase = Some(phase.into());
+        assert_eq!(fx.names(&[live]).len(), 1, "phase {phase} keeps the identity");
+    }
+}
+
+#[test]
+fn binding_to_missing_identity_is_reported_and_assigns_nothing() {
+    let fx = Fixture::new(vec![], vec![binding("shop", "b", "ghost", "pay")]);
+    let web = pod("shop", "web", "pay", "n");
+    assert!(fx.names(std::slice::from_ref(&web)).is_empty());
+    assert_eq!(
+        fx.decide(&web).candidates[0].outcome,
+        Err(Rejection::IdentityMissing(ObjectKey::new("shop", "ghost")))
+    );
+}
+
+#[test]
+fn binding_refers_to_identity_in_its_own_namespace_only() {
+    // The identity exists, but in another namespace than the binding: it is not found.
+    let fx = Fixture::new(
+        vec![identity("other", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    )
+    .cross_namespace();
+    let web = pod("shop", "web", "pay", "n");
+    assert!(fx.names(std::slice::from_ref(&web)).is_empty());
+    assert_eq!(
+        fx.decide(&web).candidates[0].outcome,
+        Err(Rejection::IdentityMissing(ObjectKey::new("shop", "payments")))
+    );
+}
+
+#[test]
+fn namespaced_scope_ignores_bindings_of_other_namespaces() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    let intruder = pod("attacker", "evil", "pay", "n");
+    assert!(fx.names(std::slice::from_ref(&intruder)).is_empty());
+    assert_eq!(
+        fx.decide(&intruder).candidates[0].outcome,
+        Err(Rejection::OtherNamespace)
+    );
+}
+
+#[test]
+fn cross_namespace_scope_matches_any_namespace_and_records_in_default() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    )
+    .cross_namespace();
+    assert_eq!(
+        fx.names(&[pod("frontend", "web", "pay", "n")]),
+        vec!["default/web-frontend-payments"]
+    );
+}
+
+#[test]
+fn cross_namespace_scope_respects_namespaced_annotation_on_identity() {
+    let mut id = identity("shop", "payments");
+    id.metadata.annotations = Some(BTreeMap::from([(
+        BEHAVIOR_ANNOTATION.into(),
+        BEHAVIOR_NAMESPACED.into(),
+    )]));
+    let fx = Fixture::new(vec![id], vec![binding("shop", "b", "payments", "pay")]).cross_namespace();
+    let outsider = pod("frontend", "web", "pay", "n");
+    assert!(fx.names(std::slice::from_ref(&outsider)).is_empty());
+    assert_eq!(
+        fx.decide(&outsider).candidates[0].outcome,
+        Err(Rejection::IdentityNamespaced)
+    );
+    // Pods of the identity's own namespace still get it, recorded in that namespace.
+    assert_eq!(
+        fx.names(&[pod("shop", "web", "pay", "n")]),
+        vec!["shop/web-shop-payments"]
+    );
+}
+
+#[test]
+fn same_identity_name_in_two_namespaces_keeps_the_higher_ranked_binding() {
+    // Cross-namespace: both bindings match a pod of a third namespace and both assignments would be
+    // named web-frontend-payments in `default`.
+    let fx = Fixture::new(
+        vec![identity("a", "payments"), identity("b", "payments")],
+        vec![
+            binding("b", "bind", "payments", "pay"),
+            binding("a", "bind", "payments", "pay"),
+        ],
+    )
+    .cross_namespace();
+    let web = pod("frontend", "web", "pay", "n");
+    let desired = fx.desired(std::slice::from_ref(&web));
+    assert_eq!(desired.assignments.len(), 1);
+    assert_eq!(
+        desired.assignments[0].identity,
+        ObjectKey::new("a", "payments"),
+        "namespace a sorts first"
+    );
+    let decision = fx.decide(&web);
+    assert_eq!(
+        decision.candidates[1].outcome,
+        Err(Rejection::NameTaken {
+            kept: ObjectKey::new("a", "bind"),
+            same_identity: false
+        })
+    );
+}
+
+#[test]
+fn weight_decides_which_duplicate_wins_and_the_default_identity() {
+    let fx = Fixture::new(
+        vec![identity("a", "payments"), identity("b", "payments")],
+        vec![
+            binding("a", "bind", "payments", "pay"),
+            weighted(binding("b", "bind", "payments", "pay"), 10),
+        ],
+    )
+    .cross_namespace();
+    let desired = fx.desired(&[pod("frontend", "web", "pay", "n")]);
+    assert_eq!(desired.assignments[0].identity, ObjectKey::new("b", "payments"));
+}
+
+#[test]
+fn two_bindings_of_one_identity_give_one_assignment() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![
+            binding("shop", "one", "payments", "pay"),
+            binding("shop", "two", "payments", "pay"),
+        ],
+    );
+    let web = pod("shop", "web", "pay", "n");
+    assert_eq!(
+        fx.names(std::slice::from_ref(&web)),
+        vec!["shop/web-shop-payments"]
+    );
+    assert_eq!(
+        fx.decide(&web).candidates[1].outcome,
+        Err(Rejection::NameTaken {
+            kept: ObjectKey::new("shop", "one"),
+            same_identity: true
+        })
+    );
+}
+
+#[test]
+fn several_identities_per_pod_are_ranked_by_weight_then_namespace_and_name() {
+    let fx = Fixture::new(
+        vec![
+            identity("shop", "a-id"),
+            identity("shop", "b-id"),
+            identity("shop", "c-id"),
+        ],
+        vec![
+            binding("shop", "c", "c-id", "pay"),
+            weighted(binding("shop", "b", "b-id", "pay"), 5),
+            binding("shop", "a", "a-id", "pay"),
+        ],
+    );
+    let decision = fx.decide(&pod("shop", "web", "pay", "n"));
+    let ranked: Vec<(&str, usize)> = decision
+        .assignments
+        .iter()
+        .map(|a| (a.identity.name.as_str(), a.rank))
+        .collect();
+    assert_eq!(ranked, vec![("b-id", 0), ("a-id", 1), ("c-id", 2)]);
+}
+
+#[test]
+fn negative_weight_ranks_below_absent_weight() {
+    let fx = Fixture::new(
+        vec![identity("shop", "a-id"), identity("shop", "b-id")],
+        vec![
+            weighted(binding("shop", "a", "a-id", "pay"), -1),
+            binding("shop", "b", "b-id", "pay"),
+        ],
+    );
+    let decision = fx.decide(&pod("shop", "web", "pay", "n"));
+    assert_eq!(decision.assignments[0].identity.name, "b-id");
+}
+
+#[test]
+fn binding_with_empty_selector_matches_no_pod() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "")],
+    );
+    let mut labelled_empty = pod("shop", "web", "", "n");
+    labelled_empty.labels.insert(POD_LABEL.into(), String::new());
+    assert!(
+        fx.names(&[labelled_empty, pod("shop", "web2", "pay", "n")])
+            .is_empty()
+    );
+}
+
+#[test]
+fn binding_with_empty_identity_name_is_rejected_as_invalid() {
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "", "pay")],
+    );
+    let web = pod("shop", "web", "pay", "n");
+    assert!(fx.names(std::slice::from_ref(&web)).is_empty());
+    assert!(
+        matches!(fx.decide(&web).candidates[0].outcome, Err(Rejection::InvalidBinding(ref e)) if e[0].field == "azureIdentity")
+    );
+}
+
+#[test]
+fn invalid_identity_is_skipped_and_reported() {
+    let mut bad = identity("shop", "payments");
+    bad.spec.resource_id =
+        Some("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm".into());
+    let fx = Fixture::new(
+        vec![bad, identity("shop", "good")],
+        vec![
+            binding("shop", "b1", "payments", "pay"),
+            binding("shop", "b2", "good", "pay"),
+        ],
+    );
+    let web = pod("shop", "web", "pay", "n");
+    assert_eq!(
+        fx.names(std::slice::from_ref(&web)),
+        vec!["shop/web-shop-good"],
+        "the valid one still applies"
+    );
+    let decision = fx.decide(&web);
+    assert!(matches!(
+        &decision.candidates[0].outcome,
+        Err(Rejection::InvalidIdentity(key, errors)) if key.name == "payments" && errors[0].field == "resourceID"
+    ));
+}
+
+#[test]
+fn service_principal_identities_are_assigned_too() {
+    let mut sp = identity("shop", "sp");
+    sp.spec = AzureIdentitySpec {
+        type_: Some(1),
+        client_id: Some(CLIENT_ID.into()),
+        tenant_id: Some("tenant".into()),
+        client_password: Some(crate::SecretReference {
+            name: Some("sp-secret".into()),
+            namespace: None,
+        }),
+        ..Default::default()
+    };
+    let fx = Fixture::new(vec![sp], vec![binding("shop", "b", "sp", "pay")]);
+    assert_eq!(
+        fx.names(&[pod("shop", "web", "pay", "n")]),
+        vec!["shop/web-shop-sp"]
+    );
+}
+
+#[test]
+fn exceptions_match_any_label_case_insensitively_in_the_pod_namespace_only() {
+    let mut fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    fx.exceptions = vec![AzurePodIdentityException {
+        metadata: meta("shop", "allow-agent"),
+        spec: AzurePodIdentityExceptionSpec {
+            pod_labels: BTreeMap::from([("app".into(), "Agent".into()), ("tier".into(), "system".into())]),
+        },
+        status: None,
+    }];
+    let mut agent = pod("shop", "agent", "pay", "n");
+    agent.labels.insert("app".into(), "agent".into());
+    let decision = fx.decide(&agent);
+    assert!(decision.excepted);
+    assert_eq!(
+        decision.assignments.len(),
+        1,
+        "an excepted pod that is bound still gets its identity"
+    );
+
+    let mut elsewhere = agent.clone();
+    elsewhere.key.namespace = "other".into();
+    assert!(!fx.decide(&elsewhere).excepted);
+
+    let mut other_value = pod("shop", "web", "pay", "n");
+    other_value.labels.insert("app".into(), "web".into());
+    assert!(!fx.decide(&other_value).excepted);
+}
+
+#[test]
+fn result_is_sorted_and_independent_of_input_order() {
+    let identities = vec![
+        identity("shop", "x"),
+        identity("shop", "y"),
+        identity("blog", "x"),
+    ];
+    let bindings = vec![
+        binding("shop", "bx", "x", "s"),
+        binding("shop", "by", "y", "s"),
+        binding("blog", "bx", "x", "b"),
+    ];
+    let pods = vec![
+        pod("shop", "w2", "s", "n2"),
+        pod("blog", "w1", "b", "n1"),
+        pod("shop", "w1", "s", "n1"),
+    ];
+    let forward = Fixture::new(identities.clone(), bindings.clone());
+    let mut rev_ids = identities;
+    rev_ids.reverse();
+    let mut rev_bindings = bindings;
+    rev_bindings.reverse();
+    let backward = Fixture::new(rev_ids, rev_bindings);
+    let mut rev_pods = pods.clone();
+    rev_pods.reverse();
+    let a = forward.desired(&pods);
+    assert_eq!(a, backward.desired(&rev_pods));
+    let names: Vec<String> = a.assignments.iter().map(|x| x.assignment.to_string()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    assert_eq!(names.len(), 5);
+}
+
+#[test]
+fn ambiguous_names_of_different_pods_are_reported_as_collisions() {
+    let fx = Fixture::new(
+        vec![identity("shop", "id")],
+        vec![binding("shop", "b", "id", "s")],
+    )
+    .cross_namespace();
+    // pod "a-b" in namespace "c" and pod "a" in namespace "b-c" both give "a-b-c-id" in `default`.
+    let desired = fx.desired(&[pod("c", "a-b", "s", "n"), pod("b-c", "a", "s", "n")]);
+    assert_eq!(desired.assignments.len(), 1);
+    assert_eq!(desired.collisions.len(), 1);
+    assert_eq!(
+        desired.assignments[0].pod,
+        ObjectKey::new("b-c", "a"),
+        "deterministic: pods ordered by key"
+    );
+    assert_eq!(desired.collisions[0].1.pod, ObjectKey::new("c", "a-b"));
+}
+
+#[test]
+fn pod_view_reads_a_kubernetes_pod() {
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let mut p = Pod {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some("web".into()),
+            uid: Some("u1".into()),
+            labels: Some(BTreeMap::from([(POD_LABEL.into(), "pay".into())])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        }),
+    };
+    let view = PodView::from_pod(&p);
+    assert_eq!(view.key, ObjectKey::new("shop", "web"));
+    assert_eq!(view.binding_selector(), Some("pay"));
+    assert_eq!(view.node_name.as_deref(), Some("node-1"));
+    assert!(!view.terminating);
+    p.metadata.deletion_timestamp = Some(Time(Default::default()));
+    p.spec = Some(PodSpec {
+        node_name: Some(String::new()),
+        ..Default::default()
+    });
+    let view = PodView::from_pod(&p);
+    assert!(view.terminating);
+    assert_eq!(view.node_name, None, "an empty nodeName is not a node");
+}
