@@ -1,0 +1,154 @@
+use super::*;
+use crate::fixtures::*;
+
+fn state() -> ClusterState {
+    ClusterState {
+        pods: vec![pod("shop", "web", Some("pay")), pod("shop", "plain", None)],
+        identities: vec![identity("shop", "payments")],
+        bindings: vec![binding("shop", "payments-binding", "payments", "pay")],
+        ..Default::default()
+    }
+}
+
+fn explained(state: &ClusterState, name: &str) -> Explanation {
+    explain(state, "shop", name, Scope::Namespaced, Mode::Standard).unwrap()
+}
+
+#[test]
+fn assigned_identity_is_served() {
+    let mut state = state();
+    state
+        .assignments
+        .push(assignment("shop", "web-shop-payments", "Assigned"));
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Serve);
+    assert_eq!(e.verdict, "shop/web gets identity shop/payments.");
+    assert_eq!(e.bindings[0].rank, Some(0));
+    assert_eq!(e.bindings[0].client_id.as_deref(), Some(CLIENT_ID));
+    assert_eq!(e.assignments[0].status, "Assigned");
+    assert!(e.to_human().contains("applies; the default identity of the pod"));
+}
+
+#[test]
+fn identity_being_assigned_makes_requests_wait() {
+    let mut state = state();
+    state
+        .assignments
+        .push(assignment("shop", "web-shop-payments", "Created"));
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Wait);
+    assert!(
+        e.agent.detail.contains("503 with Retry-After"),
+        "{}",
+        e.agent.detail
+    );
+    assert_eq!(
+        e.verdict,
+        "shop/web will get identity shop/payments once it is assigned."
+    );
+}
+
+#[test]
+fn assignment_not_recorded_yet_is_said_so() {
+    let e = explained(&state(), "web");
+    assert_eq!(e.assignments[0].status, "not recorded yet");
+    assert_eq!(e.agent.verdict, Verdict::Wait);
+}
+
+#[test]
+fn managed_mode_serves_without_assignment_records() {
+    let e = explain(&state(), "shop", "web", Scope::Namespaced, Mode::Managed).unwrap();
+    assert_eq!(e.agent.verdict, Verdict::Serve);
+}
+
+#[test]
+fn unlabelled_pod_is_refused_at_once() {
+    let e = explained(&state(), "plain");
+    assert_eq!(e.agent.verdict, Verdict::Refuse);
+    assert!(e.agent.detail.contains("403"));
+    assert_eq!(
+        e.verdict,
+        "shop/plain gets no identity: it has no aadpodidbinding label (or an empty one)."
+    );
+}
+
+#[test]
+fn label_without_matching_binding_lists_selectors_of_the_namespace() {
+    let mut state = state();
+    state.pods.push(pod("shop", "typo", Some("paay")));
+    let e = explained(&state, "typo");
+    assert!(e.bindings.is_empty());
+    assert_eq!(e.selectors_in_namespace, vec!["payments-binding selects \"pay\""]);
+    assert!(e.verdict.contains("no AzureIdentityBinding selects its label"));
+    assert!(e.to_human().contains("no binding selects \"paay\""));
+}
+
+#[test]
+fn binding_of_another_namespace_is_explained() {
+    let mut state = state();
+    state.pods.push(pod("other", "intruder", Some("pay")));
+    let e = explain(&state, "other", "intruder", Scope::Namespaced, Mode::Standard).unwrap();
+    let reason = e.bindings[0].not_used_because.as_deref().unwrap();
+    assert!(reason.contains("matching is namespaced"), "{reason}");
+    assert_eq!(e.agent.verdict, Verdict::Refuse);
+    assert!(e.verdict.contains("1 binding(s) select it but none applies"));
+}
+
+#[test]
+fn missing_identity_is_named() {
+    let mut state = state();
+    state.identities.clear();
+    let e = explained(&state, "web");
+    assert_eq!(
+        e.bindings[0].not_used_because.as_deref(),
+        Some("it names AzureIdentity payments, which does not exist in namespace shop")
+    );
+}
+
+#[test]
+fn invalid_identity_shows_the_field() {
+    let mut state = state();
+    state.identities[0].spec.client_id = Some("not-a-guid".into());
+    let e = explained(&state, "web");
+    let reason = e.bindings[0].not_used_because.as_deref().unwrap();
+    assert!(reason.contains("spec.clientID"), "{reason}");
+}
+
+#[test]
+fn excepted_pod_goes_direct() {
+    let mut state = state();
+    state
+        .exceptions
+        .push(pod_identity_api::AzurePodIdentityException {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some("e".into()),
+                ..Default::default()
+            },
+            spec: pod_identity_api::AzurePodIdentityExceptionSpec {
+                pod_labels: [(POD_LABEL.to_owned(), "pay".to_owned())].into(),
+            },
+            status: None,
+        });
+    let e = explained(&state, "web");
+    assert!(e.excepted);
+    assert_eq!(e.agent.verdict, Verdict::Direct);
+}
+
+#[test]
+fn finished_pod_is_not_served() {
+    let mut state = state();
+    state.pods[0].status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Refuse);
+    assert_eq!(
+        e.verdict,
+        "shop/web gets no identity: it has finished (Succeeded)."
+    );
+}
+
+#[test]
+fn unknown_pod_is_an_error() {
+    let err = explain(&state(), "shop", "ghost", Scope::Namespaced, Mode::Standard).unwrap_err();
+    assert_eq!(err.to_string(), "pod shop/ghost not found");
+}

@@ -1,0 +1,147 @@
+//! A kubectl plugin that makes every identity decision explainable.
+//!
+//! `explain` walks one pod from its label to its bindings, identities, assignments and what the node
+//! agent would answer; `simulate` shows which pods would gain or lose an identity if a binding or
+//! identity manifest were applied. Both read the cluster once into [`cluster::ClusterState`] and then
+//! decide with the same pure rules the controller and the agent use (`pod_identity_api::matching`), so
+//! the explanation cannot drift from the behaviour.
+
+pub mod cluster;
+pub mod explain;
+pub mod simulate;
+
+use std::{io::Write, path::PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use pod_identity_api::matching::Scope;
+
+/// Command line of `kubectl podidentity`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-podidentity",
+    version,
+    about = "Explain and simulate pod identity decisions"
+)]
+pub struct Args {
+    /// Kubeconfig to use; kubectl's usual lookup (KUBECONFIG, ~/.kube/config, in-cluster) otherwise.
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Namespace of the pod (explain) or of a manifest that names none (simulate).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+
+    /// Match bindings of every namespace, as an installation with cross-namespace matching does.
+    #[arg(long, global = true)]
+    pub cross_namespace: bool,
+
+    /// How the installation runs: `standard` (the controller records assignments) or `managed`
+    /// (identities are pre-assigned and the agent matches bindings itself).
+    #[arg(long, global = true, value_enum, default_value_t = Mode::Standard)]
+    pub mode: Mode,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Explain why a pod does or does not get an identity.
+    Explain {
+        /// Name of the pod.
+        pod: String,
+    },
+    /// List the pods that would gain or lose an identity if a manifest were applied.
+    Simulate {
+        /// AzureIdentity or AzureIdentityBinding manifest(s), YAML or JSON; `-` reads standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Simulate deleting the objects of the manifest instead of applying them.
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Print the CustomResourceDefinitions.
+    Crds,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Sentences for people.
+    Human,
+    /// JSON for scripts.
+    Json,
+}
+
+/// How an installation assigns identities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The controller records assignments and puts identities on VMs and scale sets.
+    Standard,
+    /// Identities are pre-assigned; the agent matches bindings without assignment records.
+    Managed,
+}
+
+impl Args {
+    fn scope(&self) -> Scope {
+        if self.cross_namespace {
+            Scope::CrossNamespace
+        } else {
+            Scope::Namespaced
+        }
+    }
+}
+
+/// Runs one command, writing its result to `out`.
+pub async fn run(args: Args, out: &mut impl Write) -> Result<()> {
+    if let Command::Crds = args.command {
+        out.write_all(pod_identity_api::crds::render_yaml()?.as_bytes())?;
+        return Ok(());
+    }
+    let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    match &args.command {
+        Command::Explain { pod } => {
+            let state = cluster::ClusterState::read(&client).await?;
+            let explanation = explain::explain(&state, &namespace, pod, args.scope(), args.mode)
+                .with_context(|| format!("explaining pod {namespace}/{pod}"))?;
+            match args.output {
+                Output::Human => out.write_all(explanation.to_human().as_bytes())?,
+                Output::Json => serde_json::to_writer_pretty(&mut *out, &explanation)?,
+            }
+        }
+        Command::Simulate { file, delete } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+            };
+            let change = simulate::Change::parse(&text, &namespace, *delete)?;
+            let state = cluster::ClusterState::read(&client).await?;
+            let outcome = simulate::simulate(&state, &change, args.scope());
+            match args.output {
+                Output::Human => out.write_all(outcome.to_human().as_bytes())?,
+                Output::Json => serde_json::to_writer_pretty(&mut *out, &outcome)?,
+            }
+        }
+        Command::Crds => {}
+    }
+    if args.output == Output::Json {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod fixtures;

@@ -1,0 +1,14 @@
+//! `kubectl podidentity`: see [`pod_identity_cli`].
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = <pod_identity_cli::Args as clap::Parser>::parse();
+    match pod_identity_cli::run(args, &mut std::io::stdout()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
