@@ -23,8 +23,10 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Build (or find in the cache) the kube-apiserver and etcd the integration tests run against.
-    ControlPlane,
+    /// Build (or find in the cache) what the tests run against: kube-apiserver and etcd, Helm, and
+    /// a Python environment with the official Azure SDKs.
+    /// Prints the environment that points the tests at them.
+    Tools,
     /// Run every test: builds the control plane if needed, then `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`.
@@ -37,8 +39,10 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match Args::parse().task {
         Task::GenCrds { check } => gen_crds(&root, check),
-        Task::ControlPlane => {
-            println!("{}", control_plane(&root)?.display());
+        Task::Tools => {
+            for (name, value) in tools(&root)? {
+                println!("export {name}={}", value.display());
+            }
             Ok(())
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
@@ -53,47 +57,66 @@ fn workspace_root() -> PathBuf {
 }
 
 fn gen_crds(root: &Path, check: bool) -> Result<()> {
-    let path = root.join(pod_identity_api::crds::CRDS_PATH);
     let generated = pod_identity_api::crds::render_yaml()?;
-    let current = std::fs::read_to_string(&path).unwrap_or_default();
-    if current == generated {
-        println!("{} is up to date", path.display());
-        return Ok(());
+    for relative in [
+        pod_identity_api::crds::CRDS_PATH,
+        pod_identity_api::crds::CHART_CRDS_PATH,
+    ] {
+        let path = root.join(relative);
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current == generated {
+            println!("{} is up to date", path.display());
+            continue;
+        }
+        if check {
+            bail!(
+                "{} differs from the Rust types; run `cargo xtask gen-crds`",
+                path.display()
+            );
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, &generated).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
-    if check {
-        bail!(
-            "{} differs from the Rust types; run `cargo xtask gen-crds`",
-            path.display()
-        );
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, generated).with_context(|| format!("writing {}", path.display()))?;
-    println!("wrote {}", path.display());
     Ok(())
 }
 
-fn control_plane(root: &Path) -> Result<PathBuf> {
-    let output = Command::new(root.join("tools").join("build-control-plane.sh"))
+/// Builds (or finds in the cache) every tool the tests need, as environment variables for them.
+fn tools(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
+    Ok(vec![
+        (
+            "POD_IDENTITY_CONTROL_PLANE_BIN",
+            cached_build(root, "build-control-plane.sh")?,
+        ),
+        ("POD_IDENTITY_HELM", cached_build(root, "build-helm.sh")?),
+        (
+            "POD_IDENTITY_PYTHON",
+            cached_build(root, "setup-python.sh")?.join("bin").join("python"),
+        ),
+    ])
+}
+
+/// Runs a build script of `tools/`, which prints the path of what it built (or found cached).
+fn cached_build(root: &Path, script: &str) -> Result<PathBuf> {
+    let output = Command::new(root.join("tools").join(script))
+        .stderr(std::process::Stdio::inherit())
         .output()
-        .context("running tools/build-control-plane.sh")?;
+        .with_context(|| format!("running tools/{script}"))?;
     if !output.status.success() {
-        bail!(
-            "building the control plane failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        bail!("tools/{script} failed");
     }
     Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
 }
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
-    let bin = control_plane(root)?;
+    let tools = tools(root)?;
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root)
         .args(["test", "--workspace"])
         .args(cargo_args)
-        .env("POD_IDENTITY_CONTROL_PLANE_BIN", &bin)
+        .envs(tools)
         .status()
         .context("running cargo test")?;
     if !status.success() {

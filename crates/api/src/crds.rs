@@ -51,6 +51,9 @@ pub const GENERATED_HEADER: &str = "# Generated from crates/api by `cargo xtask 
 /// Where the generated CRDs live, relative to the repository root.
 pub const CRDS_PATH: &str = "crds/aadpodidentity.k8s.io.yaml";
 
+/// The copy Helm installs with the chart (Helm reads only files inside the chart).
+pub const CHART_CRDS_PATH: &str = "charts/pod-identity/crds/aadpodidentity.k8s.io.yaml";
+
 /// The CRDs as one multi-document YAML stream: the content of [`CRDS_PATH`].
 pub fn render_yaml() -> Result<String, RenderError> {
     let docs = all();

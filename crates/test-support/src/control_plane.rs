@@ -258,19 +258,11 @@ fn binaries() -> Result<PathBuf> {
         }
         return Ok(dir);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/build-control-plane.sh");
-    let output = Command::new(&script)
-        .arg("--cached")
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "kube-apiserver and etcd are not built. Run `cargo xtask control-plane` once (a cold build takes \
-             about 10 minutes), or run the tests with `cargo xtask test`.\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
+    crate::tools::cached(
+        "build-control-plane.sh",
+        "kube-apiserver and etcd",
+        "cargo xtask tools",
+    )
 }
 
 fn free_port() -> Result<u16> {

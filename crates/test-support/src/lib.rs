@@ -13,6 +13,7 @@ pub mod control_plane;
 pub mod eventually;
 pub mod fixtures;
 mod pki;
+pub mod tools;
 
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use eventually::eventually;

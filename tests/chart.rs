@@ -1,0 +1,371 @@
+//! The Helm chart: it lints, its values are checked at install time with messages that say what is
+//! wrong, every rendered object passes a server-side dry run, and `helm install` into a real
+//! kube-apiserver creates every object.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use kube::{
+    Api, Client,
+    api::{DynamicObject, PostParams},
+    discovery::{Discovery, Scope},
+};
+use pod_identity_test_support::{ControlPlane, fixtures, tools};
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    tools::repository().join("charts/pod-identity")
+}
+
+/// Runs helm; returns (success, stdout, stderr).
+fn helm(args: &[&str], kubeconfig: Option<&Path>) -> (bool, String, String) {
+    let mut command = Command::new(tools::helm().unwrap());
+    // Helm keeps caches and settings under HOME; keep them out of the user's.
+    let home = std::env::temp_dir().join("pod-identity-helm-home");
+    command
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"));
+    command.env("HELM_DATA_HOME", home.join("data"));
+    if let Some(kubeconfig) = kubeconfig {
+        command.arg("--kubeconfig").arg(kubeconfig);
+    }
+    let output = command.args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+fn render(namespace: &str, extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "release",
+        chart.to_str().unwrap(),
+        "--namespace",
+        namespace,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = helm(&args, None);
+    assert!(ok, "helm template failed: {err}");
+    serde_saphyr::from_multiple::<Value>(&out)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn kinds(objects: &[Value]) -> Vec<String> {
+    let mut kinds: Vec<String> = objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap().to_owned())
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+async fn api_for(
+    client: &Client,
+    discovery: &Discovery,
+    object: &Value,
+    namespace: &str,
+) -> Api<DynamicObject> {
+    let (group, version) = match object["apiVersion"].as_str().unwrap().split_once('/') {
+        Some((g, v)) => (g.to_owned(), v.to_owned()),
+        None => (String::new(), object["apiVersion"].as_str().unwrap().to_owned()),
+    };
+    let gvk = kube::api::GroupVersionKind::gvk(&group, &version, object["kind"].as_str().unwrap());
+    let (resource, capabilities) = discovery
+        .resolve_gvk(&gvk)
+        .unwrap_or_else(|| panic!("the server does not serve {gvk:?}"));
+    match capabilities.scope {
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+        Scope::Namespaced => {
+            let ns = object["metadata"]["namespace"].as_str().unwrap_or(namespace);
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+    }
+}
+
+#[test]
+fn chart_lints() {
+    let chart = chart();
+    let (ok, out, err) = helm(&["lint", "--strict", chart.to_str().unwrap()], None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("1 chart(s) linted, 0 chart(s) failed"), "{out}");
+}
+
+#[test]
+fn default_render_has_every_part_and_least_privilege() {
+    let objects = render("pod-identity", &[]);
+    assert_eq!(
+        kinds(&objects),
+        [
+            "AzurePodIdentityException",
+            "AzurePodIdentityException",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "ServiceAccount",
+        ]
+    );
+    let daemonset = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let security = &pod["containers"][0]["securityContext"];
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        security["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+    assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/run/xtables.lock");
+    assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]));
+    let env = &pod["containers"][0]["env"][0];
+    assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    // The Lease is the only thing the controller may write in its namespace, and only by name.
+    let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
+    assert_eq!(
+        role["rules"][1]["resourceNames"],
+        serde_json::json!(["pod-identity-controller"])
+    );
+    // Nothing may write pods, nodes, identities or bindings.
+    for cluster_role in objects.iter().filter(|o| o["kind"] == "ClusterRole") {
+        for rule in cluster_role["rules"].as_array().unwrap() {
+            let resources: Vec<&str> = rule["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap())
+                .collect();
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let writes = verbs
+                .iter()
+                .any(|v| ["create", "update", "patch", "delete"].contains(v));
+            if writes {
+                assert!(
+                    resources
+                        .iter()
+                        .all(|r| ["azureassignedidentities", "events"].contains(r)),
+                    "{} may write {resources:?}",
+                    cluster_role["metadata"]["name"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn managed_mode_runs_only_the_agent() {
+    let objects = render("pod-identity", &["--set", "operationMode=managed"]);
+    let kinds = kinds(&objects);
+    assert!(!kinds.contains(&"Deployment".to_owned()));
+    assert!(kinds.contains(&"DaemonSet".to_owned()));
+    let agent_role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    let text = agent_role.to_string();
+    assert!(
+        !text.contains("azureassignedidentities"),
+        "managed mode reads no assignments: {text}"
+    );
+}
+
+#[test]
+fn credentials_from_values_become_a_secret_and_environment() {
+    let objects = render(
+        "pod-identity",
+        &[
+            "--set",
+            "adminsecret.subscriptionID=00000000-0000-0000-0000-000000000001",
+            "--set",
+            "adminsecret.resourceGroup=nodes",
+            "--set",
+            "adminsecret.clientSecret=s3cret",
+        ],
+    );
+    let secret = objects.iter().find(|o| o["kind"] == "Secret").unwrap();
+    assert_eq!(secret["stringData"]["clientSecret"], "s3cret");
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"CLIENT_SECRET") && env.contains(&"SUBSCRIPTION_ID") && env.contains(&"RESOURCE_GROUP")
+    );
+    assert!(!container["args"].to_string().contains("--cloudconfig"));
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+}
+
+#[test]
+fn identities_from_values_are_created_with_their_bindings() {
+    let objects = render(
+        "pod-identity",
+        &[
+            "--set",
+            "azureIdentities.payments.namespace=shop",
+            "--set",
+            "azureIdentities.payments.resourceID=/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/payments",
+            "--set",
+            "azureIdentities.payments.clientID=5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
+            "--set",
+            "azureIdentities.payments.binding.selector=payments",
+        ],
+    );
+    let identity = objects.iter().find(|o| o["kind"] == "AzureIdentity").unwrap();
+    assert_eq!(identity["metadata"]["namespace"], "shop");
+    assert_eq!(identity["spec"]["type"], 0);
+    let binding = objects
+        .iter()
+        .find(|o| o["kind"] == "AzureIdentityBinding")
+        .unwrap();
+    assert_eq!(binding["metadata"]["name"], "payments-binding");
+    assert_eq!(binding["spec"]["selector"], "payments");
+}
+
+#[test]
+fn wrong_values_fail_at_install_with_a_clear_message() {
+    let chart = chart();
+    let chart = chart.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--set", "operationMode=manual"],
+            "at '/operationMode': value must be one of 'standard', 'managed'",
+        ),
+        (
+            &["--set", "controller.replica=3"],
+            "at '/controller': additional properties 'replica' not allowed",
+        ),
+        (
+            &["--set", "agent.probePort=0"],
+            "at '/agent/probePort': minimum: got 0, want 1",
+        ),
+        (
+            &["--set", "azureIdentities.x.clientID=not-a-guid"],
+            "at '/azureIdentities/x/clientID': 'not-a-guid' does not match pattern",
+        ),
+        (
+            &[
+                "--set",
+                "azureIdentities.x.clientID=5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
+                "--set",
+                "azureIdentities.x.resourceID=/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm",
+            ],
+            "at '/azureIdentities/x/resourceID'",
+        ),
+    ];
+    for (values, expected) in cases {
+        let mut args = vec!["template", "release", chart];
+        args.extend_from_slice(values);
+        let (ok, _, err) = helm(&args, None);
+        assert!(!ok, "{values:?} was accepted");
+        assert!(err.contains(expected), "{values:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn rendered_objects_pass_a_server_side_dry_run() {
+    let plane = ControlPlane::shared().await;
+    let ns = plane.namespace().await.unwrap();
+    fixtures::apply_crds(&ns.client, &pod_identity_api::crds::all())
+        .await
+        .unwrap();
+    let discovery = Discovery::new(ns.client.clone()).run().await.unwrap();
+    let objects = render(
+        &ns.name,
+        &[
+            "--set",
+            &format!("controller.leaderElection.name=lease-{}", ns.name),
+        ],
+    );
+    for object in &objects {
+        let api = api_for(&ns.client, &discovery, object, &ns.name).await;
+        let dynamic: DynamicObject = serde_json::from_value(object.clone()).unwrap();
+        let params = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        if let Err(err) = api.create(&params, &dynamic).await {
+            panic!(
+                "{} {} was refused: {err}",
+                object["kind"], object["metadata"]["name"]
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn helm_install_creates_every_object() {
+    let plane = ControlPlane::shared().await;
+    let ns = plane.namespace().await.unwrap();
+    let chart = chart();
+    let release = ns.name.clone();
+    let (ok, out, err) = helm(
+        &[
+            "install",
+            &release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns.name,
+        ],
+        Some(plane.admin_kubeconfig()),
+    );
+    assert!(ok, "helm install failed: {out}{err}");
+    let discovery = Discovery::new(ns.client.clone()).run().await.unwrap();
+    let (ok, manifest, err) = helm(
+        &["get", "manifest", &release, "--namespace", &ns.name],
+        Some(plane.admin_kubeconfig()),
+    );
+    assert!(ok, "{err}");
+    let objects: Vec<Value> = serde_saphyr::from_multiple::<Value>(&manifest)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect();
+    assert!(objects.len() >= 15, "{} objects in the release", objects.len());
+    for object in &objects {
+        let api = api_for(&ns.client, &discovery, object, &ns.name).await;
+        let name = object["metadata"]["name"].as_str().unwrap();
+        assert!(
+            api.get_opt(name).await.unwrap().is_some(),
+            "{} {name} was not created",
+            object["kind"]
+        );
+    }
+    // The CRDs came with the chart (or were there already) and are served.
+    let crds = Api::<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    >::all(ns.client.clone());
+    assert!(
+        crds.get_opt("azureidentities.aadpodidentity.k8s.io")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
