@@ -12,6 +12,7 @@
 pub mod control_plane;
 pub mod eventually;
 pub mod fixtures;
+pub mod netns;
 mod pki;
 pub mod tools;
 

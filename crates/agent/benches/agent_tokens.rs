@@ -1,0 +1,230 @@
+//! Token-path performance of the agent as pods see it: requests from pod network namespaces through the
+//! real interception rules to the agent process, on a node with 110 bound pods.
+//!
+//! Reports cached-token throughput and p50/p99 latency at concurrency 1, 16 and 64, the overhead of a
+//! cache miss over calling IMDS directly, and the agent's resident memory. Needs root (network
+//! namespaces, iptables) and the control plane of the tests. Run with
+//! `cargo bench -p pod-identity-agent --bench agent_tokens`; load generator and agent share the machine,
+//! so figures are for this machine only and nothing here asserts a time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../../tests/netns_harness/mod.rs"]
+mod netns_harness;
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use netns_harness::{CLIENT_A, Harness, in_netns};
+use pod_identity_test_support::{fixtures, netns::PodNet};
+
+const LOAD_PODS: usize = 4;
+const NODE_PODS: usize = 110;
+const RUN: Duration = Duration::from_secs(4);
+const COLD_SAMPLES: usize = 40;
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else (a test run of bench targets) only builds.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    pod_identity_test_support::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}
+
+async fn bench() {
+    let binary = env!("CARGO_BIN_EXE_pod-identity-agent");
+    let h = Harness::start_with_binary(binary, &["--log-level", "warn"]).await;
+    let resources: Vec<String> = (0..COLD_SAMPLES * 2)
+        .map(|i| format!("https://bench-{i}.example.com"))
+        .collect();
+    h.emulator
+        .update_settings(|s| s.extra_resources = resources.clone());
+
+    h.bind("id-a", "web").await;
+    let mut load_pods = Vec::new();
+    for i in 0..LOAD_PODS {
+        let pod = h.pod(&format!("load-{i}"), Some("web")).await;
+        h.assigned(&pod, "id-a", "Assigned").await;
+        load_pods.push(pod);
+    }
+    for i in LOAD_PODS..NODE_PODS {
+        let ip = Ipv4Addr::new(10, 245, (i / 200) as u8, (i % 200 + 2) as u8);
+        let name = format!("idle-{i}");
+        fixtures::create_pod(
+            &h.ns.client,
+            &fixtures::PodTemplate {
+                namespace: h.ns.name.clone(),
+                name: name.clone(),
+                labels: [("aadpodidbinding".to_owned(), "web".to_owned())].into(),
+                node: Some(h.node_name.clone()),
+                ip: Some(ip.to_string()),
+            },
+        )
+        .await
+        .unwrap();
+        let fake = PodNet {
+            netns: String::new(),
+            ip,
+            gateway: ip,
+        };
+        h.assigned(&fake, "id-a", "Assigned").await;
+    }
+    // Warm the cache (and the watches) from every load pod.
+    for pod in &load_pods {
+        assert_eq!(
+            netns_harness::curl(&h, pod, netns_harness::TOKEN_URL, &["-H", "Metadata: true"]).0,
+            200
+        );
+    }
+
+    println!("agent token path, {NODE_PODS} pods on the node, load from {LOAD_PODS} pod namespaces\n");
+    println!("| concurrency | requests/s | p50 | p99 | errors |");
+    println!("|---|---|---|---|---|");
+    for concurrency in [1usize, 16, 64] {
+        let (rps, p50, p99, errors) = cached_load(&load_pods, concurrency).await;
+        println!(
+            "| {concurrency} | {rps:.0} | {} | {} | {errors} |",
+            micros(p50),
+            micros(p99)
+        );
+    }
+
+    let (through_agent, direct) = cold_misses(&h, &load_pods[0], &resources).await;
+    println!("\ncache miss (new resource each time, {COLD_SAMPLES} samples, medians):");
+    println!("- through the agent from a pod: {}", micros(through_agent));
+    println!("- IMDS directly from the node: {}", micros(direct));
+    println!(
+        "- overhead of the agent on a miss: {} ({:.2}x)",
+        micros(through_agent.saturating_sub(direct)),
+        through_agent.as_secs_f64() / direct.as_secs_f64().max(1e-9)
+    );
+
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", h.agent_pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .map(|l| l.trim_start_matches("VmRSS:").trim().to_owned())
+        .unwrap();
+    println!("\nagent RSS with {NODE_PODS} pods after the runs: {rss}");
+    h.stop_agent();
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// Cached-token requests from `concurrency` clients spread over the load pods, for [`RUN`]; each client is
+/// a keep-alive connection, as SDKs keep them.
+async fn cached_load(pods: &[PodNet], concurrency: usize) -> (f64, Duration, Duration, usize) {
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let netns = pods[worker % pods.len()].netns.clone();
+        workers.push(tokio::task::spawn_blocking(move || {
+            in_netns(&netns, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                    let mut latencies = Vec::new();
+                    let mut errors = 0;
+                    let end = Instant::now() + RUN;
+                    while Instant::now() < end {
+                        let started = Instant::now();
+                        let ok = client
+                            .get(netns_harness::TOKEN_URL)
+                            .header("Metadata", "true")
+                            .send()
+                            .await
+                            .map(|r| r.status().as_u16() == 200)
+                            .unwrap_or(false);
+                        if ok {
+                            latencies.push(started.elapsed());
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (latencies, failed) = worker.await.unwrap();
+        all.extend(latencies);
+        errors += failed;
+    }
+    all.sort();
+    let rps = all.len() as f64 / RUN.as_secs_f64();
+    let at = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+    };
+    (
+        rps,
+        at(0.5).unwrap_or_default(),
+        at(0.99).unwrap_or_default(),
+        errors,
+    )
+}
+
+/// Median latency of a first request for a new resource through the agent, and of the same call made
+/// straight to IMDS from the node namespace.
+async fn cold_misses(h: &Harness, pod: &PodNet, resources: &[String]) -> (Duration, Duration) {
+    let (agent_resources, direct_resources) = resources.split_at(COLD_SAMPLES);
+    let measure = |netns: String, urls: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            in_netns(&netns, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                    let mut samples = Vec::new();
+                    for url in urls {
+                        let started = Instant::now();
+                        let response = client.get(&url).header("Metadata", "true").send().await.unwrap();
+                        assert_eq!(response.status().as_u16(), 200, "{url}");
+                        samples.push(started.elapsed());
+                    }
+                    samples.sort();
+                    samples[samples.len() / 2]
+                })
+            })
+        })
+    };
+    let url = |resource: &str, client: bool| {
+        let mut url = format!(
+            "http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource}"
+        );
+        if client {
+            url.push_str(&format!("&client_id={CLIENT_A}"));
+        }
+        url
+    };
+    let through_agent = measure(
+        pod.netns.clone(),
+        agent_resources.iter().map(|r| url(r, false)).collect(),
+    )
+    .await
+    .unwrap();
+    let direct = measure(
+        h.node_netns.clone(),
+        direct_resources.iter().map(|r| url(r, true)).collect(),
+    )
+    .await
+    .unwrap();
+    (through_agent, direct)
+}

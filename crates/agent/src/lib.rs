@@ -1,0 +1,35 @@
+//! The node agent of pod-identity.
+//!
+//! Pods on an Azure VM reach the Instance Metadata Service (IMDS) at 169.254.169.254 and would get tokens
+//! for every identity of the VM. The agent redirects that traffic to itself ([`rules`], [`netfilter`]),
+//! works out which pod is calling from the connection's source address ([`world`], [`watch`]), which of
+//! that pod's identities the request names ([`resolve`]), and answers with that identity's token from a
+//! node-wide cache ([`cache`], [`tokens`]) filled from IMDS or Entra ID ([`upstream`], [`azure`]), in the
+//! exact shape IMDS uses ([`response`]), so that every SDK works unchanged.
+//!
+//! Decisions are plain functions over plain data ([`rules`], [`request`], [`resolve`], the freshness rules
+//! of [`cache`]); the modules around them only list, watch, fetch and serve.
+
+pub mod azure;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod events;
+pub mod health;
+pub mod metrics;
+pub mod netfilter;
+pub mod proxy;
+pub mod request;
+pub mod resolve;
+pub mod response;
+pub mod rules;
+pub mod run;
+pub mod server;
+pub mod tokens;
+pub mod upstream;
+pub mod watch;
+pub mod world;
+
+pub use config::Args;
+pub use run::{Agent, Parts, StartError, run, start};

@@ -1,0 +1,56 @@
+//! `pod-identity-agent`: the DaemonSet process of every node.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use pod_identity_agent::{Args, config::LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> Result<()> {
+    // One TLS provider for the whole process: kube and reqwest both build on the process default.
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a TLS crypto provider was installed before main"))?;
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&args.log_level))
+        .context("parsing the log filter")?;
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => subscriber
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => subscriber.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        pod_identity_agent::run(args, shutdown_signal())
+            .await
+            .context("running the agent")
+    })
+}
+
+/// SIGTERM (what the kubelet sends) or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

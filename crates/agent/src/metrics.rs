@@ -1,0 +1,259 @@
+//! Prometheus metrics, all prefixed `pod_identity_`. Every label takes values from a small fixed set
+//! (routes, status codes, outcomes, kinds): pod, namespace and identity names go to logs and Events,
+//! never to labels, so the series count does not grow with the cluster.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of served requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route (`token`, `instance`, `variant`...).
+    pub route: &'static str,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// A route label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route.
+    pub route: &'static str,
+}
+
+/// A decision or outcome label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// Outcome.
+    pub result: &'static str,
+}
+
+/// Labels of upstream calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `imds` or `entra`.
+    pub upstream: &'static str,
+    /// `ok` or the error class.
+    pub result: &'static str,
+}
+
+/// Upstream label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamOnly {
+    /// `imds` or `entra`.
+    pub upstream: &'static str,
+}
+
+/// Object kind label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Kubernetes kind, lower case.
+    pub kind: &'static str,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route and status code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to answer, by route.
+    pub request_duration: Family<RouteLabels, Histogram>,
+    /// Identity decisions for token requests.
+    pub decisions: Family<ResultLabels, Counter>,
+    /// Token cache lookups by outcome.
+    pub cache: Family<ResultLabels, Counter>,
+    /// Entries in the token cache.
+    pub cache_entries: Gauge,
+    /// Upstream calls by upstream and result.
+    pub upstream: Family<UpstreamLabels, Counter>,
+    /// Upstream call latency.
+    pub upstream_duration: Family<UpstreamOnly, Histogram>,
+    /// Time requests waited for an assignment or a pod to appear.
+    pub wait_duration: Histogram,
+    /// Time from pod creation to its first token.
+    pub first_token: Histogram,
+    /// Rule checks by result (`unchanged`, `repaired`, `error`).
+    pub rule_syncs: Family<ResultLabels, Counter>,
+    /// 1 while every interception rule is in place.
+    pub rules_in_place: Gauge,
+    /// 1 while the agent is ready.
+    pub ready: Gauge,
+    /// Objects the watches hold, by kind.
+    pub objects: Family<KindLabels, Gauge>,
+    /// Kubernetes Events emitted, by result.
+    pub events: Family<ResultLabels, Counter>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
+}
+
+fn slow_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    /// All metrics, registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pod_identity");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests to the metadata address, by route and status code",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a request, by route",
+            request_duration.clone(),
+        );
+        let decisions = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_decisions",
+            "Token requests by decision (served, denied, excepted, timeout, upstream_error, invalid)",
+            decisions.clone(),
+        );
+        let cache = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_cache_lookups",
+            "Token cache lookups by outcome (hit, miss, coalesced, recent_failure)",
+            cache.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "token_cache_entries",
+            "Entries in the token cache",
+            cache_entries.clone(),
+        );
+        let upstream = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Calls to IMDS and Entra, by upstream and result",
+            upstream.clone(),
+        );
+        let upstream_duration =
+            Family::<UpstreamOnly, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "upstream_duration_seconds",
+            "Latency of calls to IMDS and Entra",
+            upstream_duration.clone(),
+        );
+        let wait_duration = Histogram::new(slow_buckets());
+        registry.register(
+            "wait_duration_seconds",
+            "Time token requests waited for an assignment or for their pod to be known",
+            wait_duration.clone(),
+        );
+        let first_token = Histogram::new(slow_buckets());
+        registry.register(
+            "pod_first_token_seconds",
+            "Time from a pod's creation to the first token it was served",
+            first_token.clone(),
+        );
+        let rule_syncs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "iptables_syncs",
+            "Checks of the interception rules by result (unchanged, repaired, error)",
+            rule_syncs.clone(),
+        );
+        let rules_in_place = Gauge::default();
+        registry.register(
+            "iptables_rules_in_place",
+            "1 while every interception rule is in place",
+            rules_in_place.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 while the agent is ready", ready.clone());
+        let objects = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "watched_objects",
+            "Objects the agent's watches hold, by kind",
+            objects.clone(),
+        );
+        let events = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kubernetes_events",
+            "Kubernetes Events emitted about refused pods, by result (sent, suppressed, failed)",
+            events.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            decisions,
+            cache,
+            cache_entries,
+            upstream,
+            upstream_duration,
+            wait_duration,
+            first_token,
+            rule_syncs,
+            rules_in_place,
+            ready,
+            objects,
+            events,
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_carry_the_prefix_and_bounded_labels() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: "token",
+                code: 200,
+            })
+            .inc();
+        metrics.cache.get_or_create(&ResultLabels { result: "hit" }).inc();
+        metrics
+            .request_duration
+            .get_or_create(&RouteLabels { route: "token" })
+            .observe(0.000_2);
+        let text = metrics.render();
+        assert!(
+            text.contains("pod_identity_requests_total{route=\"token\",code=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pod_identity_token_cache_lookups_total{result=\"hit\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE pod_identity_request_duration_seconds histogram"));
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            assert!(line.starts_with("pod_identity_"), "{line}");
+        }
+    }
+}

@@ -1,0 +1,506 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use pod_identity_api::{
+    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
+    AzurePodIdentityExceptionSpec, SecretReference, matching::PodView, naming::assigned_identity_name,
+};
+
+use super::*;
+use crate::world::{AssignedRecord, Synced};
+
+pub(crate) const CLIENT_A: &str = "11111111-1111-1111-1111-111111111111";
+pub(crate) const CLIENT_B: &str = "22222222-2222-2222-2222-222222222222";
+const RG: &str =
+    "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities";
+
+pub(crate) fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        uid: Some(format!("uid-{namespace}-{name}")),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn identity(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
+    AzureIdentity {
+        metadata: meta(namespace, name),
+        spec: AzureIdentitySpec {
+            type_: Some(0),
+            resource_id: Some(format!("{RG}/{name}")),
+            client_id: Some(client_id.into()),
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+pub(crate) fn service_principal(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
+    AzureIdentity {
+        metadata: meta(namespace, name),
+        spec: AzureIdentitySpec {
+            type_: Some(1),
+            client_id: Some(client_id.into()),
+            tenant_id: Some("tenant".into()),
+            client_password: Some(SecretReference {
+                name: Some("sp-secret".into()),
+                namespace: Some(namespace.into()),
+            }),
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+pub(crate) fn binding(
+    namespace: &str,
+    name: &str,
+    identity: &str,
+    selector: &str,
+    weight: Option<i64>,
+) -> AzureIdentityBinding {
+    AzureIdentityBinding {
+        metadata: meta(namespace, name),
+        spec: AzureIdentityBindingSpec {
+            azure_identity: Some(identity.into()),
+            selector: Some(selector.into()),
+            weight,
+        },
+        status: None,
+    }
+}
+
+pub(crate) fn pod(namespace: &str, name: &str, selector: Option<&str>) -> PodRecord {
+    let mut labels = BTreeMap::new();
+    if let Some(selector) = selector {
+        labels.insert(pod_identity_api::POD_LABEL.to_owned(), selector.to_owned());
+    }
+    PodRecord {
+        view: PodView {
+            key: ObjectKey::new(namespace, name),
+            uid: Some(format!("uid-{name}")),
+            labels,
+            node_name: Some("node-a".into()),
+            phase: Some("Running".into()),
+            terminating: false,
+        },
+        ips: vec!["10.244.0.2".parse().unwrap()],
+        host_network: false,
+        created: None,
+    }
+}
+
+pub(crate) fn synced_world() -> World {
+    let mut world = World::default();
+    world.synced = Synced {
+        pods: true,
+        assigned: true,
+        bindings: true,
+        identities: true,
+        exceptions: true,
+    };
+    world
+}
+
+pub(crate) fn assign(world: &mut World, pod: &PodRecord, identity: &AzureIdentity, status: &str) {
+    let name = identity.metadata.name.clone().unwrap();
+    let namespace = identity.metadata.namespace.clone().unwrap();
+    world.upsert_assigned(AssignedRecord {
+        key: ObjectKey::new(
+            namespace,
+            assigned_identity_name(&pod.view.key.name, &pod.view.key.namespace, &name),
+        ),
+        pod: pod.view.key.clone(),
+        client_id: identity.spec.client_id.clone(),
+        status: AssignmentStatus::parse(Some(status)),
+    });
+}
+
+pub(crate) fn standard() -> Policy {
+    Policy::default()
+}
+
+pub(crate) fn managed() -> Policy {
+    Policy {
+        mode: Mode::Managed,
+        ..Policy::default()
+    }
+}
+
+fn served_client(resolution: &Resolution) -> Option<String> {
+    match resolution {
+        Resolution::Serve(grant) => grant.object.spec.client_id.clone(),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_pod_without_the_label_is_refused_at_once_and_told_why() {
+    let world = synced_world();
+    let resolution = resolve(
+        &world,
+        standard(),
+        &pod("ns", "web", None),
+        &Selector::Default,
+        &(),
+    );
+    assert!(
+        matches!(&resolution, Resolution::Deny(why) if why.contains("has no label aadpodidbinding")),
+        "{resolution:?}"
+    );
+}
+
+#[test]
+fn a_label_no_binding_carries_is_refused_at_once() {
+    let mut world = synced_world();
+    world.identities.push(identity("ns", "id-a", CLIENT_A));
+    world.bindings.push(binding("ns", "b", "id-a", "other", None));
+    let resolution = resolve(
+        &world,
+        standard(),
+        &pod("ns", "web", Some("web")),
+        &Selector::Default,
+        &(),
+    );
+    assert!(
+        matches!(&resolution, Resolution::Deny(why) if why.contains("no AzureIdentityBinding has selector 'web'")),
+        "{resolution:?}"
+    );
+}
+
+#[test]
+fn a_binding_of_another_namespace_gives_nothing_by_default() {
+    let mut world = synced_world();
+    world.identities.push(identity("other", "id-a", CLIENT_A));
+    world.bindings.push(binding("other", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    let other = world.identities[0].clone();
+    assign(&mut world, &web, &other, "Assigned");
+    let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
+    assert!(
+        matches!(&resolution, Resolution::Deny(why) if why.contains("another namespace")),
+        "{resolution:?}"
+    );
+}
+
+#[test]
+fn cross_namespace_scope_lets_it_through() {
+    let mut world = synced_world();
+    world.identities.push(identity("other", "id-a", CLIENT_A));
+    world.bindings.push(binding("other", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    world.upsert_assigned(AssignedRecord {
+        key: ObjectKey::new("default", assigned_identity_name("web", "ns", "id-a")),
+        pod: web.view.key.clone(),
+        client_id: Some(CLIENT_A.into()),
+        status: AssignmentStatus::Assigned,
+    });
+    let policy = Policy {
+        scope: Scope::CrossNamespace,
+        ..Policy::default()
+    };
+    let resolution = resolve(&world, policy, &web, &Selector::Default, &());
+    assert_eq!(
+        served_client(&resolution).as_deref(),
+        Some(CLIENT_A),
+        "{resolution:?}"
+    );
+}
+
+#[test]
+fn an_assigned_identity_is_served() {
+    let mut world = synced_world();
+    let id = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(id.clone());
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &id, "Assigned");
+    let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
+    assert_eq!(served_client(&resolution).as_deref(), Some(CLIENT_A));
+    let Resolution::Serve(grant) = resolution else {
+        unreachable!()
+    };
+    assert_eq!(
+        grant.principal,
+        Principal::Managed {
+            client_id: CLIENT_A.to_owned()
+        }
+    );
+}
+
+#[test]
+fn a_created_or_missing_assignment_means_wait() {
+    let mut world = synced_world();
+    let id = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(id.clone());
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(Pending::Assignment { status: None, .. })
+    ));
+    assign(&mut world, &web, &id, "Created");
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(Pending::Assignment {
+            status: Some(AssignmentStatus::Created),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_legacy_assignment_without_status_is_usable() {
+    let mut world = synced_world();
+    let id = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(id.clone());
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &id, "");
+    assert_eq!(
+        served_client(&resolve(&world, standard(), &web, &Selector::Default, &())).as_deref(),
+        Some(CLIENT_A)
+    );
+}
+
+#[test]
+fn an_assignment_of_an_older_client_id_means_wait() {
+    let mut world = synced_world();
+    let id = identity("ns", "id-a", CLIENT_A);
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &id, "Assigned");
+    world.identities.push(identity("ns", "id-a", CLIENT_B));
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(_)
+    ));
+}
+
+#[test]
+fn an_assignment_for_another_pod_of_the_same_name_is_not_ours() {
+    let mut world = synced_world();
+    let id = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(id.clone());
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    world.upsert_assigned(AssignedRecord {
+        key: ObjectKey::new("ns", assigned_identity_name("web", "ns", "id-a")),
+        pod: ObjectKey::new("ns-web", ""),
+        client_id: Some(CLIENT_A.into()),
+        status: AssignmentStatus::Assigned,
+    });
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(_)
+    ));
+}
+
+#[test]
+fn someone_elses_client_id_is_refused() {
+    let mut world = synced_world();
+    let mine = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(mine.clone());
+    world.identities.push(identity("ns", "id-b", CLIENT_B));
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world.bindings.push(binding("ns", "b2", "id-b", "db", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &mine, "Assigned");
+    let resolution = resolve(
+        &world,
+        standard(),
+        &web,
+        &Selector::ClientId(CLIENT_B.into()),
+        &(),
+    );
+    assert!(
+        matches!(&resolution, Resolution::Deny(why) if why.contains(CLIENT_B)),
+        "{resolution:?}"
+    );
+}
+
+#[test]
+fn client_id_and_resource_id_select_among_the_pods_identities() {
+    let mut world = synced_world();
+    let a = identity("ns", "id-a", CLIENT_A);
+    let b = identity("ns", "id-b", CLIENT_B);
+    world.identities.extend([a.clone(), b.clone()]);
+    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
+    world.bindings.push(binding("ns", "bb", "id-b", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &a, "Assigned");
+    assign(&mut world, &web, &b, "Assigned");
+    let upper = CLIENT_B.to_ascii_uppercase();
+    assert_eq!(
+        served_client(&resolve(
+            &world,
+            standard(),
+            &web,
+            &Selector::ClientId(upper),
+            &()
+        ))
+        .as_deref(),
+        Some(CLIENT_B)
+    );
+    let resource = format!("{RG}/id-b").to_ascii_lowercase();
+    assert_eq!(
+        served_client(&resolve(
+            &world,
+            standard(),
+            &web,
+            &Selector::ResourceId(resource),
+            &()
+        ))
+        .as_deref(),
+        Some(CLIENT_B)
+    );
+}
+
+#[test]
+fn the_default_identity_is_the_highest_weight_and_waits_for_it() {
+    let mut world = synced_world();
+    let a = identity("ns", "id-a", CLIENT_A);
+    let b = identity("ns", "id-b", CLIENT_B);
+    world.identities.extend([a.clone(), b.clone()]);
+    world.bindings.push(binding("ns", "ba", "id-a", "web", Some(1)));
+    world.bindings.push(binding("ns", "bb", "id-b", "web", Some(5)));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &a, "Assigned");
+    assign(&mut world, &web, &b, "Created");
+    // b outranks a; it is not usable yet, and answering with a would make the default depend on timing.
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(_)
+    ));
+    assign(&mut world, &web, &b, "Assigned");
+    assert_eq!(
+        served_client(&resolve(&world, standard(), &web, &Selector::Default, &())).as_deref(),
+        Some(CLIENT_B)
+    );
+}
+
+#[test]
+fn managed_mode_serves_bound_identities_without_assignments() {
+    let mut world = synced_world();
+    world.synced.assigned = false;
+    world.identities.push(identity("ns", "id-a", CLIENT_A));
+    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assert_eq!(
+        served_client(&resolve(&world, managed(), &web, &Selector::Default, &())).as_deref(),
+        Some(CLIENT_A)
+    );
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(Pending::NotSynced)
+    ));
+}
+
+#[test]
+fn service_principals_need_no_assignment() {
+    let mut world = synced_world();
+    world.identities.push(service_principal("ns", "sp", CLIENT_A));
+    world.bindings.push(binding("ns", "b", "sp", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
+    let Resolution::Serve(grant) = resolution else {
+        panic!("{resolution:?}")
+    };
+    assert!(matches!(grant.principal, Principal::ServicePrincipal { .. }));
+}
+
+#[test]
+fn an_excepted_pod_goes_to_the_node() {
+    let mut world = synced_world();
+    world.exceptions.push(AzurePodIdentityException {
+        metadata: meta("ns", "exc"),
+        spec: AzurePodIdentityExceptionSpec {
+            pod_labels: BTreeMap::from([("app".to_owned(), "Controller".to_owned())]),
+        },
+        status: None,
+    });
+    let mut pod = pod("ns", "ctl", None);
+    pod.view.labels.insert("app".into(), "controller".into());
+    world.upsert_pod(pod.clone());
+    assert!(matches!(
+        resolve(&world, standard(), &pod, &Selector::Default, &()),
+        Resolution::Excepted
+    ));
+    let auth = authorized(&world, standard()).unwrap();
+    assert!(auth.allows(&Principal::Node(Selector::Default)));
+}
+
+struct Known(Vec<(Principal, String)>);
+
+impl ObjectIds for Known {
+    fn object_id(&self, principal: &Principal) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(p, _)| p == principal)
+            .map(|(_, id)| id.clone())
+    }
+}
+
+#[test]
+fn object_id_is_matched_against_what_tokens_taught() {
+    let mut world = synced_world();
+    let a = identity("ns", "id-a", CLIENT_A);
+    let b = identity("ns", "id-b", CLIENT_B);
+    world.identities.extend([a.clone(), b.clone()]);
+    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
+    world.bindings.push(binding("ns", "bb", "id-b", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &a, "Assigned");
+    assign(&mut world, &web, &b, "Assigned");
+    let asked = Selector::ObjectId("OID-B".into());
+    let Resolution::LearnObjectIds(grants) = resolve(&world, standard(), &web, &asked, &()) else {
+        panic!("expected to learn object IDs")
+    };
+    assert_eq!(grants.len(), 2);
+    let pa = grants[0].principal.clone();
+    let pb = grants[1].principal.clone();
+    let known = Known(vec![(pa.clone(), "oid-a".into()), (pb, "oid-b".into())]);
+    assert_eq!(
+        served_client(&resolve(&world, standard(), &web, &asked, &known)).as_deref(),
+        Some(CLIENT_B)
+    );
+    let known = Known(vec![(pa, "oid-a".into())]);
+    let learn_b = resolve(&world, standard(), &web, &asked, &known);
+    assert!(matches!(learn_b, Resolution::LearnObjectIds(g) if g.len() == 1));
+    let all_known = Known(vec![
+        (grants[0].principal.clone(), "oid-a".into()),
+        (grants[1].principal.clone(), "oid-x".into()),
+    ]);
+    assert!(matches!(
+        resolve(&world, standard(), &web, &asked, &all_known),
+        Resolution::Deny(_)
+    ));
+}
+
+#[test]
+fn only_identities_live_pods_may_use_stay_authorized() {
+    let mut world = synced_world();
+    let a = identity("ns", "id-a", CLIENT_A);
+    let b = identity("ns", "id-b", CLIENT_B);
+    world.identities.extend([a.clone(), b.clone()]);
+    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
+    world.bindings.push(binding("ns", "bb", "id-b", "web", None));
+    let web = pod("ns", "web", Some("web"));
+    world.upsert_pod(web.clone());
+    assign(&mut world, &web, &a, "Assigned");
+    assign(&mut world, &web, &b, "Created");
+    let auth = authorized(&world, standard()).unwrap();
+    assert!(auth.allows(&Principal::Managed {
+        client_id: CLIENT_A.into()
+    }));
+    assert!(!auth.allows(&Principal::Managed {
+        client_id: CLIENT_B.into()
+    }));
+    assert!(!auth.allows(&Principal::Node(Selector::Default)));
+    world.bindings.clear();
+    let auth = authorized(&world, standard()).unwrap();
+    assert!(auth.principals.is_empty(), "the binding went away");
+    world.synced.pods = false;
+    assert_eq!(authorized(&world, standard()), None);
+}

@@ -1,0 +1,337 @@
+//! Wiring: the parts built from the configuration, started in the order that keeps the node safe.
+//!
+//! Rules are installed by their keeper as soon as it starts and are never removed; the endpoint listens
+//! at once, and requests that arrive before the watches are synced wait for them (bounded) instead of
+//! being refused. Readiness needs all three. On shutdown the listener closes and requests in flight get
+//! a grace period; from then until the next start the kernel resets pods' connections to IMDS.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    azure::HttpUpstream,
+    cache::TokenCache,
+    config::Args,
+    events::Events,
+    health::{self, AdminState, Health},
+    metrics::Metrics,
+    netfilter::{self, Iptables, Netfilter},
+    proxy::Proxy,
+    server::{self, AppState},
+    tokens::{Credentials, SecretCredentials, TokenService},
+    upstream::Upstream,
+    watch,
+    world::Shared,
+};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The node uses kubenet and that was not allowed.
+    #[error(
+        "the kubelet of this node uses kubenet ({0}), where pods can pose as each other; pass \
+         --allow-network-plugin-kubenet to run anyway"
+    )]
+    Kubenet(String),
+    /// No API server configuration.
+    #[error("configuring the Kubernetes client: {0}")]
+    Kube(String),
+    /// A listener could not bind.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The netfilter tools are unusable.
+    #[error("interception: {0}")]
+    Netfilter(#[from] netfilter::NetfilterError),
+    /// The HTTP clients could not be built.
+    #[error("upstream clients: {0}")]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The agent's replaceable parts; [`Parts::from_args`] builds the real ones.
+pub struct Parts {
+    /// The API server.
+    pub client: kube::Client,
+    /// IMDS and Entra.
+    pub upstream: Arc<dyn Upstream>,
+    /// Service principal credentials.
+    pub credentials: Arc<dyn Credentials>,
+    /// Netfilter, or `None` when interception is someone else's.
+    pub netfilter: Option<Arc<dyn Netfilter>>,
+    /// The client forwarding allowed metadata paths.
+    pub proxy_client: reqwest::Client,
+}
+
+impl Parts {
+    /// The real parts.
+    pub async fn from_args(args: &Args) -> Result<Self, StartError> {
+        let client = kube_client(args).await?;
+        let extra_ca = match &args.extra_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| StartError::Read {
+                path: path.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let upstream = HttpUpstream::new(
+            args.imds_base(),
+            Duration::from_secs(args.upstream_timeout_sec.max(1)),
+            extra_ca.as_deref(),
+        )?;
+        let netfilter: Option<Arc<dyn Netfilter>> = if args.no_interception {
+            None
+        } else {
+            Some(Arc::new(Iptables::new(
+                &args.iptables_command,
+                &args.conntrack_command,
+            )?))
+        };
+        Ok(Self {
+            credentials: Arc::new(SecretCredentials(client.clone())),
+            proxy_client: upstream.imds_client().clone(),
+            upstream: Arc::new(upstream),
+            client,
+            netfilter,
+        })
+    }
+}
+
+async fn kube_client(args: &Args) -> Result<kube::Client, StartError> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| StartError::Kube(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| StartError::Kube(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| StartError::Kube(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))
+}
+
+/// A running agent.
+pub struct Agent {
+    /// Where the endpoint for intercepted traffic listens.
+    pub imds_addr: SocketAddr,
+    /// Where /healthz, /readyz and /metrics listen.
+    pub admin_addr: SocketAddr,
+    /// Readiness conditions.
+    pub health: Arc<Health>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The world.
+    pub shared: Arc<Shared>,
+    serve: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("imds_addr", &self.imds_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds a listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts every part on the given listeners.
+pub async fn start(
+    args: &Args,
+    parts: Parts,
+    imds: TcpListener,
+    admin: TcpListener,
+    metrics_only: Option<TcpListener>,
+) -> Result<Agent, StartError> {
+    for flag in args.ignored_flags() {
+        tracing::warn!(flag, "flag of the original agent accepted and ignored");
+    }
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let shared = Shared::new();
+    let policy = args.policy();
+    let mut background = Vec::new();
+
+    if let Some(netfilter) = parts.netfilter {
+        if args.route_localnet {
+            let path = std::path::Path::new("/proc/sys/net/ipv4/conf/all/route_localnet");
+            if netfilter::ensure_route_localnet(path)? {
+                tracing::info!("set net.ipv4.conf.all.route_localnet=1 for the redirect to 127.0.0.1");
+            }
+        }
+        background.push(tokio::spawn(netfilter::keep(
+            netfilter,
+            args.rule_spec(),
+            args.enable_conntrack_deletion,
+            Duration::from_secs(args.ipt_update_interval_sec.max(1)),
+            health.clone(),
+            metrics.clone(),
+        )));
+    }
+
+    watch::spawn_all(&parts.client, &args.node, policy.mode, &shared, &metrics);
+
+    let cache = TokenCache::new(args.freshness(), Duration::from_secs(1));
+    let tokens = Arc::new(TokenService::new(
+        cache,
+        parts.upstream,
+        parts.credentials,
+        args.retry_policy(),
+        metrics.clone(),
+    ));
+    background.push(tokio::spawn(tokens.clone().maintain(
+        shared.clone(),
+        policy,
+        Duration::from_secs(30),
+        Duration::from_secs(args.token_idle_sec.max(1)),
+    )));
+
+    let events = if args.events {
+        Events::start(
+            parts.client.clone(),
+            &args.node,
+            Duration::from_secs(args.event_interval_sec.max(1)),
+            metrics.clone(),
+        )
+    } else {
+        Events::disabled(metrics.clone())
+    };
+
+    let state = Arc::new(AppState::new(
+        args.server_config(),
+        shared.clone(),
+        tokens,
+        Proxy::new(parts.proxy_client, &args.imds_base()),
+        metrics.clone(),
+        events,
+    ));
+    let imds_addr = imds.local_addr().map_err(|source| StartError::Bind {
+        addr: SocketAddr::new(args.listen_address, args.listen_port),
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        addr: SocketAddr::new(args.admin_address, args.http_probe_port),
+        source,
+    })?;
+    let admin_state = AdminState {
+        health: health.clone(),
+        shared: shared.clone(),
+        policy,
+        metrics: metrics.clone(),
+        rules_required: !args.no_interception,
+    };
+    if let Some(listener) = metrics_only {
+        let state = admin_state.clone();
+        background.push(tokio::spawn(async move {
+            if let Err(error) = health::serve(listener, health::metrics_router(state)).await {
+                tracing::error!(%error, "the metrics server stopped");
+            }
+        }));
+    }
+
+    background.push(tokio::spawn(async move {
+        if let Err(error) = health::serve(admin, health::router(admin_state)).await {
+            tracing::error!(%error, "the probe server stopped");
+        }
+    }));
+
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let app = server::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    health.set_serving(true);
+    let serve_health = health.clone();
+    let serve = tokio::spawn(async move {
+        let result = axum::serve(imds, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
+            .await;
+        serve_health.set_serving(false);
+        if let Err(error) = result {
+            tracing::error!(%error, "the endpoint stopped");
+        }
+    });
+    tracing::info!(node = %args.node, imds = %imds_addr, admin = %admin_addr, mode = ?policy.mode, scope = ?policy.scope, "agent started");
+    Ok(Agent {
+        imds_addr,
+        admin_addr,
+        health,
+        metrics,
+        shared,
+        serve,
+        background,
+        stop,
+        grace: Duration::from_secs(args.shutdown_grace_sec),
+    })
+}
+
+impl Agent {
+    /// Stops accepting, lets requests in flight finish within the grace period, and stops the rest.
+    /// The interception rules stay.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(self.grace, &mut self.serve).await.is_err() {
+            tracing::warn!("requests still in flight after the grace period; closing them");
+            self.serve.abort();
+        }
+        for task in self.background.drain(..) {
+            task.abort();
+        }
+        tracing::info!("agent stopped; the interception rules stay in place");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.serve.abort();
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+/// Runs the agent from its arguments until `shutdown` resolves.
+pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    if !args.allow_network_plugin_kubenet
+        && let Ok(defaults) = std::fs::read_to_string(&args.kubelet_config)
+        && crate::config::uses_kubenet(&defaults)
+    {
+        return Err(StartError::Kubenet(args.kubelet_config.display().to_string()));
+    }
+    let parts = Parts::from_args(&args).await?;
+    let imds = bind(SocketAddr::new(args.listen_address, args.listen_port)).await?;
+    let admin = bind(SocketAddr::new(args.admin_address, args.http_probe_port)).await?;
+    let metrics_only = if args.prometheus_port != args.http_probe_port && args.prometheus_port != 0 {
+        Some(bind(SocketAddr::new(args.admin_address, args.prometheus_port)).await?)
+    } else {
+        None
+    };
+    let agent = start(&args, parts, imds, admin, metrics_only).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! The IMDS-compatible endpoint pods reach through the interception rules.
+//!
+//! Every request is classified by its raw path first ([`crate::request::classify`]); only the exact
+//! token path mints tokens, only clean non-identity paths are ever forwarded, and everything else is
+//! refused here. A token request then goes: headers, query, caller (by source IP), identity (waiting on
+//! the watch while the answer may still change), token (cache, then upstream).
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{ConnectInfo, State},
+    response::Response,
+};
+use http::{Method, Request, StatusCode, request::Parts};
+use pod_identity_api::ObjectKey;
+use serde_json::json;
+
+use crate::{
+    cache::Outcome,
+    events::{Events, Notice, Reason},
+    metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
+    proxy::Proxy,
+    request::{self, Route, TokenQuery},
+    resolve::{self, Pending, Policy, Principal, Resolution},
+    response,
+    tokens::TokenService,
+    upstream::UpstreamError,
+    world::{Caller, PodRecord, Shared},
+};
+
+/// What the endpoint's behaviour depends on.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Standard or managed mode, namespaced or not.
+    pub policy: Policy,
+    /// Require `Metadata: true` (the original's `--metadata-header-required`).
+    pub metadata_header_required: bool,
+    /// Refuse `/metadata/instance` instead of forwarding it.
+    pub block_instance_metadata: bool,
+    /// Refuse other `/metadata/...` paths instead of forwarding them.
+    pub block_other_metadata: bool,
+    /// Serve `/host/token` to callers on the node itself.
+    pub host_token: bool,
+    /// How long a request waits for an identity being assigned (or for the agent's first lists).
+    pub assignment_wait: Duration,
+    /// How long a request waits for its pod to appear in the watch.
+    pub pod_wait: Duration,
+    /// `Retry-After` of a 503.
+    pub retry_after: Duration,
+}
+
+/// Everything a request needs.
+pub struct AppState {
+    /// Behaviour.
+    pub config: ServerConfig,
+    /// The cluster as this node sees it.
+    pub shared: Arc<Shared>,
+    /// Tokens.
+    pub tokens: Arc<TokenService>,
+    /// Forwarding to IMDS.
+    pub proxy: Proxy,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Events on refused pods.
+    pub events: Events,
+    first_tokens: Mutex<HashSet<String>>,
+}
+
+impl AppState {
+    /// The state of an endpoint.
+    pub fn new(
+        config: ServerConfig,
+        shared: Arc<Shared>,
+        tokens: Arc<TokenService>,
+        proxy: Proxy,
+        metrics: Arc<Metrics>,
+        events: Events,
+    ) -> Self {
+        Self {
+            config,
+            shared,
+            tokens,
+            proxy,
+            metrics,
+            events,
+            first_tokens: Mutex::default(),
+        }
+    }
+}
+
+/// The endpoint's router; serve it with `into_make_service_with_connect_info::<SocketAddr>()` so each
+/// request knows its peer.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+async fn handle(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request<Body>,
+) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let route = request::classify(parts.uri.path());
+    let response = match &route {
+        Route::Token => token(&state, peer.ip(), &parts).await,
+        Route::HostToken if state.config.host_token => host_token(&state, peer.ip(), &parts).await,
+        Route::HostToken => response::not_found("/host/token is not enabled on this node"),
+        Route::Instance if state.config.block_instance_metadata => {
+            blocked(&state, peer, &parts, "instance metadata is blocked on this node")
+        }
+        Route::OtherMetadata if state.config.block_other_metadata => {
+            blocked(&state, peer, &parts, "this metadata path is blocked on this node")
+        }
+        Route::Instance | Route::OtherMetadata => {
+            forward(&state, peer, Request::from_parts(parts, body)).await
+        }
+        Route::Variant(reason) => {
+            tracing::warn!(peer = %peer.ip(), path = %parts.uri.path(), reason, decision = "refused", "refused a path variant");
+            response::bad_request(&format!("Invalid request: {reason} is not served"))
+        }
+        Route::NotFound => response::not_found("Not found"),
+    };
+    let labels = RouteLabels { route: route.label() };
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.label(),
+            code: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+fn blocked(state: &AppState, peer: SocketAddr, req: &Parts, why: &str) -> Response {
+    if let Err(error) = request::check_headers(&req.headers, state.config.metadata_header_required) {
+        return response::bad_request(&error.to_string());
+    }
+    tracing::info!(peer = %peer.ip(), path = %req.uri.path(), decision = "blocked", "blocked a metadata request");
+    response::forbidden(why)
+}
+
+async fn forward(state: &AppState, peer: SocketAddr, req: Request<Body>) -> Response {
+    if req.method() != Method::GET {
+        return response::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Only GET is supported",
+        );
+    }
+    if let Err(error) = request::check_headers(req.headers(), state.config.metadata_header_required) {
+        return response::bad_request(&error.to_string());
+    }
+    tracing::debug!(peer = %peer.ip(), path = %req.uri().path(), decision = "forwarded", "forwarding a metadata request");
+    state.proxy.forward(req).await
+}
+
+/// The result of resolving a request, with the caller it was made for.
+struct Resolved {
+    pod: Option<PodRecord>,
+    resolution: Resolution,
+    waited: Duration,
+}
+
+async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
+    if req.method != Method::GET {
+        return response::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Only GET is supported",
+        );
+    }
+    if let Err(error) = request::check_headers(&req.headers, state.config.metadata_header_required) {
+        return invalid(state, peer, &error.to_string());
+    }
+    let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
+        Ok(query) => query,
+        Err(error) => return invalid(state, peer, &error.to_string()),
+    };
+    let ip = request::caller_ip(peer);
+    let resolved = resolve_waiting(state, &query, |world| match world.caller(ip) {
+        Caller::Pod(pod) => Ok(pod.clone()),
+        Caller::Unknown => Err(Pending::UnknownCaller),
+        Caller::Ambiguous(pods) => Err(Pending::AmbiguousCaller(pods)),
+    })
+    .await;
+    answer(state, &query, resolved, |tokens, resource, now| {
+        response::tokens(tokens, resource, now)
+    })
+    .await
+}
+
+async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
+    if !request::is_loopback(peer) {
+        return response::forbidden("/host/token only answers callers on the node itself");
+    }
+    if let Err(request::HeaderError::Forwarded) = request::check_headers(&req.headers, false) {
+        return response::bad_request(&request::HeaderError::Forwarded.to_string());
+    }
+    let header = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let (Some(namespace), Some(name)) = (header("podns"), header("podname")) else {
+        return response::bad_request("the headers podns and podname are required");
+    };
+    let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
+        Ok(query) => query,
+        Err(error) => return response::bad_request(&error.to_string()),
+    };
+    let key = ObjectKey::new(namespace, name);
+    let resolved = resolve_waiting(state, &query, |world| match world.pod(&key) {
+        Some(pod) if pod.is_live() => Ok(pod.clone()),
+        _ => Err(Pending::UnknownCaller),
+    })
+    .await;
+    let not_found = matches!(
+        resolved.resolution,
+        Resolution::Deny(_) | Resolution::Wait(Pending::UnknownCaller)
+    );
+    if not_found {
+        let why = match &resolved.resolution {
+            Resolution::Deny(why) => why.clone(),
+            _ => format!("no live pod {key} on this node"),
+        };
+        return response::not_found(&why);
+    }
+    answer(state, &query, resolved, |tokens, resource, now| {
+        let first = tokens.first().map(|t| response::token_json(t, resource, now));
+        let client_id = tokens
+            .first()
+            .and_then(|t| t.client_id.clone())
+            .unwrap_or_default();
+        response::json_response(StatusCode::OK, &json!({"token": first, "clientid": client_id}))
+    })
+    .await
+}
+
+fn invalid(state: &AppState, peer: IpAddr, why: &str) -> Response {
+    state
+        .metrics
+        .decisions
+        .get_or_create(&ResultLabels { result: "invalid" })
+        .inc();
+    tracing::info!(peer = %peer, decision = "invalid", reason = why, "refused a malformed token request");
+    response::bad_request(why)
+}
+
+/// Resolves the request, waiting on the world while the answer may still change.
+async fn resolve_waiting(
+    state: &AppState,
+    query: &TokenQuery,
+    find: impl Fn(&crate::world::World) -> Result<PodRecord, Pending>,
+) -> Resolved {
+    let started = tokio::time::Instant::now();
+    let assignment_deadline = started + state.config.assignment_wait;
+    let pod_deadline = started + state.config.pod_wait;
+    let mut changes = state.shared.subscribe();
+    let mut learnt = false;
+    loop {
+        changes.borrow_and_update();
+        let (pod, resolution) = {
+            let world = state.shared.read();
+            match find(&world) {
+                Ok(pod) => {
+                    let resolution = resolve::resolve(
+                        &world,
+                        state.config.policy,
+                        &pod,
+                        &query.selector,
+                        state.tokens.cache(),
+                    );
+                    (Some(pod), resolution)
+                }
+                Err(_) if !resolve::synced(&world, state.config.policy) => {
+                    (None, Resolution::Wait(Pending::NotSynced))
+                }
+                Err(pending) => (None, Resolution::Wait(pending)),
+            }
+        };
+        match resolution {
+            Resolution::Wait(pending) => {
+                let deadline = match pending {
+                    Pending::UnknownCaller | Pending::AmbiguousCaller(_) => pod_deadline,
+                    Pending::Assignment { .. } | Pending::NotSynced => assignment_deadline,
+                };
+                let timed_out = tokio::time::timeout_at(deadline, changes.changed()).await;
+                if !matches!(timed_out, Ok(Ok(()))) {
+                    return Resolved {
+                        pod,
+                        resolution: Resolution::Wait(pending),
+                        waited: started.elapsed(),
+                    };
+                }
+            }
+            Resolution::LearnObjectIds(grants) if !learnt => {
+                learnt = true;
+                for grant in grants {
+                    let _ = state
+                        .tokens
+                        .tokens(&grant.principal, Some(&grant.object), &query.resource)
+                        .await;
+                }
+            }
+            Resolution::LearnObjectIds(_) => {
+                return Resolved {
+                    pod,
+                    resolution: Resolution::Deny(format!(
+                        "{} is not an identity of this pod",
+                        query.selector
+                    )),
+                    waited: started.elapsed(),
+                };
+            }
+            other => {
+                return Resolved {
+                    pod,
+                    resolution: other,
+                    waited: started.elapsed(),
+                };
+            }
+        }
+    }
+}
+
+async fn answer(
+    state: &AppState,
+    query: &TokenQuery,
+    resolved: Resolved,
+    render: impl FnOnce(&[crate::cache::Token], &str, i64) -> Response,
+) -> Response {
+    let Resolved {
+        pod,
+        resolution,
+        waited,
+    } = resolved;
+    if waited > Duration::from_millis(1) {
+        state.metrics.wait_duration.observe(waited.as_secs_f64());
+    }
+    let (namespace, name) = pod
+        .as_ref()
+        .map(|p| (p.view.key.namespace.as_str(), p.view.key.name.as_str()))
+        .unwrap_or(("", ""));
+    let resource = query.resource.as_str();
+    let (principal, identity_object, identity_name) = match &resolution {
+        Resolution::Serve(grant) => (
+            grant.principal.clone(),
+            Some(grant.object.clone()),
+            grant.identity.to_string(),
+        ),
+        Resolution::Excepted => (Principal::Node(query.selector.clone()), None, "node".to_owned()),
+        Resolution::Deny(why) => {
+            decision(state, "denied");
+            tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request");
+            notify(state, pod.as_ref(), Reason::IdentityDenied, why);
+            return response::forbidden(why);
+        }
+        Resolution::Wait(pending) => {
+            let why = pending.to_string();
+            return match pending {
+                Pending::UnknownCaller | Pending::AmbiguousCaller(_) => {
+                    decision(state, "unknown_caller");
+                    tracing::info!(selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request from an unknown caller");
+                    response::forbidden(&why)
+                }
+                Pending::Assignment { .. } | Pending::NotSynced => {
+                    decision(state, "timeout");
+                    tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "no identity in time");
+                    notify(state, pod.as_ref(), Reason::IdentityNotAssigned, &why);
+                    response::unavailable(&why, state.config.retry_after.as_secs())
+                }
+            };
+        }
+        Resolution::LearnObjectIds(_) => {
+            decision(state, "denied");
+            return response::forbidden("the requested object_id is not an identity of this pod");
+        }
+    };
+    let (result, outcome) = state
+        .tokens
+        .tokens(&principal, identity_object.as_ref(), resource)
+        .await;
+    match result {
+        Ok(tokens) => {
+            decision(
+                state,
+                if matches!(resolution, Resolution::Excepted) {
+                    "excepted"
+                } else {
+                    "served"
+                },
+            );
+            if outcome == Outcome::Hit {
+                tracing::debug!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
+            } else {
+                tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
+            }
+            record_first_token(state, pod.as_ref());
+            render(&tokens, resource, crate::clock::now())
+        }
+        Err(error) => {
+            decision(state, "upstream_error");
+            tracing::warn!(pod = name, namespace, identity = %identity_name, resource, decision = "upstream_error", %error, "no token from upstream");
+            let why = format!("could not get a token for {identity_name}: {error}");
+            notify(state, pod.as_ref(), Reason::TokenUpstreamError, &why);
+            upstream_failure(state, &error, &why)
+        }
+    }
+}
+
+fn upstream_failure(state: &AppState, error: &UpstreamError, why: &str) -> Response {
+    match error {
+        UpstreamError::Refused { .. } | UpstreamError::Credential(_) => response::forbidden(why),
+        UpstreamError::Throttled { retry_after, .. } => {
+            response::unavailable(why, retry_after.unwrap_or(state.config.retry_after).as_secs())
+        }
+        UpstreamError::Transient { .. } | UpstreamError::Invalid(_) => {
+            response::unavailable(why, state.config.retry_after.as_secs())
+        }
+    }
+}
+
+fn decision(state: &AppState, result: &'static str) {
+    state
+        .metrics
+        .decisions
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
+fn notify(state: &AppState, pod: Option<&PodRecord>, reason: Reason, why: &str) {
+    if let Some(pod) = pod {
+        state.events.refused(Notice {
+            pod: pod.view.key.clone(),
+            uid: pod.view.uid.clone(),
+            reason,
+            message: why.to_owned(),
+        });
+    }
+}
+
+/// Observes the time from a pod's creation to its first token, once per pod.
+fn record_first_token(state: &AppState, pod: Option<&PodRecord>) {
+    let Some(pod) = pod else { return };
+    let (Some(uid), Some(created)) = (pod.view.uid.as_ref(), pod.created) else {
+        return;
+    };
+    let mut seen = state.first_tokens.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.contains(uid) {
+        return;
+    }
+    // Pods come and go; a bounded set forgets old ones rather than growing with the node's history.
+    if seen.len() >= 4096 {
+        seen.clear();
+    }
+    seen.insert(uid.clone());
+    let elapsed = jiff::Timestamp::now().duration_since(created);
+    state.metrics.first_token.observe(elapsed.as_secs_f64().max(0.0));
+}
+
+/// Headers that belong to one hop and are never forwarded.
+pub fn is_hop_header(name: &str) -> bool {
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,482 @@
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::extract::connect_info::MockConnectInfo;
+use base64::Engine;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use super::*;
+use crate::{
+    cache::{Freshness, Token, TokenCache},
+    request::Selector,
+    resolve::tests::{CLIENT_A, CLIENT_B, assign, binding, identity, pod, synced_world},
+    tokens::Credentials,
+    upstream::{BoxFuture, RetryPolicy, ServicePrincipal, Upstream},
+    world::World,
+};
+
+const POD_IP: &str = "10.244.0.2";
+
+#[derive(Default)]
+struct FakeUpstream {
+    calls: AtomicUsize,
+    fail: Mutex<Option<UpstreamError>>,
+    delay: Option<Duration>,
+}
+
+fn jwt(oid: &str) -> String {
+    let payload =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"oid":"{oid}","nbf":1}}"#));
+    format!("e30.{payload}.sig")
+}
+
+impl Upstream for FakeUpstream {
+    fn imds_token<'a>(
+        &'a self,
+        selector: &'a Selector,
+        _resource: &'a str,
+    ) -> BoxFuture<'a, Result<Token, UpstreamError>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(delay) = self.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(error) = self.fail.lock().unwrap().clone() {
+                return Err(error);
+            }
+            let client = match selector {
+                Selector::ClientId(id) => id.clone(),
+                _ => "node".to_owned(),
+            };
+            Ok(Token {
+                access_token: jwt(&format!("oid-{client}")),
+                expires_on: crate::clock::now() + 86_400,
+                not_before: crate::clock::now(),
+                client_id: Some(client.clone()),
+                object_id: Some(format!("oid-{client}")),
+            })
+        })
+    }
+
+    fn entra_token<'a>(
+        &'a self,
+        principal: &'a ServicePrincipal,
+        tenant_id: &'a str,
+        _resource: &'a str,
+    ) -> BoxFuture<'a, Result<Token, UpstreamError>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Token {
+                access_token: jwt(&format!("sp-{tenant_id}")),
+                expires_on: crate::clock::now() + 3600,
+                not_before: crate::clock::now(),
+                client_id: Some(principal.client_id.clone()),
+                object_id: None,
+            })
+        })
+    }
+}
+
+struct NoCredentials;
+
+impl Credentials for NoCredentials {
+    fn load<'a>(
+        &'a self,
+        _: &'a pod_identity_api::AzureIdentity,
+    ) -> BoxFuture<'a, Result<ServicePrincipal, UpstreamError>> {
+        Box::pin(async { Err(UpstreamError::Credential("no secrets in this test".into())) })
+    }
+}
+
+struct Fixture {
+    state: Arc<AppState>,
+    upstream: Arc<FakeUpstream>,
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        policy: Policy::default(),
+        metadata_header_required: true,
+        block_instance_metadata: true,
+        block_other_metadata: true,
+        host_token: false,
+        // Long: a test that gets an answer proves it was not made to wait for it.
+        assignment_wait: Duration::from_secs(3600),
+        pod_wait: Duration::from_millis(200),
+        retry_after: Duration::from_secs(7),
+    }
+}
+
+fn fixture(world: World, config: ServerConfig, upstream: FakeUpstream) -> Fixture {
+    crate::azure::ensure_crypto_provider();
+    let shared = Shared::new();
+    shared.update(|w| *w = world);
+    let metrics = Arc::new(Metrics::new());
+    let upstream = Arc::new(upstream);
+    let tokens = Arc::new(TokenService::new(
+        TokenCache::new(Freshness::default(), Duration::from_secs(1)),
+        upstream.clone(),
+        Arc::new(NoCredentials),
+        RetryPolicy {
+            retries: 2,
+            initial_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+            max_retry_after: Duration::from_millis(10),
+        },
+        metrics.clone(),
+    ));
+    let state = Arc::new(AppState::new(
+        config,
+        shared,
+        tokens,
+        Proxy::new(reqwest::Client::new(), "http://127.0.0.1:9"),
+        metrics.clone(),
+        Events::disabled(metrics),
+    ));
+    Fixture { state, upstream }
+}
+
+/// A world with pod `ns/web` at POD_IP bound to identity A (assigned) and `ns/db` bound to B.
+fn bound_world(status: &str) -> World {
+    let mut world = synced_world();
+    let a = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(a.clone());
+    world.identities.push(identity("ns", "id-b", CLIENT_B));
+    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
+    world.bindings.push(binding("ns", "bb", "id-b", "db", None));
+    let web = pod("ns", "web", Some("web"));
+    assign(&mut world, &web, &a, status);
+    world.upsert_pod(web);
+    world
+}
+
+async fn call(
+    state: &Arc<AppState>,
+    peer: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Value) {
+    let mut request = Request::get(path_and_query);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let peer: SocketAddr = format!("{peer}:40000").parse().unwrap();
+    let response = router(state.clone())
+        .layer(MockConnectInfo(peer))
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+const TOKEN: &str =
+    "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+const META: (&str, &str) = ("Metadata", "true");
+
+use http::HeaderMap;
+
+#[tokio::test]
+async fn a_bound_pod_gets_its_token_with_string_fields_and_the_cache_answers_again() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["client_id"], CLIENT_A);
+    assert_eq!(body["resource"], "https://vault.azure.net");
+    assert!(body["expires_on"].is_string() && body["expires_in"].is_string());
+    let (status, _, _) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        f.upstream.calls.load(Ordering::SeqCst),
+        1,
+        "the second answer came from the cache"
+    );
+    let metrics = f.state.metrics.render();
+    assert!(
+        metrics.contains("pod_identity_token_cache_lookups_total{result=\"hit\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pod_identity_requests_total{route=\"token\",code=\"200\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn missing_metadata_header_and_forwarding_headers_are_refused_like_imds() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let (status, headers, body) = call(&f.state, POD_IP, TOKEN, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "invalid_request", "error_description": "Required metadata header not specified"})
+    );
+    assert_eq!(
+        headers[http::header::CONTENT_TYPE],
+        "application/json; charset=utf-8"
+    );
+    let (status, _, body) = call(
+        &f.state,
+        POD_IP,
+        TOKEN,
+        &[META, ("X-Forwarded-For", "10.244.0.9")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["error_description"],
+        "Request with X-Forwarded-For header is not allowed"
+    );
+    let (status, _, body) = call(
+        &f.state,
+        POD_IP,
+        "/metadata/identity/oauth2/token?api-version=2018-02-01",
+        &[META],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["error_description"],
+        "Required query variable 'resource' is missing"
+    );
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn path_variants_are_refused_and_never_reach_upstream() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    for path in [
+        "/Metadata/identity/oauth2/token?resource=r",
+        "/metadata/identity/oauth2/token/?resource=r",
+        "/metadata/identity%2Foauth2%2Ftoken?resource=r",
+        "/metadata//identity/oauth2/token?resource=r",
+        "/metadata/identity/info?api-version=2018-02-01",
+        "/metadata/instance/../identity/oauth2/token?resource=r",
+    ] {
+        let (status, _, body) = call(&f.state, POD_IP, path, &[META]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["error"], "invalid_request");
+    }
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 0);
+    assert!(
+        f.state
+            .metrics
+            .render()
+            .contains("route=\"variant\",code=\"400\"} 6")
+    );
+}
+
+#[tokio::test]
+async fn an_unbound_pod_is_refused_at_once_with_the_reason() {
+    let mut world = bound_world("Assigned");
+    world.upsert_pod(crate::world::PodRecord {
+        ips: vec!["10.244.0.3".parse().unwrap()],
+        ..pod("ns", "lonely", None)
+    });
+    let f = fixture(world, config(), FakeUpstream::default());
+    let (status, _, body) = call(&f.state, "10.244.0.3", TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("has no label aadpodidbinding"),
+        "{body}"
+    );
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn someone_elses_client_id_is_refused_without_asking_upstream() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let path = format!("{TOKEN}&client_id={CLIENT_B}");
+    let (status, _, body) = call(&f.state, POD_IP, &path, &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 0);
+    let path = format!("{TOKEN}&client_id={CLIENT_A}");
+    assert_eq!(call(&f.state, POD_IP, &path, &[META]).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_unknown_caller_is_refused_after_a_short_wait() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let (status, _, body) = call(&f.state, "10.244.0.99", TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("no pod of this node"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_waits_for_the_assignment_and_is_served_once_assigned() {
+    let f = fixture(bound_world("Created"), config(), FakeUpstream::default());
+    let shared = f.state.shared.clone();
+    let waiter = tokio::spawn({
+        let state = f.state.clone();
+        async move { call(&state, POD_IP, TOKEN, &[META]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the request must wait while the assignment is Created"
+    );
+    shared.update(|world| {
+        let web = pod("ns", "web", Some("web"));
+        assign(world, &web, &identity("ns", "id-a", CLIENT_A), "Assigned");
+    });
+    let (status, _, body) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["client_id"], CLIENT_A);
+}
+
+#[tokio::test]
+async fn an_assignment_that_does_not_come_gives_503_with_retry_after() {
+    let config = ServerConfig {
+        assignment_wait: Duration::from_millis(100),
+        ..config()
+    };
+    let f = fixture(bound_world("Created"), config, FakeUpstream::default());
+    let (status, headers, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers[http::header::RETRY_AFTER], "7");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("being assigned"),
+        "{body}"
+    );
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn concurrent_requests_under_throttling_reach_upstream_once_per_attempt() {
+    let upstream = FakeUpstream {
+        fail: Mutex::new(Some(UpstreamError::Throttled {
+            retry_after: None,
+            message: "too many requests".into(),
+        })),
+        delay: Some(Duration::from_millis(20)),
+        ..FakeUpstream::default()
+    };
+    let f = fixture(bound_world("Assigned"), config(), upstream);
+    let mut callers = Vec::new();
+    for _ in 0..40 {
+        let state = f.state.clone();
+        callers.push(tokio::spawn(
+            async move { call(&state, POD_IP, TOKEN, &[META]).await },
+        ));
+    }
+    for caller in callers {
+        let (status, headers, _) = caller.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key(http::header::RETRY_AFTER));
+    }
+    // One fetch with its two retries, shared by all 40 callers.
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn instance_metadata_and_other_paths_are_blocked_by_default() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let (status, _, _) = call(
+        &f.state,
+        POD_IP,
+        "/metadata/instance?api-version=2021-02-01",
+        &[META],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = call(&f.state, POD_IP, "/metadata/versions", &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = call(&f.state, POD_IP, "/latest/meta-data/", &[META]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn host_token_is_off_by_default_and_only_for_the_node_itself() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let headers = [("podns", "ns"), ("podname", "web")];
+    let path = "/host/token?resource=https%3A%2F%2Fvault.azure.net";
+    assert_eq!(
+        call(&f.state, "127.0.0.1", path, &headers).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let enabled = ServerConfig {
+        host_token: true,
+        ..config()
+    };
+    let f = fixture(bound_world("Assigned"), enabled, FakeUpstream::default());
+    assert_eq!(
+        call(&f.state, POD_IP, path, &headers).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&f.state, "127.0.0.1", path, &[]).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (status, _, body) = call(&f.state, "127.0.0.1", path, &headers).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["clientid"], CLIENT_A);
+    assert!(body["token"]["access_token"].is_string());
+    let (status, _, _) = call(
+        &f.state,
+        "127.0.0.1",
+        path,
+        &[("podns", "ns"), ("podname", "ghost")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn object_id_is_resolved_from_the_pods_own_tokens() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let path = format!("{TOKEN}&object_id=oid-{CLIENT_A}");
+    let (status, _, body) = call(&f.state, POD_IP, &path, &[META]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["client_id"], CLIENT_A);
+    let path = format!("{TOKEN}&object_id=oid-{CLIENT_B}");
+    let (status, _, _) = call(&f.state, POD_IP, &path, &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        f.upstream.calls.load(Ordering::SeqCst),
+        1,
+        "B's token was never fetched"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_refusal_is_a_403_with_its_reason() {
+    let upstream = FakeUpstream {
+        fail: Mutex::new(Some(UpstreamError::Refused {
+            status: 400,
+            error: "invalid_request".into(),
+            description: "Identity not found".into(),
+        })),
+        ..FakeUpstream::default()
+    };
+    let f = fixture(bound_world("Assigned"), config(), upstream);
+    let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("Identity not found"),
+        "{body}"
+    );
+}

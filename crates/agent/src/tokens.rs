@@ -1,0 +1,259 @@
+//! Getting a principal's tokens: through the cache, from IMDS or Entra, with retries, and keeping the
+//! cache in step with the world (renewing entries in use before they expire, dropping those no pod may
+//! use any more).
+
+use std::{sync::Arc, time::Duration};
+
+use pod_identity_api::AzureIdentity;
+
+use crate::{
+    cache::{Key, Outcome, Token, TokenCache, Tokens},
+    metrics::{Metrics, ResultLabels, UpstreamLabels, UpstreamOnly},
+    request::Selector,
+    resolve::{self, Policy, Principal},
+    upstream::{BoxFuture, RetryPolicy, ServicePrincipal, Upstream, UpstreamError, with_retries},
+    world::Shared,
+};
+
+/// Reads a service principal's credential.
+pub trait Credentials: Send + Sync + 'static {
+    /// The credential of an AzureIdentity of type 1 or 2.
+    fn load<'a>(
+        &'a self,
+        identity: &'a AzureIdentity,
+    ) -> BoxFuture<'a, Result<ServicePrincipal, UpstreamError>>;
+}
+
+/// Credentials from the Secrets the identities name.
+#[derive(Clone)]
+pub struct SecretCredentials(pub kube::Client);
+
+impl Credentials for SecretCredentials {
+    fn load<'a>(
+        &'a self,
+        identity: &'a AzureIdentity,
+    ) -> BoxFuture<'a, Result<ServicePrincipal, UpstreamError>> {
+        Box::pin(crate::credentials::load(&self.0, identity))
+    }
+}
+
+/// Tokens for principals.
+pub struct TokenService {
+    cache: TokenCache,
+    upstream: Arc<dyn Upstream>,
+    credentials: Arc<dyn Credentials>,
+    retry: RetryPolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for TokenService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenService")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenService {
+    /// A service over these upstreams.
+    pub fn new(
+        cache: TokenCache,
+        upstream: Arc<dyn Upstream>,
+        credentials: Arc<dyn Credentials>,
+        retry: RetryPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            cache,
+            upstream,
+            credentials,
+            retry,
+            metrics,
+        }
+    }
+
+    /// The cache (for object IDs and sizes).
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// The tokens of `principal` for `resource`; `identity` is the AzureIdentity of a service principal.
+    pub async fn tokens(
+        &self,
+        principal: &Principal,
+        identity: Option<&AzureIdentity>,
+        resource: &str,
+    ) -> (Result<Tokens, UpstreamError>, Outcome) {
+        let key = Key {
+            principal: principal.clone(),
+            resource: resource.to_owned(),
+        };
+        let (result, outcome) = self
+            .cache
+            .get(&key, crate::clock::now(), || {
+                self.fetch(principal, identity, resource)
+            })
+            .await;
+        self.metrics
+            .cache
+            .get_or_create(&ResultLabels {
+                result: outcome.label(),
+            })
+            .inc();
+        self.metrics
+            .cache_entries
+            .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+        (result, outcome)
+    }
+
+    async fn fetch(
+        &self,
+        principal: &Principal,
+        identity: Option<&AzureIdentity>,
+        resource: &str,
+    ) -> Result<Vec<Token>, UpstreamError> {
+        match principal {
+            Principal::Managed { client_id } => {
+                let selector = Selector::ClientId(client_id.clone());
+                Ok(vec![self.imds(&selector, resource).await?])
+            }
+            Principal::Node(selector) => Ok(vec![self.imds(selector, resource).await?]),
+            Principal::ServicePrincipal { .. } => {
+                let identity = identity.ok_or_else(|| {
+                    UpstreamError::Credential("the service principal's AzureIdentity is gone".into())
+                })?;
+                let sp = self.credentials.load(identity).await?;
+                let mut tokens = Vec::with_capacity(1 + sp.auxiliary_tenant_ids.len());
+                tokens.push(self.entra(&sp, &sp.tenant_id, resource).await?);
+                for tenant in &sp.auxiliary_tenant_ids {
+                    tokens.push(self.entra(&sp, tenant, resource).await?);
+                }
+                Ok(tokens)
+            }
+        }
+    }
+
+    async fn imds(&self, selector: &Selector, resource: &str) -> Result<Token, UpstreamError> {
+        self.observed("imds", || self.upstream.imds_token(selector, resource))
+            .await
+    }
+
+    async fn entra(
+        &self,
+        sp: &ServicePrincipal,
+        tenant: &str,
+        resource: &str,
+    ) -> Result<Token, UpstreamError> {
+        self.observed("entra", || self.upstream.entra_token(sp, tenant, resource))
+            .await
+    }
+
+    async fn observed<'a, F>(&self, upstream: &'static str, call: F) -> Result<Token, UpstreamError>
+    where
+        F: Fn() -> BoxFuture<'a, Result<Token, UpstreamError>>,
+    {
+        let attempt = || async {
+            let started = std::time::Instant::now();
+            let result = call().await;
+            self.metrics
+                .upstream_duration
+                .get_or_create(&UpstreamOnly { upstream })
+                .observe(started.elapsed().as_secs_f64());
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(error) => error.label(),
+            };
+            self.metrics
+                .upstream
+                .get_or_create(&UpstreamLabels {
+                    upstream,
+                    result: label,
+                })
+                .inc();
+            result
+        };
+        with_retries(self.retry, attempt, |error| {
+            tracing::info!(upstream, %error, "retrying upstream token request");
+        })
+        .await
+    }
+
+    /// Renews entries in use before they expire and drops those no live pod may use; runs until the
+    /// process ends. Woken by every change of the world (bindings or assignments going away drop
+    /// entries at once) and every `interval`.
+    pub async fn maintain(
+        self: Arc<Self>,
+        shared: Arc<Shared>,
+        policy: Policy,
+        interval: Duration,
+        idle: Duration,
+    ) {
+        let mut changes = shared.subscribe();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let renew = tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = ticker.tick() => true,
+            };
+            let now = crate::clock::now();
+            let used_since = now - i64::try_from(idle.as_secs()).unwrap_or(i64::MAX);
+            let authorized = resolve::authorized(&shared.read(), policy);
+            if let Some(authorized) = &authorized {
+                let dropped = self.cache.retain(authorized, now, used_since);
+                if dropped > 0 {
+                    tracing::info!(
+                        dropped,
+                        "dropped cached tokens no pod of this node may use any more"
+                    );
+                }
+            }
+            self.metrics
+                .cache_entries
+                .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+            if renew {
+                self.renew_due(&shared, now, used_since).await;
+            }
+        }
+    }
+
+    async fn renew_due(&self, shared: &Shared, now: i64, used_since: i64) {
+        for key in self.cache.due_for_renewal(now, used_since) {
+            let identity = match &key.principal {
+                Principal::ServicePrincipal { identity, .. } => {
+                    let world = shared.read();
+                    let found = world
+                        .identities
+                        .iter()
+                        .find(|object| crate::world::key_of(*object) == *identity)
+                        .cloned();
+                    match found {
+                        Some(object) => Some(object),
+                        None => continue,
+                    }
+                }
+                _ => None,
+            };
+            let renewed = self
+                .cache
+                .renew(&key, || {
+                    self.fetch(&key.principal, identity.as_ref(), &key.resource)
+                })
+                .await;
+            match renewed {
+                Some(Ok(_)) => {
+                    tracing::debug!(principal = key.principal.kind(), resource = %key.resource, "renewed a token ahead of expiry")
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(principal = key.principal.kind(), resource = %key.resource, %error, "renewing a token failed; the cached one is served while valid")
+                }
+                None => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The watches that fill the world: this node's pods (field selector `spec.nodeName`), this node's
+//! assignments (label `nodename`, standard mode), and bindings, identities and exceptions of every
+//! namespace. Each change is applied whole and wakes waiting requests; a relist replaces a kind's objects
+//! at once, so a request never sees half a list.
+
+use std::{fmt::Debug, sync::Arc};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Resource,
+    runtime::{WatchStreamExt, watcher},
+};
+use pod_identity_api::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, NODENAME_LABEL,
+};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    metrics::{KindLabels, Metrics},
+    resolve::Mode,
+    world::{self, AssignedRecord, PodRecord, Shared, World},
+};
+
+/// How one kind's objects enter the world.
+trait Kind: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static {
+    /// Adds or replaces one object.
+    fn apply(world: &mut World, object: Self);
+    /// Removes one object.
+    fn delete(world: &mut World, object: &Self);
+    /// Replaces every object (a relist) and marks the kind synced.
+    fn replace(world: &mut World, objects: Vec<Self>);
+}
+
+impl Kind for Pod {
+    fn apply(world: &mut World, object: Self) {
+        world.upsert_pod(PodRecord::from_pod(&object));
+    }
+    fn delete(world: &mut World, object: &Self) {
+        world.remove_pod(&world::key_of(object));
+    }
+    fn replace(world: &mut World, objects: Vec<Self>) {
+        world.replace_pods(objects.iter().map(PodRecord::from_pod).collect());
+        world.synced.pods = true;
+    }
+}
+
+impl Kind for AzureAssignedIdentity {
+    fn apply(world: &mut World, object: Self) {
+        world.upsert_assigned(AssignedRecord::from_assigned(&object));
+    }
+    fn delete(world: &mut World, object: &Self) {
+        world.remove_assigned(&world::key_of(object));
+    }
+    fn replace(world: &mut World, objects: Vec<Self>) {
+        world.replace_assigned(objects.iter().map(AssignedRecord::from_assigned).collect());
+        world.synced.assigned = true;
+    }
+}
+
+impl Kind for AzureIdentityBinding {
+    fn apply(world: &mut World, object: Self) {
+        world::upsert(&mut world.bindings, object);
+    }
+    fn delete(world: &mut World, object: &Self) {
+        world::remove(&mut world.bindings, &world::key_of(object));
+    }
+    fn replace(world: &mut World, objects: Vec<Self>) {
+        world.bindings = objects;
+        world.synced.bindings = true;
+    }
+}
+
+impl Kind for AzureIdentity {
+    fn apply(world: &mut World, object: Self) {
+        world::upsert(&mut world.identities, object);
+    }
+    fn delete(world: &mut World, object: &Self) {
+        world::remove(&mut world.identities, &world::key_of(object));
+    }
+    fn replace(world: &mut World, objects: Vec<Self>) {
+        world.identities = objects;
+        world.synced.identities = true;
+    }
+}
+
+impl Kind for AzurePodIdentityException {
+    fn apply(world: &mut World, object: Self) {
+        world::upsert(&mut world.exceptions, object);
+    }
+    fn delete(world: &mut World, object: &Self) {
+        world::remove(&mut world.exceptions, &world::key_of(object));
+    }
+    fn replace(world: &mut World, objects: Vec<Self>) {
+        world.exceptions = objects;
+        world.synced.exceptions = true;
+    }
+}
+
+/// Starts every watch the mode needs; they run until the process ends, retrying with backoff.
+pub fn spawn_all(client: &Client, node: &str, mode: Mode, shared: &Arc<Shared>, metrics: &Arc<Metrics>) {
+    let pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    spawn::<Pod>(Api::all(client.clone()), pods, shared, metrics);
+    match mode {
+        Mode::Standard => {
+            let assigned = watcher::Config::default().labels(&format!("{NODENAME_LABEL}={node}"));
+            spawn::<AzureAssignedIdentity>(Api::all(client.clone()), assigned, shared, metrics);
+        }
+        Mode::Managed => {}
+    }
+    spawn::<AzureIdentityBinding>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        shared,
+        metrics,
+    );
+    spawn::<AzureIdentity>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        shared,
+        metrics,
+    );
+    spawn::<AzurePodIdentityException>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        shared,
+        metrics,
+    );
+}
+
+fn spawn<K>(api: Api<K>, config: watcher::Config, shared: &Arc<Shared>, metrics: &Arc<Metrics>)
+where
+    K: Kind,
+    K::DynamicType: Default,
+{
+    let shared = shared.clone();
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        let kind = K::kind(&K::DynamicType::default()).to_string();
+        let mut relist: Vec<K> = Vec::new();
+        let mut events = watcher(api, config).default_backoff().into_stream().boxed();
+        loop {
+            let event = match events.try_next().await {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(kind, %error, "watch failed; retrying");
+                    continue;
+                }
+            };
+            match event {
+                watcher::Event::Init => relist.clear(),
+                watcher::Event::InitApply(object) => relist.push(object),
+                watcher::Event::InitDone => {
+                    let objects = std::mem::take(&mut relist);
+                    let count = objects.len();
+                    shared.update(|world| K::replace(world, objects));
+                    tracing::info!(kind, count, "watch synced");
+                }
+                watcher::Event::Apply(object) => shared.update(|world| K::apply(world, object)),
+                watcher::Event::Delete(object) => shared.update(|world| K::delete(world, &object)),
+            }
+            let world = shared.read();
+            for (kind, count) in world.counts() {
+                metrics
+                    .objects
+                    .get_or_create(&KindLabels { kind })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+        tracing::error!(kind, "watch ended");
+    });
+}

@@ -1,0 +1,561 @@
+//! The node agent end to end: a node and its pods as network namespaces, the agent as a real process in
+//! the node namespace with real iptables rules, the emulator's IMDS on 169.254.169.254 inside that
+//! namespace only, and a real kube-apiserver. Pods call the metadata address exactly as on Azure, with
+//! curl, Python `azure-identity` and Rust `azure_identity`, none of them pointed anywhere else.
+//!
+//! The API server listens on the host's loopback; the agent reaches it through a relay listening on the
+//! same `127.0.0.1:<port>` inside the node namespace (so the admin kubeconfig works unchanged), whose
+//! connections this test process opens on the host side. No route leads out of the node namespace.
+//!
+//! Proof of what reached IMDS comes from the emulator's request log: the agent's own calls come from
+//! the node's addresses; a pod address there would mean interception failed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod netns_harness;
+
+use std::time::Duration;
+
+use std::process::{Command, Stdio};
+
+use netns_harness::{CLIENT_A, CLIENT_B, Harness, TOKEN_URL, curl, in_netns};
+use pod_identity_emulator::{FaultSpec, LogFilter, Service};
+use pod_identity_test_support::eventually;
+use pod_identity_test_support::netns::PodNet;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_pod_gets_its_token_through_plain_curl_and_nothing_else_reaches_imds() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    let since = h.emulator.last_seq();
+
+    let (status, body) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200, "{body}");
+    let token: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(token["client_id"], CLIENT_A);
+    for field in [
+        "access_token",
+        "expires_in",
+        "expires_on",
+        "not_before",
+        "resource",
+        "token_type",
+    ] {
+        assert!(token[field].is_string(), "{field} must be a string: {body}");
+    }
+    let claims = netns_harness::claims(token["access_token"].as_str().unwrap());
+    assert_eq!(claims["appid"], CLIENT_A, "the token names the pod's identity");
+    assert_eq!(claims["aud"], "https://vault.azure.net");
+
+    let imds = h.imds_requests(since);
+    assert_eq!(imds.len(), 1, "one upstream call: {imds:?}");
+    assert!(
+        h.is_node_address(&imds[0].source),
+        "IMDS saw the agent, not the pod: {}",
+        imds[0].source
+    );
+    assert_eq!(imds[0].identity.as_deref(), Some(CLIENT_A));
+
+    // Again: from the cache, nothing more upstream.
+    let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200);
+    assert_eq!(h.imds_requests(since).len(), 1);
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_rust_sdks_work_unchanged_and_the_token_reads_a_key_vault_secret() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    let since = h.emulator.last_seq();
+
+    let python = python(&h, &web, PYTHON_SDK);
+    let result: Value = serde_json::from_str(python.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("python printed no result ({e}):\n{python}"));
+    assert_eq!(result["secret"], "s3cret", "{python}");
+    assert_eq!(
+        netns_harness::claims(result["token"].as_str().unwrap())["appid"],
+        CLIENT_A
+    );
+
+    let rust = rust_sdk_token(&web, "https://vault.azure.net/.default").await;
+    assert_eq!(netns_harness::claims(&rust)["appid"], CLIENT_A);
+
+    for record in h.imds_requests(since) {
+        assert!(
+            h.is_node_address(&record.source),
+            "a pod reached IMDS directly: {record:?}"
+        );
+    }
+    let vault = h.emulator.requests(&LogFilter {
+        service: Some(Service::KeyVault),
+        since: Some(since),
+        status: Some(200),
+        ..LogFilter::default()
+    });
+    assert_eq!(vault.len(), 1, "the secret was read once: {vault:?}");
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_other_namespace_and_foreign_client_id_are_refused_and_nothing_is_minted() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    let lonely = h.pod("lonely", None).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    // A pod of another namespace carrying the same label: the binding is not its namespace's.
+    let stranger = h.pod_in_other_namespace("stranger", Some("web")).await;
+    let since = h.emulator.last_seq();
+
+    let (status, body) = curl(&h, &lonely, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no label aadpodidbinding"), "{body}");
+
+    let (status, body) = curl(&h, &stranger, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("another namespace"), "{body}");
+
+    let foreign = format!("{TOKEN_URL}&client_id={CLIENT_B}");
+    let (status, body) = curl(&h, &web, &foreign, &["-H", "Metadata: true"]);
+    assert_eq!(status, 403, "{body}");
+
+    assert!(
+        h.imds_requests(since).is_empty(),
+        "no refused request reached IMDS"
+    );
+    assert_eq!(h.tokens_minted_for(CLIENT_B), 0);
+    let events = h.events_about("lonely").await;
+    assert!(events.iter().any(|e| e.contains("IdentityDenied")), "{events:?}");
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_the_assignment_then_succeeds_or_gets_503_with_retry_after() {
+    let h = Harness::start(&["--assignment-wait-sec", "20"]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.emulator_unassign("id-a");
+    h.assigned(&web, "id-a", "Created").await;
+
+    // The controller's part, played by the test: the identity reaches the scale set, then the
+    // assignment says so. The request is already waiting.
+    let waiting = h.curl_in_background(&web, TOKEN_URL, &["-H", "Metadata: true"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        h.imds_requests(0).is_empty(),
+        "nothing may be fetched before the assignment"
+    );
+    h.emulator_assign("id-a");
+    h.assigned(&web, "id-a", "Assigned").await;
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    h.stop_agent();
+
+    let h = Harness::start(&["--assignment-wait-sec", "1", "--retry-after-sec", "9"]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Created").await;
+    let (status, headers, body) =
+        netns_harness::curl_with_headers(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        headers.to_ascii_lowercase().contains("retry-after: 9"),
+        "{headers}"
+    );
+    assert!(h.imds_requests(0).is_empty());
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_variants_and_header_attacks_are_rejected_and_never_forwarded() {
+    let h = Harness::start(&["--block-instance-metadata=false"]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    let since = h.emulator.last_seq();
+    let q = "?api-version=2018-02-01&resource=https://vault.azure.net";
+    let attacks: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("/metadata/identity\\oauth2\\token{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity\\oauth2\\token/{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/Metadata/identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/METADATA/IDENTITY/OAUTH2/TOKEN{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity%2Foauth2%2Ftoken{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity%252Foauth2%252Ftoken{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata//identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/./identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/instance/../identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity/oauth2/token/{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity/info{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/instance%2F..%2Fidentity%2Foauth2%2Ftoken{q}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (format!("/metadata/identity/oauth2/token{q}"), vec![]),
+        (
+            format!("/metadata/identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: false"],
+        ),
+        (
+            format!("/metadata/identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: true", "-H", "X-Forwarded-For: 10.244.9.9"],
+        ),
+        (
+            "/metadata/instance?api-version=2021-02-01".to_owned(),
+            vec!["-H", "Metadata: true", "-H", "X-Forwarded-For: 1.2.3.4"],
+        ),
+        (
+            format!("/metadata/identity/oauth2/token{q}&client_id={CLIENT_A}&client_id={CLIENT_B}"),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity/oauth2/token{q}&client_id={CLIENT_A}&object_id=x"),
+            vec!["-H", "Metadata: true"],
+        ),
+    ];
+    for (path, headers) in &attacks {
+        let url = format!("http://169.254.169.254{path}");
+        let (status, body) = curl(&h, &web, &url, headers);
+        assert!(
+            (400..500).contains(&status),
+            "{path} {headers:?} got {status}: {body}"
+        );
+    }
+    assert!(
+        h.imds_requests(since).is_empty(),
+        "an attack reached IMDS: {:?}",
+        h.imds_requests(since)
+    );
+    // A clean instance path is forwarded when allowed, without X-Forwarded-For (IMDS would refuse it).
+    let (status, body) = curl(
+        &h,
+        &web,
+        "http://169.254.169.254/metadata/instance/compute/vmScaleSetName?api-version=2021-02-01&format=text",
+        &["-H", "Metadata: true"],
+    );
+    assert_eq!((status, body.as_str()), (200, "nodepool"));
+    let forwarded = h.imds_requests(since);
+    assert_eq!(forwarded.len(), 1);
+    assert!(h.is_node_address(&forwarded[0].source));
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_under_load_no_pod_request_reaches_imds_and_the_rules_stay() {
+    let mut h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    let rules_before = h.nat_rules();
+    assert!(rules_before.contains("DNAT"), "{rules_before}");
+
+    let load = h.load(&web, Duration::from_secs(8));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.kill_agent();
+    // Down: the rules stay and pods get resets, never IMDS.
+    assert_eq!(h.nat_rules(), rules_before, "the rules must survive the agent");
+    let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 0, "with the agent down the connection is refused");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.restart_agent().await;
+    let outcome = load.await.unwrap();
+    assert!(outcome["ok"].as_u64().unwrap() > 0, "{outcome}");
+    assert!(
+        outcome["refused"].as_u64().unwrap() > 0,
+        "the load saw the agent down: {outcome}"
+    );
+    assert_eq!(
+        outcome["other"].as_u64().unwrap(),
+        0,
+        "only successes and refusals: {outcome}"
+    );
+    for record in h.imds_requests(0) {
+        assert!(
+            h.is_node_address(&record.source),
+            "a pod reached IMDS: {record:?}"
+        );
+    }
+    assert_eq!(h.nat_rules(), rules_before, "a restart installs nothing twice");
+    let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200);
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_removed_behind_the_agents_back_are_repaired_and_the_guard_holds_meanwhile() {
+    let mut h = Harness::start(&["--ipt-update-interval-sec", "2"]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    let rules = h.nat_rules();
+
+    // With the agent stopped nothing repairs, so the guard alone must hold.
+    h.kill_agent();
+    h.node_cmd(&[
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-D",
+        "PREROUTING",
+        "-j",
+        "POD-IDENTITY",
+    ]);
+    let since = h.emulator.last_seq();
+    let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 0, "the guard resets the connection");
+    assert!(h.imds_requests(since).is_empty(), "{:?}", h.imds_requests(since));
+
+    h.restart_agent().await;
+    assert_eq!(h.nat_rules(), rules, "the jump is back");
+    // Drift while running is repaired on the next check.
+    h.node_cmd(&["iptables", "-w", "-t", "nat", "-F", "POD-IDENTITY"]);
+    eventually(|| async {
+        if h.nat_rules() == rules {
+            Ok(())
+        } else {
+            Err("not repaired yet")
+        }
+    })
+    .await
+    .unwrap();
+    let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200);
+    let metrics = h.metrics();
+    assert!(
+        metrics.contains("pod_identity_iptables_syncs_total{result=\"repaired\"}"),
+        "{metrics}"
+    );
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_throttling_is_retried_once_for_all_callers() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    h.emulator.inject(FaultSpec {
+        service: Some(Service::Imds),
+        status: Some(429),
+        times: Some(1),
+        latency_ms: Some(300),
+        ..FaultSpec::default()
+    });
+    let since = h.emulator.last_seq();
+    let callers: Vec<_> = (0..8)
+        .map(|_| h.curl_in_background(&web, TOKEN_URL, &["-H", "Metadata: true"]))
+        .collect();
+    for caller in callers {
+        let (status, body) = caller.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let upstream = h.imds_requests(since);
+    assert_eq!(
+        upstream.len(),
+        2,
+        "one throttled attempt and one retry for eight callers: {upstream:?}"
+    );
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_principals_get_tokens_from_entra_with_a_secret_a_certificate_and_auxiliary_tenants() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.service_principal_secret("sp-secret", 1, &[]).await;
+    h.bind("sp-secret", "web").await;
+    let (status, body) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200, "{body}");
+    let token: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(token["client_id"], netns_harness::SP_CLIENT);
+    assert_eq!(
+        netns_harness::claims(token["access_token"].as_str().unwrap())["tid"],
+        netns_harness::TENANT
+    );
+
+    let db = h.pod("db", Some("db")).await;
+    h.service_principal_secret("sp-cert", 2, &[]).await;
+    h.bind("sp-cert", "db").await;
+    let (status, body) = curl(&h, &db, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200, "{body}");
+
+    let multi = h.pod("multi", Some("multi")).await;
+    h.service_principal_secret("sp-multi", 1, &[netns_harness::AUX_TENANT])
+        .await;
+    h.bind("sp-multi", "multi").await;
+    let (status, body) = curl(&h, &multi, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200, "{body}");
+    let tokens: Value = serde_json::from_str(&body).unwrap();
+    let tenants: Vec<String> = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            netns_harness::claims(t["access_token"].as_str().unwrap())["tid"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        tenants,
+        vec![
+            netns_harness::TENANT.to_owned(),
+            netns_harness::AUX_TENANT.to_owned()
+        ]
+    );
+    assert!(
+        h.imds_requests(0).is_empty(),
+        "service principals never touch IMDS"
+    );
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_removed_drops_the_cached_token_and_later_requests_are_refused() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    assert_eq!(curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]).0, 200);
+    h.unbind("id-a").await;
+    eventually(|| async {
+        let (status, body) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+        if status == 403 {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await
+    .unwrap();
+    eventually(|| async {
+        let metrics = h.metrics();
+        if metrics.contains("pod_identity_token_cache_entries 0") {
+            Ok(())
+        } else {
+            Err(metrics)
+        }
+    })
+    .await
+    .unwrap();
+    h.stop_agent();
+}
+
+/// The SDKs as an application uses them: no endpoint, no client ID, nothing but the defaults.
+const PYTHON_SDK: &str = r#"
+import json
+from azure.identity import ManagedIdentityCredential
+from azure.keyvault.secrets import SecretClient
+credential = ManagedIdentityCredential()
+token = credential.get_token("https://vault.azure.net/.default")
+secret = SecretClient(vault_url="https://testvault.vault.azure.net", credential=credential).get_secret("db-password")
+print(json.dumps({"token": token.token, "secret": secret.value}))
+"#;
+
+/// The Python interpreter of the SDK venv: `POD_IDENTITY_PYTHON`, or the one `tools/setup-python.sh`
+/// builds (or finds cached).
+fn python_binary() -> String {
+    if let Ok(python) = std::env::var("POD_IDENTITY_PYTHON") {
+        return python;
+    }
+    let script = netns_harness::repo_root().join("tools/setup-python.sh");
+    let output = Command::new("bash").arg(&script).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    format!("{}/bin/python", String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Runs a Python script in a pod, trusting the emulator's CA and resolving the vault to the node.
+fn python(h: &Harness, pod: &PodNet, script: &str) -> String {
+    h.set_pod_hosts(pod, &[(pod.gateway, "testvault.vault.azure.net")]);
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, &python_binary(), "-c", script])
+        .env("SSL_CERT_FILE", &h.ca_file)
+        .env("REQUESTS_CA_BUNDLE", &h.ca_file)
+        .env_remove("AZURE_POD_IDENTITY_AUTHORITY_HOST")
+        .env_remove("IDENTITY_ENDPOINT")
+        .env_remove("MSI_ENDPOINT")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "python failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// A token from the Rust SDK's `ManagedIdentityCredential`, run on a thread inside the pod's namespace.
+async fn rust_sdk_token(pod: &PodNet, scope: &str) -> String {
+    let netns = pod.netns.clone();
+    let scope = scope.to_owned();
+    tokio::task::spawn_blocking(move || {
+        in_netns(&netns, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let credential = azure_identity::ManagedIdentityCredential::new(None).unwrap();
+                let token = azure_core::credentials::TokenCredential::get_token(
+                    &*credential,
+                    &[scope.as_str()],
+                    None,
+                )
+                .await
+                .unwrap();
+                token.token.secret().to_owned()
+            })
+        })
+    })
+    .await
+    .unwrap()
+}
