@@ -368,4 +368,69 @@ async fn helm_install_creates_every_object() {
             .unwrap()
             .is_some()
     );
+
+    // The documented upgrade keeps the release's values and succeeds on an installed release.
+    let (ok, out, err) = helm(
+        &[
+            "upgrade",
+            &release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns.name,
+            "--reuse-values",
+        ],
+        Some(plane.admin_kubeconfig()),
+    );
+    assert!(ok, "helm upgrade failed: {out}{err}");
+    assert!(out.contains("REVISION: 2"), "{out}");
+}
+
+/// The binaries accept every flag and value the chart passes them (they then stop at what is missing
+/// outside a cluster, after the command line was parsed; clap's usage errors exit with 2).
+#[test]
+fn the_binaries_accept_the_arguments_the_chart_gives_them() {
+    let objects = render(
+        "pod-identity",
+        &[
+            "--set",
+            "agent.enableHostToken=true",
+            "--set",
+            "controller.immutableUserMSIs[0]=5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
+        ],
+    );
+    for (kind, binary) in [
+        ("Deployment", "pod-identity-controller"),
+        ("DaemonSet", "pod-identity-agent"),
+    ] {
+        let workload = objects.iter().find(|o| o["kind"] == kind).unwrap();
+        let args: Vec<String> = workload["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().replace("$(NODE_NAME)", "node-1"))
+            .collect();
+        let output = Command::new(tools::workspace_binary(binary).unwrap())
+            .args(&args)
+            .args(["--kubeconfig", "/nonexistent/kubeconfig"])
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{binary} ran without a cluster");
+        for clap_error in [
+            "unexpected argument",
+            "invalid value",
+            "required arguments were not provided",
+        ] {
+            assert!(
+                !stderr.contains(clap_error),
+                "{binary} refused the chart's arguments {args:?}:\n{stderr}"
+            );
+        }
+        assert_ne!(
+            output.status.code(),
+            Some(2),
+            "{binary} refused its command line:\n{stderr}"
+        );
+    }
 }

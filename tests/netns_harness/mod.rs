@@ -112,15 +112,7 @@ fn seed() -> Seed {
 
 /// Runs `f` on a thread inside network namespace `netns`; sockets it creates belong to that namespace.
 pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = Node::path(netns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("entering {}: {e}", path.display()));
-        f()
-    })
-    .join()
-    .unwrap()
+    netns::run_in(netns, f).unwrap()
 }
 
 /// The agent binary, built by `cargo test -p pod-identity-agent` (or `--workspace`), next to this test.
@@ -855,23 +847,5 @@ async fn relay_apiserver(netns: &str, server_url: &str) -> Result<tokio::task::J
         .next()
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .context("the API server URL has no port")?;
-    let listener = tokio::task::spawn_blocking({
-        let netns = netns.to_owned();
-        move || in_netns(&netns, move || std::net::TcpListener::bind(("127.0.0.1", port)))
-    })
-    .await??;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    }))
+    netns::relay_loopback_port(netns, port).await
 }

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(about = "pod-identity development tasks")]
 struct Args {
@@ -27,7 +29,10 @@ enum Task {
     /// a Python environment with the official Azure SDKs.
     /// Prints the environment that points the tests at them.
     Tools,
-    /// Run every test: builds the control plane if needed, then `cargo test --workspace`.
+    /// Run the whole system on this machine (as root) and show a bound pod getting a token and an
+    /// unbound one refused.
+    Demo,
+    /// Run every test: builds the tools if needed, then `cargo test --workspace`.
     Test {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -46,6 +51,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
+        Task::Demo => {
+            // Builds what is missing; the demo then finds the control plane in the cache.
+            tools(&root)?;
+            tokio::runtime::Runtime::new()?.block_on(demo::run(&root))
+        }
     }
 }
 
@@ -112,7 +122,18 @@ fn cached_build(root: &Path, script: &str) -> Result<PathBuf> {
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
     let tools = tools(root)?;
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // End-to-end tests run the binaries as processes; `cargo test` builds only the binaries of the
+    // package under test, so build them all first.
+    let status = Command::new(&cargo)
+        .current_dir(root)
+        .args(["build", "--workspace", "--bins"])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the binaries failed");
+    }
+    let status = Command::new(&cargo)
         .current_dir(root)
         .args(["test", "--workspace"])
         .args(cargo_args)

@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
+    core::v1::{Namespace, ServiceAccount},
+};
 use kube::{
     Api, Client, Config,
     api::{ObjectMeta, PostParams},
@@ -207,6 +210,34 @@ impl ControlPlane {
             .collect();
         let path = self.run_dir.join(format!("{stem}.kubeconfig"));
         write_kubeconfig(&path, &self.server, &self.pki.ca_cert, &cert.cert, &cert.key)?;
+        Ok(path)
+    }
+
+    /// Writes a kubeconfig that authenticates as a ServiceAccount (with a token from the TokenRequest
+    /// API), so that a binary runs with exactly the permissions RBAC gives that account.
+    pub async fn kubeconfig_for_service_account(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let client = self.admin_client().await?;
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600}
+        }))?;
+        let accounts = Api::<ServiceAccount>::namespaced(client, namespace);
+        let granted = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{name}"))?;
+        let token = granted.status.context("the TokenRequest has no status")?.token;
+        let path = self.run_dir.join(format!("sa-{namespace}-{name}.kubeconfig"));
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority": self.pki.ca_cert}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": name, "namespace": namespace}}],
+            "current-context": "test",
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
 

@@ -267,6 +267,42 @@ fn spawn_watchdog(prefix: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a thread of its own inside network namespace `netns`: sockets it creates belong to
+/// that namespace (a process can serve in several namespaces at once this way).
+pub fn run_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = Node::path(netns);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::spawn(move || -> Result<T> {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {}", path.display()))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread inside network namespace {netns} panicked"))?
+}
+
+/// Makes `127.0.0.1:<port>` of the host reachable at the same address inside `netns`, by relaying
+/// each connection. Processes in the namespace (the agent, the controller) then use the host's
+/// kubeconfig for the API server unchanged, and nothing touches the host's netfilter.
+pub async fn relay_loopback_port(netns: &str, port: u16) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = run_in(netns, move || std::net::TcpListener::bind(("127.0.0.1", port)))?
+        .with_context(|| format!("binding 127.0.0.1:{port} inside {netns}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let output = run_output(Command::new("ip").args(args))?;
     if !output.status.success() {

@@ -40,6 +40,24 @@ pub(crate) fn cached(script: &str, what: &str, how: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
 }
 
+/// A binary of the workspace, built next to the running test (`cargo xtask test` builds them all
+/// first; plain `cargo test` builds only those of the package under test).
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test executable has no target directory")?
+        .join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run the tests with `cargo xtask test`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Root of the repository this crate was built from.
 pub fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

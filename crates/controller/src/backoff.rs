@@ -1,0 +1,213 @@
+//! How long to wait: exponential backoff with jitter for failed ARM calls (never shorter than ARM's
+//! `Retry-After`), quarantine periods for identities ARM refuses, and the budget of drift-check reads.
+//! Pure over the instants callers pass.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+/// Exponential backoff with "equal jitter": half the step fixed, half random, so that workers that
+/// failed together do not retry together.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `initial`, doubling up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial: initial.max(Duration::from_millis(1)),
+            max: max.max(initial),
+            failures: 0,
+        }
+    }
+
+    /// The wait after one more failure; `jitter` in `[0, 1)`, `retry_after` what the server asked for.
+    pub fn next(&mut self, retry_after: Option<Duration>, jitter: f64) -> Duration {
+        let step = self
+            .initial
+            .saturating_mul(1u32.checked_shl(self.failures.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        let jittered = step / 2 + step.mul_f64(jitter.clamp(0.0, 1.0) / 2.0);
+        jittered.max(retry_after.unwrap_or_default())
+    }
+
+    /// Forgets past failures after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    until: Instant,
+    strikes: u32,
+    reason: String,
+}
+
+/// Identities ARM refused (missing, or not ours to assign). They are left out of requests until their
+/// period ends, then tried once more; each further refusal doubles the period. Keys are case-folded IDs.
+#[derive(Debug)]
+pub struct Quarantine {
+    initial: Duration,
+    max: Duration,
+    entries: HashMap<String, Entry>,
+}
+
+impl Quarantine {
+    /// Periods start at `initial` and double up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max: max.max(initial),
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Quarantines an identity (again); returns whether it was not quarantined before and the period.
+    pub fn add(&mut self, key: &str, reason: &str, now: Instant) -> (bool, Duration) {
+        let strikes = self.entries.get(key).map_or(0, |e| e.strikes + 1);
+        let period = self
+            .initial
+            .saturating_mul(1u32.checked_shl(strikes.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        let fresh = self.entries.get(key).is_none_or(|e| e.until <= now);
+        self.entries.insert(
+            key.to_owned(),
+            Entry {
+                until: now + period,
+                strikes,
+                reason: reason.to_owned(),
+            },
+        );
+        (fresh, period)
+    }
+
+    /// Why the identity is quarantined, while it is.
+    pub fn reason(&self, key: &str, now: Instant) -> Option<String> {
+        self.entries
+            .get(key)
+            .filter(|e| e.until > now)
+            .map(|e| e.reason.clone())
+    }
+
+    /// Forgets an identity once ARM accepted it.
+    pub fn clear(&mut self, key: &str) -> bool {
+        self.entries.remove(key).is_some()
+    }
+
+    /// When the earliest of these identities leaves quarantine.
+    pub fn next_release<'a>(&self, keys: impl IntoIterator<Item = &'a str>, now: Instant) -> Option<Instant> {
+        keys.into_iter()
+            .filter_map(|k| self.entries.get(k))
+            .map(|e| e.until)
+            .filter(|until| *until > now)
+            .min()
+    }
+
+    /// How many identities are quarantined now.
+    pub fn active(&self, now: Instant) -> usize {
+        self.entries.values().filter(|e| e.until > now).count()
+    }
+}
+
+/// A token bucket for drift-check reads: `per_period` reads per `period`, shared by all workers, so
+/// that a cluster with many machines checks them in turn instead of all at once.
+#[derive(Debug)]
+pub struct ReadBudget {
+    capacity: f64,
+    tokens: f64,
+    per_second: f64,
+    last: Instant,
+}
+
+impl ReadBudget {
+    /// `per_period` reads per `period`, starting full.
+    pub fn new(per_period: u32, period: Duration, now: Instant) -> Self {
+        let capacity = f64::from(per_period.max(1));
+        Self {
+            capacity,
+            tokens: capacity,
+            per_second: capacity / period.as_secs_f64().max(0.001),
+            last: now,
+        }
+    }
+
+    /// Takes a read if one is left; otherwise how long until one is.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum_with_jitter_in_the_upper_half() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let steps: Vec<Duration> = (0..6).map(|_| b.next(None, 0.0)).collect();
+        let secs: Vec<f64> = steps.iter().map(Duration::as_secs_f64).collect();
+        assert_eq!(secs, vec![0.5, 1.0, 2.0, 4.0, 4.0, 4.0]);
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        assert!((b.next(None, 0.999).as_secs_f64() - 1.0).abs() < 0.01);
+        b.reset();
+        assert_eq!(b.failures(), 0);
+    }
+
+    #[test]
+    fn retry_after_is_never_undercut() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(
+            b.next(Some(Duration::from_secs(20)), 0.5),
+            Duration::from_secs(20)
+        );
+    }
+
+    #[test]
+    fn quarantine_periods_double_and_expire() {
+        let now = Instant::now();
+        let mut q = Quarantine::new(Duration::from_secs(60), Duration::from_secs(600));
+        assert_eq!(q.add("x", "gone", now), (true, Duration::from_secs(60)));
+        assert_eq!(q.reason("x", now).as_deref(), Some("gone"));
+        assert_eq!(q.active(now), 1);
+        let later = now + Duration::from_secs(61);
+        assert_eq!(q.reason("x", later), None, "tried again after the period");
+        assert_eq!(q.add("x", "gone", later), (true, Duration::from_secs(120)));
+        assert_eq!(
+            q.next_release(["x", "y"], later),
+            Some(later + Duration::from_secs(120))
+        );
+        assert!(q.clear("x"));
+        assert_eq!(q.reason("x", later), None);
+    }
+
+    #[test]
+    fn read_budget_spreads_reads_over_the_period() {
+        let now = Instant::now();
+        let mut budget = ReadBudget::new(2, Duration::from_secs(60), now);
+        assert!(budget.take(now).is_ok());
+        assert!(budget.take(now).is_ok());
+        let wait = budget.take(now).unwrap_err();
+        assert_eq!(wait.as_secs(), 30);
+        assert!(budget.take(now + Duration::from_secs(30)).is_ok());
+    }
+}
