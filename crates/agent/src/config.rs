@@ -17,6 +17,7 @@ use pod_identity_api::matching::Scope;
 
 use crate::{
     cache::Freshness,
+    redirect::DEFAULT_REDIRECT_ADDRESS,
     resolve::{Mode, Policy},
     rules::RuleSpec,
     server::ServerConfig,
@@ -64,17 +65,21 @@ pub struct Args {
     )]
     pub force_namespaced: bool,
 
-    /// Address the endpoint for intercepted traffic listens on. Keep it on loopback: the DNAT target is
-    /// always 127.0.0.1.
+    /// Where intercepted traffic is redirected (the DNAT target): an address the agent puts on the node's
+    /// loopback. Link-local by default, so that no sysctl is needed (see `redirect`).
+    #[arg(long, env = "POD_IDENTITY_REDIRECT_ADDRESS", default_value_t = DEFAULT_REDIRECT_ADDRESS)]
+    pub redirect_address: Ipv4Addr,
+
+    /// Address the endpoint for intercepted traffic listens on: the redirect address when unset; `0.0.0.0`
+    /// also works.
     #[arg(
         long = "nmi-listen-address",
         alias = "listen-address",
-        env = "POD_IDENTITY_LISTEN_ADDRESS",
-        default_value = "127.0.0.1"
+        env = "POD_IDENTITY_LISTEN_ADDRESS"
     )]
-    pub listen_address: IpAddr,
+    pub listen_address: Option<IpAddr>,
 
-    /// Port of that endpoint (the DNAT target).
+    /// Port of that endpoint (the DNAT target's port).
     #[arg(
         long = "nmi-port",
         alias = "listen-port",
@@ -117,10 +122,15 @@ pub struct Args {
     #[arg(long, env = "POD_IDENTITY_IMDS_GUARD", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub imds_guard: bool,
 
-    /// Set net.ipv4.conf.all.route_localnet=1, without which the kernel drops pod packets DNATed to
-    /// 127.0.0.1.
-    #[arg(long, env = "POD_IDENTITY_ROUTE_LOCALNET", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub route_localnet: bool,
+    /// Ignored: the redirect no longer needs net.ipv4.conf.all.route_localnet (see --redirect-address).
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub route_localnet: Option<bool>,
+
+    /// Remove the interception from this node (the agent's chains and jumps, and its redirect address),
+    /// then exit, instead of running. Run on each node after the agent is uninstalled, e.g. by
+    /// `kubectl podidentity remove-node-rules`; pods then reach IMDS directly again.
+    #[arg(long, env = "POD_IDENTITY_REMOVE_INTERCEPTION", default_value_t = false)]
+    pub remove_interception: bool,
 
     /// Do not touch netfilter at all (only where another component installs equivalent rules).
     #[arg(long, env = "POD_IDENTITY_NO_INTERCEPTION", default_value_t = false)]
@@ -269,6 +279,9 @@ impl Args {
         if self.mic_namespace.is_some() {
             ignored.push("--MICNamespace");
         }
+        if self.route_localnet.is_some() {
+            ignored.push("--route-localnet");
+        }
         ignored
     }
 
@@ -290,6 +303,7 @@ impl Args {
             chain: self.iptables_chain.clone(),
             metadata_ip: self.metadata_ip,
             metadata_port: self.metadata_port,
+            redirect_ip: self.redirect_address,
             agent_port: self.listen_port,
             guard: self.imds_guard,
         }
@@ -327,6 +341,14 @@ impl Args {
         }
     }
 
+    /// Where the endpoint for intercepted traffic listens.
+    pub fn listen_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(
+            self.listen_address.unwrap_or(IpAddr::V4(self.redirect_address)),
+            self.listen_port,
+        )
+    }
+
     /// `http://<metadata ip>:<port>`.
     pub fn imds_base(&self) -> String {
         format!("http://{}:{}", self.metadata_ip, self.metadata_port)
@@ -358,8 +380,11 @@ mod tests {
         let args = parse(&["--node", "n1"]);
         assert_eq!(args.policy().scope, Scope::Namespaced);
         assert!(args.metadata_header_required && args.block_instance_metadata && !args.enable_host_token);
-        assert_eq!(args.listen_address, IpAddr::V4(Ipv4Addr::LOCALHOST));
-        assert_eq!(args.listen_port, 2579);
+        assert_eq!(
+            args.listen_addr(),
+            std::net::SocketAddr::from((DEFAULT_REDIRECT_ADDRESS, 2579))
+        );
+        assert_eq!(args.rule_spec().redirect_ip, DEFAULT_REDIRECT_ADDRESS);
         assert_eq!(args.imds_base(), "http://169.254.169.254:80");
         assert!(args.ignored_flags().is_empty());
     }

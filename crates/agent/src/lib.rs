@@ -1,7 +1,7 @@
 //! The node agent of pod-identity.
 //!
 //! Pods on an Azure VM reach the Instance Metadata Service (IMDS) at 169.254.169.254 and would get tokens
-//! for every identity of the VM. The agent redirects that traffic to itself ([`rules`], [`netfilter`]),
+//! for every identity of the VM. The agent redirects that traffic to itself ([`rules`], [`netfilter`], [`redirect`]),
 //! works out which pod is calling from the connection's source address ([`world`], [`watch`]), which of
 //! that pod's identities the request names ([`resolve`]), and answers with that identity's token from a
 //! node-wide cache ([`cache`], [`tokens`]) filled from IMDS or Entra ID ([`upstream`], [`azure`]), in the
@@ -20,6 +20,7 @@ pub mod health;
 pub mod metrics;
 pub mod netfilter;
 pub mod proxy;
+pub mod redirect;
 pub mod request;
 pub mod resolve;
 pub mod response;

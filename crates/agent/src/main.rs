@@ -25,6 +25,10 @@ fn main() -> Result<()> {
             .init(),
         LogFormat::Text => subscriber.init(),
     }
+    if args.remove_interception {
+        pod_identity_agent::run::remove_interception(&args).context("removing the interception")?;
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

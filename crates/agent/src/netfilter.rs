@@ -38,6 +38,10 @@ pub trait Netfilter: Send + Sync + 'static {
     fn apply(&self, action: &Action) -> Result<(), NetfilterError>;
     /// Deletes conntrack entries of TCP connections to `ip:port`.
     fn flush_conntrack(&self, ip: Ipv4Addr, port: u16) -> Result<(), NetfilterError>;
+    /// Puts `ip/32` on the node's loopback unless it is there already; `Ok(true)` when it was added.
+    fn ensure_local_address(&self, ip: Ipv4Addr) -> Result<bool, NetfilterError>;
+    /// Takes `ip/32` off the node's loopback; `Ok(false)` when it was not there.
+    fn remove_local_address(&self, ip: Ipv4Addr) -> Result<bool, NetfilterError>;
 }
 
 /// The real thing: the `iptables` crate (which runs the `iptables` tool with `--wait`) and `conntrack`.
@@ -103,6 +107,7 @@ impl Netfilter for Iptables {
             Action::Append { table, chain, rule } => self.inner.append(table, chain, rule),
             Action::InsertFirst { table, chain, rule } => self.inner.insert(table, chain, rule, 1),
             Action::Delete { table, chain, rule } => self.inner.delete(table, chain, rule),
+            Action::DeleteChain { table, chain } => self.inner.delete_chain(table, chain),
         };
         result.map_err(|e| fail(described, e))
     }
@@ -128,6 +133,14 @@ impl Netfilter for Iptables {
             Err(fail("flushing IMDS connections from conntrack", stderr.trim()))
         }
     }
+
+    fn ensure_local_address(&self, ip: Ipv4Addr) -> Result<bool, NetfilterError> {
+        crate::redirect::ensure_on_loopback(ip).map_err(|e| fail(format!("adding {ip}/32 to lo"), e))
+    }
+
+    fn remove_local_address(&self, ip: Ipv4Addr) -> Result<bool, NetfilterError> {
+        crate::redirect::remove_from_loopback(ip).map_err(|e| fail(format!("removing {ip}/32 from lo"), e))
+    }
 }
 
 /// What one pass did.
@@ -137,10 +150,20 @@ pub struct SyncReport {
     pub applied: Vec<Action>,
     /// Whether conntrack entries were flushed.
     pub flushed: bool,
+    /// Whether the redirect address had to be put (back) on the loopback.
+    pub address_added: bool,
 }
 
-/// One pass over every table: list, plan, apply, and check that nothing is left to do. Flushes
-/// conntrack when something was (re)installed or `force_flush` is set (the first pass after start).
+impl SyncReport {
+    /// Whether anything was (re)installed.
+    pub fn changed(&self) -> bool {
+        self.address_added || !self.applied.is_empty()
+    }
+}
+
+/// One pass: the redirect address first (so that the DNAT never points at an address the node lacks),
+/// then every table: list, plan, apply, and check that nothing is left to do. Flushes conntrack when
+/// something was (re)installed or `force_flush` is set (the first pass after start).
 pub fn sync_once(
     netfilter: &dyn Netfilter,
     spec: &RuleSpec,
@@ -148,6 +171,9 @@ pub fn sync_once(
     force_flush: bool,
 ) -> Result<SyncReport, NetfilterError> {
     let mut report = SyncReport::default();
+    if crate::redirect::needs_address(spec.redirect_ip) {
+        report.address_added = netfilter.ensure_local_address(spec.redirect_ip)?;
+    }
     for table in spec.tables() {
         let listed = list_table(netfilter, &table)?;
         for action in plan(&table, &listed) {
@@ -163,9 +189,43 @@ pub fn sync_once(
             ));
         }
     }
-    if conntrack && (force_flush || !report.applied.is_empty()) {
+    if conntrack && (force_flush || report.changed()) {
         netfilter.flush_conntrack(spec.metadata_ip, spec.metadata_port)?;
         report.flushed = true;
+    }
+    Ok(report)
+}
+
+/// What removing the interception did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemovalReport {
+    /// Changes applied.
+    pub applied: Vec<Action>,
+    /// Whether the redirect address was taken off the loopback.
+    pub address_removed: bool,
+}
+
+/// Takes the interception off the node, once the agent is uninstalled: our jumps and chains in every
+/// table, then the redirect address; then checks that none is left. Only what the agent installs is
+/// touched. After this, pods reach IMDS directly again, with every identity of the node.
+pub fn remove_all(netfilter: &dyn Netfilter, spec: &RuleSpec) -> Result<RemovalReport, NetfilterError> {
+    let mut report = RemovalReport::default();
+    for table in spec.tables() {
+        let listed = list_table(netfilter, &table)?;
+        for action in crate::rules::plan_removal(&table, &listed) {
+            netfilter.apply(&action)?;
+            report.applied.push(action);
+        }
+        let left = crate::rules::plan_removal(&table, &list_table(netfilter, &table)?);
+        if !left.is_empty() {
+            return Err(fail(
+                format!("checking table {}", table.table),
+                format!("rules still there after removing them: {left:?}"),
+            ));
+        }
+    }
+    if crate::redirect::needs_address(spec.redirect_ip) {
+        report.address_removed = netfilter.remove_local_address(spec.redirect_ip)?;
     }
     Ok(report)
 }
@@ -178,18 +238,6 @@ fn list_table(netfilter: &dyn Netfilter, table: &crate::rules::TableRules) -> Re
         .map(|hook| netfilter.list(table.table, hook).map(Option::unwrap_or_default))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Listed { chain, hooks })
-}
-
-/// Lets the kernel route DNATed packets to 127.0.0.1 that arrive from pods (the redirect to the agent
-/// needs it; kube-proxy sets it too). The guard drops anything else from outside aimed at loopback.
-pub fn ensure_route_localnet(path: &std::path::Path) -> Result<bool, NetfilterError> {
-    let current =
-        std::fs::read_to_string(path).map_err(|e| fail(format!("reading {}", path.display()), e))?;
-    if current.trim() == "1" {
-        return Ok(false);
-    }
-    std::fs::write(path, "1\n").map_err(|e| fail(format!("writing {}", path.display()), e))?;
-    Ok(true)
 }
 
 /// Keeps the rules in place: first pass (retried with backoff until it succeeds), then one pass per
@@ -216,20 +264,17 @@ pub async fn keep(
         };
         match outcome {
             Ok(report) => {
-                let result = if report.applied.is_empty() {
-                    "unchanged"
-                } else {
-                    "repaired"
-                };
-                if !report.applied.is_empty() {
+                let result = if report.changed() { "repaired" } else { "unchanged" };
+                if report.changed() {
                     if first {
                         tracing::info!(
                             changes = report.applied.len(),
+                            address_added = report.address_added,
                             flushed = report.flushed,
                             "installed the interception rules"
                         );
                     } else {
-                        tracing::warn!(changes = ?report.applied, flushed = report.flushed, "interception rules had drifted; repaired");
+                        tracing::warn!(changes = ?report.applied, address_added = report.address_added, flushed = report.flushed, "interception rules had drifted; repaired");
                     }
                 }
                 metrics.rule_syncs.get_or_create(&ResultLabels { result }).inc();
@@ -265,6 +310,7 @@ mod tests {
     struct Memory {
         chains: Mutex<HashMap<(String, String), Vec<String>>>,
         flushes: Mutex<usize>,
+        addresses: Mutex<Vec<Ipv4Addr>>,
         broken: bool,
     }
 
@@ -304,6 +350,9 @@ mod tests {
                 Action::FlushChain { table, chain } => {
                     chains.insert(((*table).into(), chain.clone()), vec![format!("-N {chain}")]);
                 }
+                Action::DeleteChain { table, chain } => {
+                    chains.remove(&((*table).into(), chain.clone()));
+                }
                 Action::Append { table, chain, rule } => chains
                     .get_mut(&((*table).into(), chain.clone()))
                     .unwrap()
@@ -327,6 +376,25 @@ mod tests {
             *self.flushes.lock().unwrap() += 1;
             Ok(())
         }
+
+        fn ensure_local_address(&self, ip: Ipv4Addr) -> Result<bool, NetfilterError> {
+            if self.broken {
+                return Err(fail("address", "permission denied"));
+            }
+            let mut addresses = self.addresses.lock().unwrap();
+            if addresses.contains(&ip) {
+                return Ok(false);
+            }
+            addresses.push(ip);
+            Ok(true)
+        }
+
+        fn remove_local_address(&self, ip: Ipv4Addr) -> Result<bool, NetfilterError> {
+            let mut addresses = self.addresses.lock().unwrap();
+            let before = addresses.len();
+            addresses.retain(|a| *a != ip);
+            Ok(addresses.len() < before)
+        }
     }
 
     fn spec() -> RuleSpec {
@@ -334,6 +402,7 @@ mod tests {
             chain: "POD-IDENTITY".into(),
             metadata_ip: Ipv4Addr::new(169, 254, 169, 254),
             metadata_port: 80,
+            redirect_ip: Ipv4Addr::new(169, 254, 79, 1),
             agent_port: 2579,
             guard: true,
         }
@@ -344,6 +413,11 @@ mod tests {
         let memory = Memory::with_builtins();
         let report = sync_once(&memory, &spec(), true, true).unwrap();
         assert!(report.flushed);
+        assert!(report.address_added, "the redirect address goes on lo first");
+        assert_eq!(
+            *memory.addresses.lock().unwrap(),
+            vec![Ipv4Addr::new(169, 254, 79, 1)]
+        );
         assert_eq!(report.applied.len(), 10);
         let again = sync_once(&memory, &spec(), true, false).unwrap();
         assert_eq!(again, SyncReport::default());
@@ -383,6 +457,61 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_redirect_address_is_put_back_and_connections_flushed() {
+        let memory = Memory::with_builtins();
+        sync_once(&memory, &spec(), true, true).unwrap();
+        memory.addresses.lock().unwrap().clear();
+        let report = sync_once(&memory, &spec(), true, false).unwrap();
+        assert!(report.address_added && report.changed(), "{report:?}");
+        assert!(report.applied.is_empty());
+        assert!(report.flushed, "connections made while the address was gone go");
+    }
+
+    #[test]
+    fn a_loopback_redirect_needs_no_address() {
+        let memory = Memory::with_builtins();
+        let spec = RuleSpec {
+            redirect_ip: Ipv4Addr::LOCALHOST,
+            ..spec()
+        };
+        let report = sync_once(&memory, &spec, true, true).unwrap();
+        assert!(!report.address_added);
+        assert!(memory.addresses.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn removal_takes_out_everything_installed_and_leaves_other_rules() {
+        let memory = Memory::with_builtins();
+        memory
+            .chains
+            .lock()
+            .unwrap()
+            .get_mut(&("nat".into(), "PREROUTING".into()))
+            .unwrap()
+            .push("-A PREROUTING -j KUBE-SERVICES".into());
+        sync_once(&memory, &spec(), true, true).unwrap();
+        let report = remove_all(&memory, &spec()).unwrap();
+        assert!(report.address_removed);
+        let chains = memory.chains.lock().unwrap();
+        assert!(!chains.contains_key(&("nat".to_owned(), "POD-IDENTITY".to_owned())));
+        assert!(!chains.contains_key(&("filter".to_owned(), "POD-IDENTITY".to_owned())));
+        for (_, lines) in chains.iter() {
+            assert!(lines.iter().all(|l| !l.contains("POD-IDENTITY")), "{lines:?}");
+        }
+        assert!(
+            chains[&("nat".to_owned(), "PREROUTING".to_owned())]
+                .contains(&"-A PREROUTING -j KUBE-SERVICES".to_owned())
+        );
+        drop(chains);
+        assert!(memory.addresses.lock().unwrap().is_empty());
+        assert_eq!(
+            remove_all(&memory, &spec()).unwrap(),
+            RemovalReport::default(),
+            "idempotent"
+        );
+    }
+
+    #[test]
     fn errors_are_reported_not_swallowed() {
         let memory = Memory {
             broken: true,
@@ -419,15 +548,5 @@ mod tests {
                 .contains("pod_identity_iptables_rules_in_place 1")
         );
         task.abort();
-    }
-
-    #[test]
-    fn route_localnet_is_set_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("route_localnet");
-        std::fs::write(&path, "0\n").unwrap();
-        assert!(ensure_route_localnet(&path).unwrap());
-        assert!(!ensure_route_localnet(&path).unwrap());
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
     }
 }

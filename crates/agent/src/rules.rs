@@ -1,13 +1,14 @@
 //! Which netfilter rules must exist, and what to change when the ones listed differ.
 //!
 //! Two chains of our own, both named [`RuleSpec::chain`], each reached by one jump from a built-in chain:
-//! - `nat`: pod traffic for the metadata address and port is DNATed to the agent. A rule in `PREROUTING`
-//!   only sees traffic that enters the node from outside its own network stack, so the agent's own calls to
-//!   IMDS (and those of every host-network process) go out through `OUTPUT` untouched.
+//! - `nat`: pod traffic for the metadata address and port is DNATed to the agent's redirect address
+//!   ([`crate::redirect`]). A rule in `PREROUTING` only sees traffic that enters the node from outside its
+//!   own network stack, so the agent's own calls to IMDS (and those of every host-network process) go out
+//!   through `OUTPUT` untouched.
 //! - `filter` (the guard): pod traffic that still has the metadata destination after `nat` was skipped,
 //!   because our jump was removed or a connection predates it, is reset instead of reaching IMDS with the
-//!   node's identities. It also drops connections from outside to `127.0.0.0/8` that were not DNATed,
-//!   which `route_localnet=1` (needed for the DNAT to loopback) would otherwise let in.
+//!   node's identities. It also drops connections from outside to the agent's port that were not DNATed,
+//!   so that the redirect is the only way in.
 //!
 //! While the agent is down the `nat` rule stays and points at a port nobody listens on, so the kernel
 //! answers pods with a reset: the rules are never removed, which is what makes the agent fail closed.
@@ -34,7 +35,9 @@ pub struct RuleSpec {
     pub metadata_ip: Ipv4Addr,
     /// The metadata port (80).
     pub metadata_port: u16,
-    /// The port the agent listens on for intercepted traffic, on 127.0.0.1.
+    /// The address intercepted traffic is DNATed to, on the node's loopback.
+    pub redirect_ip: Ipv4Addr,
+    /// The port the agent listens on for intercepted traffic, at `redirect_ip`.
     pub agent_port: u16,
     /// Whether the `filter` guard is kept.
     pub guard: bool,
@@ -63,14 +66,15 @@ impl RuleSpec {
     pub fn tables(&self) -> Vec<TableRules> {
         let ip = self.metadata_ip;
         let port = self.metadata_port;
+        let redirect = self.redirect_ip;
+        let agent_port = self.agent_port;
         let mut tables = vec![TableRules {
             table: "nat",
             chain: self.chain.clone(),
             rules: vec![
                 format!(
                     "! -s 127.0.0.1/32 -d {ip}/32 -p tcp -m tcp --dport {port} -m comment --comment pod-identity-agent \
-                     -j DNAT --to-destination 127.0.0.1:{}",
-                    self.agent_port
+                     -j DNAT --to-destination {redirect}:{agent_port}"
                 ),
                 "-j RETURN".to_owned(),
             ],
@@ -85,9 +89,10 @@ impl RuleSpec {
                         "-d {ip}/32 ! -i lo -p tcp -m tcp --dport {port} -m comment --comment pod-identity-agent \
                          -j REJECT --reject-with tcp-reset"
                     ),
-                    "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment pod-identity-agent -m conntrack \
-                     ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-                        .to_owned(),
+                    format!(
+                        "-d {redirect}/32 ! -i lo -p tcp -m tcp --dport {agent_port} -m comment --comment \
+                         pod-identity-agent -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+                    ),
                     "-j RETURN".to_owned(),
                 ],
                 hooks: vec!["INPUT", "FORWARD"],
@@ -132,6 +137,8 @@ pub enum Action {
         chain: &'static str,
         rule: String,
     },
+    /// `-X chain`: our chain, once empty and unreferenced (removal only).
+    DeleteChain { table: &'static str, chain: String },
 }
 
 impl Action {
@@ -142,7 +149,8 @@ impl Action {
             | Self::FlushChain { table, .. }
             | Self::Append { table, .. }
             | Self::InsertFirst { table, .. }
-            | Self::Delete { table, .. } => table,
+            | Self::Delete { table, .. }
+            | Self::DeleteChain { table, .. } => table,
         }
     }
 }
@@ -208,6 +216,39 @@ pub fn plan(desired: &TableRules, listed: &Listed) -> Vec<Action> {
     actions
 }
 
+/// The changes that take our rules out of a table for good: every copy of our jump, then our chain
+/// (emptied, then deleted). Nothing else is touched. For removing the interception from a node after the
+/// agent is uninstalled; the agent itself never runs this.
+pub fn plan_removal(ours: &TableRules, listed: &Listed) -> Vec<Action> {
+    let table = ours.table;
+    let jump = normalize(&format!("-j {}", ours.chain));
+    let mut actions = Vec::new();
+    for (index, hook) in ours.hooks.iter().enumerate() {
+        let lines = listed.hooks.get(index).map(Vec::as_slice).unwrap_or_default();
+        let copies = lines
+            .iter()
+            .filter_map(|line| rule_body(line, hook))
+            .filter(|body| normalize(body) == jump)
+            .count();
+        actions.extend((0..copies).map(|_| Action::Delete {
+            table,
+            chain: hook,
+            rule: format!("-j {}", ours.chain),
+        }));
+    }
+    if listed.chain.is_some() {
+        actions.push(Action::FlushChain {
+            table,
+            chain: ours.chain.clone(),
+        });
+        actions.push(Action::DeleteChain {
+            table,
+            chain: ours.chain.clone(),
+        });
+    }
+    actions
+}
+
 fn append_all(desired: &TableRules) -> impl Iterator<Item = Action> + '_ {
     desired.rules.iter().map(|rule| Action::Append {
         table: desired.table,
@@ -260,6 +301,7 @@ mod tests {
             chain: "POD-IDENTITY".into(),
             metadata_ip: Ipv4Addr::new(169, 254, 169, 254),
             metadata_port: 80,
+            redirect_ip: Ipv4Addr::new(169, 254, 79, 1),
             agent_port: 2579,
             guard: true,
         }
@@ -294,7 +336,17 @@ mod tests {
         assert_eq!(
             nat.rules[0],
             "! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m comment --comment \
-             pod-identity-agent -j DNAT --to-destination 127.0.0.1:2579"
+             pod-identity-agent -j DNAT --to-destination 169.254.79.1:2579"
+        );
+    }
+
+    #[test]
+    fn only_redirected_connections_reach_the_agent_from_outside() {
+        let guard = &spec().tables()[1];
+        assert_eq!(
+            guard.rules[1],
+            "-d 169.254.79.1/32 ! -i lo -p tcp -m tcp --dport 2579 -m comment --comment pod-identity-agent \
+             -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
         );
     }
 
@@ -330,7 +382,7 @@ mod tests {
         listed.chain = Some(vec![
             "-N POD-IDENTITY".into(),
             "-A POD-IDENTITY ! -s 127.0.0.1 -d 169.254.169.254 -p tcp --dport 80 -m comment --comment \
-             \"pod-identity-agent\" -j DNAT --to-destination 127.0.0.1:2579"
+             \"pod-identity-agent\" -j DNAT --to-destination 169.254.79.1:2579"
                 .into(),
             "-A POD-IDENTITY -j RETURN".into(),
         ]);
@@ -433,6 +485,53 @@ mod tests {
         let actions = plan(table, &listed);
         assert_eq!(actions.len(), 2);
         assert!(actions.iter().all(|a| matches!(a, Action::Delete { .. })));
+    }
+
+    #[test]
+    fn removal_takes_every_jump_then_the_chain_and_nothing_else() {
+        let table = &spec().tables()[0];
+        let mut listed = listed_in_place(table);
+        listed.hooks[0].push("-A PREROUTING -j POD-IDENTITY".into());
+        let actions = plan_removal(table, &listed);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Delete {
+                    table: "nat",
+                    chain: "PREROUTING",
+                    rule: "-j POD-IDENTITY".into()
+                },
+                Action::Delete {
+                    table: "nat",
+                    chain: "PREROUTING",
+                    rule: "-j POD-IDENTITY".into()
+                },
+                Action::FlushChain {
+                    table: "nat",
+                    chain: "POD-IDENTITY".into()
+                },
+                Action::DeleteChain {
+                    table: "nat",
+                    chain: "POD-IDENTITY".into()
+                },
+            ]
+        );
+        assert!(
+            actions
+                .iter()
+                .all(|a| !format!("{a:?}").contains("KUBE-SERVICES")),
+            "another component's rule was touched"
+        );
+    }
+
+    #[test]
+    fn removal_from_a_clean_table_does_nothing() {
+        let table = &spec().tables()[1];
+        let listed = Listed {
+            chain: None,
+            hooks: vec![vec!["-P INPUT ACCEPT".into()], vec!["-P FORWARD ACCEPT".into()]],
+        };
+        assert!(plan_removal(table, &listed).is_empty());
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum StartError {
     /// The netfilter tools are unusable.
     #[error("interception: {0}")]
     Netfilter(#[from] netfilter::NetfilterError),
+    /// The redirect target cannot work on this node.
+    #[error("interception: {0}")]
+    Redirect(#[from] crate::redirect::RedirectError),
     /// The HTTP clients could not be built.
     #[error("upstream clients: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
@@ -177,12 +180,6 @@ pub async fn start(
     let mut background = Vec::new();
 
     if let Some(netfilter) = parts.netfilter {
-        if args.route_localnet {
-            let path = std::path::Path::new("/proc/sys/net/ipv4/conf/all/route_localnet");
-            if netfilter::ensure_route_localnet(path)? {
-                tracing::info!("set net.ipv4.conf.all.route_localnet=1 for the redirect to 127.0.0.1");
-            }
-        }
         background.push(tokio::spawn(netfilter::keep(
             netfilter,
             args.rule_spec(),
@@ -230,7 +227,7 @@ pub async fn start(
         events,
     ));
     let imds_addr = imds.local_addr().map_err(|source| StartError::Bind {
-        addr: SocketAddr::new(args.listen_address, args.listen_port),
+        addr: args.listen_addr(),
         source,
     })?;
     let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
@@ -313,6 +310,40 @@ impl Drop for Agent {
     }
 }
 
+/// Checks that redirected traffic will reach the listener, and puts the redirect address on the node's
+/// loopback so that the listener can bind it (the rule keeper puts it back should it go).
+fn prepare_redirect(args: &Args) -> Result<(), StartError> {
+    let redirect = args.redirect_address;
+    let listen = args.listen_addr().ip();
+    if !args.no_interception {
+        let route_localnet = redirect.is_loopback() && crate::redirect::route_localnet().unwrap_or(false);
+        crate::redirect::check(redirect, listen, route_localnet)?;
+    }
+    if listen == std::net::IpAddr::V4(redirect) && crate::redirect::needs_address(redirect) {
+        let added = crate::redirect::ensure_on_loopback(redirect).map_err(|e| netfilter::NetfilterError {
+            operation: format!("adding {redirect}/32 to lo"),
+            message: e.to_string(),
+        })?;
+        if added {
+            tracing::info!(%redirect, "put the redirect address on the node's loopback");
+        }
+    }
+    Ok(())
+}
+
+/// Takes the interception off the node (`--remove-interception`).
+pub fn remove_interception(args: &Args) -> Result<netfilter::RemovalReport, StartError> {
+    let netfilter = Iptables::new(&args.iptables_command, &args.conntrack_command)?;
+    let report = netfilter::remove_all(&netfilter, &args.rule_spec())?;
+    tracing::info!(
+        node = %args.node,
+        changes = report.applied.len(),
+        address_removed = report.address_removed,
+        "removed the interception from this node; pods reach IMDS directly again"
+    );
+    Ok(report)
+}
+
 /// Runs the agent from its arguments until `shutdown` resolves.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     if !args.allow_network_plugin_kubenet
@@ -322,7 +353,8 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         return Err(StartError::Kubenet(args.kubelet_config.display().to_string()));
     }
     let parts = Parts::from_args(&args).await?;
-    let imds = bind(SocketAddr::new(args.listen_address, args.listen_port)).await?;
+    prepare_redirect(&args)?;
+    let imds = bind(args.listen_addr()).await?;
     let admin = bind(SocketAddr::new(args.admin_address, args.http_probe_port)).await?;
     let metrics_only = if args.prometheus_port != args.http_probe_port && args.prometheus_port != 0 {
         Some(bind(SocketAddr::new(args.admin_address, args.prometheus_port)).await?)

@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod explain;
+pub mod remove_rules;
 pub mod simulate;
 
 use std::{io::Write, path::PathBuf};
@@ -69,6 +70,23 @@ pub enum Command {
     },
     /// Print the CustomResourceDefinitions.
     Crds,
+    /// After `helm uninstall`: remove the agent's interception (iptables chains and its redirect
+    /// address) from every node, by running the agent image once on each; pods then reach IMDS directly.
+    RemoveNodeRules {
+        /// The agent image the chart ran.
+        #[arg(long, default_value_t = remove_rules::default_image())]
+        image: String,
+        /// Pull policy of that image.
+        #[arg(long, default_value = "IfNotPresent")]
+        image_pull_policy: String,
+        /// Extra agent arguments, for installations that changed `--iptables-chain`,
+        /// `--redirect-address` or `--iptables-command` (repeatable).
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
+        /// Seconds to wait for every node.
+        #[arg(long, default_value_t = 300)]
+        timeout_sec: u64,
+    },
 }
 
 /// Output formats.
@@ -134,6 +152,22 @@ pub async fn run(args: Args, out: &mut impl Write) -> Result<()> {
                 Output::Human => out.write_all(outcome.to_human().as_bytes())?,
                 Output::Json => serde_json::to_writer_pretty(&mut *out, &outcome)?,
             }
+        }
+        Command::RemoveNodeRules {
+            image,
+            image_pull_policy,
+            agent_args,
+            timeout_sec,
+        } => {
+            let options = remove_rules::Options {
+                namespace: namespace.clone(),
+                image: image.clone(),
+                image_pull_policy: image_pull_policy.clone(),
+                agent_args: agent_args.clone(),
+                timeout: std::time::Duration::from_secs(*timeout_sec),
+            };
+            remove_rules::run(&client, &options, out).await?;
+            return Ok(());
         }
         Command::Crds => {}
     }

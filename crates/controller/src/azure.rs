@@ -218,11 +218,6 @@ pub struct Endpoints {
 #[error("cannot set up Azure access: {0}")]
 pub struct SetupError(#[from] AzureError);
 
-/// The configuration, from `azure.json` at `path` or from the environment.
-pub fn load_config(path: Option<&Path>) -> Result<AzureConfig, SetupError> {
-    Ok(AzureConfig::load(path)?)
-}
-
 /// ARM access as the configuration says: a managed identity (through IMDS) or a service principal.
 pub fn connect(config: &AzureConfig, endpoints: &Endpoints) -> Result<ArmCompute, SetupError> {
     let environment_file = std::env::var_os("AZURE_ENVIRONMENT_FILEPATH");

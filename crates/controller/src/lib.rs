@@ -13,12 +13,14 @@
 //! - [`record`]: the assignment objects and the annotations that make removal safe.
 //! - [`leader`]: only the Lease holder runs planner and workers; the standby keeps its caches warm.
 //! - [`arm`] and [`azure`]: the ARM boundary and its implementation.
-//! - [`metrics`], [`events`], [`admin`]: what operators see.
+//! - [`metrics`], [`events`], [`admin`]: what operators see; [`cloud_config`]: what they see when the
+//!   Azure configuration is missing.
 
 pub mod admin;
 pub mod arm;
 pub mod azure;
 pub mod backoff;
+pub mod cloud_config;
 pub mod config;
 pub mod events;
 pub mod kube_store;

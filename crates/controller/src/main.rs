@@ -11,7 +11,8 @@ use kube::{
 use pod_identity_api::matching::Scope;
 use pod_identity_controller::{
     ControllerConfig,
-    azure::{Endpoints, connect, load_config},
+    azure::{Endpoints, connect},
+    cloud_config::{self, OwnPod},
     config::{Args, LogFormat},
     leader::LeaseConfig,
     worker::WorkerSettings,
@@ -27,7 +28,29 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
 
-    let azure = load_config(args.cloud_config.as_deref()).context("reading the Azure configuration")?;
+    let client = kube_client(&args).await.context("connecting to Kubernetes")?;
+    let admin = bind_admin(&args).await?;
+    let azure = {
+        // Probes answer while the configuration is missing: alive, not ready.
+        let mut waiting = tokio::task::JoinSet::new();
+        let not_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let metrics = pod_identity_controller::metrics::Metrics::new();
+        for listener in &admin {
+            let duplicate = TcpListener::from_std(listener.try_clone()?)?;
+            waiting.spawn(pod_identity_controller::admin::serve(
+                duplicate,
+                not_ready.clone(),
+                metrics.clone(),
+            ));
+        }
+        let own_pod = match (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) {
+            (Ok(name), Ok(namespace)) => Some(OwnPod { name, namespace }),
+            _ => None,
+        };
+        let azure = cloud_config::wait_for(args.cloud_config.as_deref(), &client, own_pod.as_ref()).await;
+        waiting.abort_all();
+        azure
+    };
     let extra_ca_pem = match &args.azure_ca_file {
         Some(path) => {
             Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
@@ -45,7 +68,6 @@ async fn main() -> Result<()> {
     )
     .context("setting up ARM access")?;
 
-    let client = kube_client(&args).await.context("connecting to Kubernetes")?;
     let instance = args
         .leader_election_instance
         .clone()
@@ -89,24 +111,29 @@ async fn main() -> Result<()> {
         quarantine_max: args.quarantine_max,
     };
 
-    let mut admin = Vec::new();
-    let probe = SocketAddr::new(args.bind_address, args.http_probe_port);
-    admin.push(
-        TcpListener::bind(probe)
-            .await
-            .with_context(|| format!("listening on {probe}"))?,
-    );
-    if args.prometheus_port != 0 && args.prometheus_port != args.http_probe_port {
-        let metrics = SocketAddr::new(args.bind_address, args.prometheus_port);
-        admin.push(
-            TcpListener::bind(metrics)
-                .await
-                .with_context(|| format!("listening on {metrics}"))?,
-        );
-    }
+    let admin = admin
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect::<std::io::Result<Vec<_>>>()?;
     pod_identity_controller::run(config, client, Arc::new(compute), admin, shutdown_signal())
         .await
         .context("the controller stopped")
+}
+
+/// The probe port and the metrics port, bound before anything else so that probes answer from the start.
+async fn bind_admin(args: &Args) -> Result<Vec<std::net::TcpListener>> {
+    let mut addresses = vec![SocketAddr::new(args.bind_address, args.http_probe_port)];
+    if args.prometheus_port != 0 && args.prometheus_port != args.http_probe_port {
+        addresses.push(SocketAddr::new(args.bind_address, args.prometheus_port));
+    }
+    let mut listeners = Vec::new();
+    for address in addresses {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        listeners.push(listener.into_std()?);
+    }
+    Ok(listeners)
 }
 
 async fn kube_client(args: &Args) -> Result<Client> {

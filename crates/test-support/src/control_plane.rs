@@ -279,7 +279,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 }
 
 /// The directory with the binaries: from the environment, or the build cache.
-fn binaries() -> Result<PathBuf> {
+pub(crate) fn binaries() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(BIN_ENV) {
         let dir = PathBuf::from(dir);
         for binary in ["etcd", "kube-apiserver"] {
@@ -296,7 +296,7 @@ fn binaries() -> Result<PathBuf> {
     )
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -343,7 +343,7 @@ fn spawn_watchdog(parent: u32, pids: &[u32], run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_kubeconfig(path: &Path, server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<()> {
+pub(crate) fn write_kubeconfig(path: &Path, server: &str, ca: &Path, cert: &Path, key: &Path) -> Result<()> {
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",

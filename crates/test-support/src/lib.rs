@@ -14,6 +14,7 @@ pub mod eventually;
 pub mod fixtures;
 pub mod netns;
 mod pki;
+pub mod real_node;
 pub mod tools;
 
 pub use control_plane::{ControlPlane, TestNamespace};

@@ -303,6 +303,87 @@ pub async fn relay_loopback_port(netns: &str, port: u16) -> Result<tokio::task::
     }))
 }
 
+/// A loopback port of the host that leads to an address inside a network namespace; stops when dropped.
+#[derive(Debug)]
+pub struct Forward {
+    /// Where the host's side listens (`127.0.0.1:<free port>`).
+    pub local: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Makes `target` (an address reachable only inside `netns`) reachable at a loopback port of the host:
+/// each connection accepted on the host is relayed to a connection opened from inside the namespace. A
+/// thread of its own stays in the namespace for that, so the host's routes and netfilter never change.
+pub fn forward_into(netns: &str, target: std::net::SocketAddr) -> Result<Forward> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding a loopback port")?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let path = Node::path(netns);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (started, ready) = std::sync::mpsc::channel::<Result<()>>();
+    std::thread::Builder::new()
+        .name(format!("forward-{netns}"))
+        .spawn(move || {
+            let setup = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the network namespace")
+                .and_then(|()| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("building the forwarding runtime")
+                });
+            let runtime = match setup {
+                Ok(runtime) => {
+                    let _ = started.send(Ok(()));
+                    runtime
+                }
+                Err(err) => {
+                    let _ = started.send(Err(err));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let accept = async {
+                    loop {
+                        let Ok((mut inbound, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        // Spawned on this thread's runtime: the outbound socket is made inside the namespace.
+                        tokio::spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        })
+        .context("starting the forwarding thread")?;
+    ready
+        .recv()
+        .context("the forwarding thread ended before it started")??;
+    Ok(Forward {
+        local,
+        stop: Some(stop),
+    })
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let output = run_output(Command::new("ip").args(args))?;
     if !output.status.success() {

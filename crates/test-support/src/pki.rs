@@ -31,6 +31,12 @@ pub(crate) struct ClientCert {
 
 impl Pki {
     pub(crate) fn create(dir: &Path) -> Result<Self> {
+        Self::create_for(dir, &[], &[])
+    }
+
+    /// A CA and a server certificate valid for loopback, `kubernetes.default.svc` and the extra names and
+    /// addresses (a node's address, the `kubernetes` Service's cluster IP).
+    pub(crate) fn create_for(dir: &Path, extra_names: &[&str], extra_ips: &[IpAddr]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::default();
@@ -41,14 +47,23 @@ impl Pki {
         let ca = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate()?;
-        let mut server =
-            CertificateParams::new(vec!["localhost".to_owned(), "kubernetes.default.svc".to_owned()])?;
+        let mut names = vec!["localhost".to_owned(), "kubernetes.default.svc".to_owned()];
+        names.extend(extra_names.iter().map(|n| (*n).to_owned()));
+        let mut server = CertificateParams::new(names)?;
+        let mut ips = vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        ];
+        ips.extend(
+            extra_ips
+                .iter()
+                .filter(|ip| !ips.contains(ip))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
         server
             .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        server
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))));
+            .extend(ips.into_iter().map(SanType::IpAddress));
         server.distinguished_name = name("kube-apiserver", None);
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_cert = server.signed_by(&server_key, &ca)?;

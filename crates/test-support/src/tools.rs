@@ -58,6 +58,19 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Where slow builds are cached, keyed by their inputs: `POD_IDENTITY_CACHE`, else
+/// `$XDG_CACHE_HOME/pod-identity`, else `~/.cache/pod-identity` (the same place as the scripts in `tools/`).
+pub fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("POD_IDENTITY_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("pod-identity")
+}
+
 /// Root of the repository this crate was built from.
 pub fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

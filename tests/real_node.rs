@@ -1,0 +1,562 @@
+//! pod-identity on a real node (kubelet, containerd, runc, CNI), installed with `helm install` from images
+//! of the freshly built binaries, with values only, and the local Azure standing in for Azure.
+//!
+//! One node serves every test of this file; the tests take turns (each installs what it needs and leaves
+//! the release as it found it where it can). The node is torn down when the test process ends, however
+//! it ends. The teardown tests start nodes of their own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "real_node_harness/mod.rs"]
+mod harness;
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use harness::{Cluster, INSTALL_NAMESPACE, RELEASE, Session, TestPod, identity_id};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Event as CoreEvent, Pod},
+};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams},
+};
+use pod_identity_api::{AssignmentStatus, AzureAssignedIdentity};
+use pod_identity_test_support::{
+    eventually,
+    real_node::{HostPaths, Layout, NodeOptions, RealNode, leftovers::Snapshot},
+};
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
+
+static CLUSTER: OnceCell<Mutex<Cluster>> = OnceCell::const_new();
+
+/// The shared node, for this test alone while the guard lives.
+async fn cluster() -> MutexGuard<'static, Cluster> {
+    let cell = CLUSTER
+        .get_or_try_init(|| async {
+            let bin = harness::test_bin_dir()?;
+            anyhow::Ok(Mutex::new(Cluster::start(&bin).await?))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the real node could not start: {e:#}"));
+    cell.lock().await
+}
+
+/// The release, installed with the local Azure's values (installed again if a test removed it).
+async fn installed(session: &Session<'_>) {
+    if !session.installed() {
+        session.install(&[]).await.unwrap();
+    }
+    session.wait_agent_ready().await.unwrap();
+    session.wait_controller_ready().await.unwrap();
+}
+
+/// A namespace with an identity bound to `selector`, and a bound pod that has been served once.
+async fn bound_pod(session: &Session<'_>, namespace: &str, selector: &str) -> TestPod {
+    session.namespace(namespace).await.unwrap();
+    session
+        .bind(namespace, "id-a", harness::CLIENT_A, selector)
+        .await
+        .unwrap();
+    let pod = session.pod(namespace, "reader", Some(selector)).await.unwrap();
+    served(session, &pod).await;
+    pod
+}
+
+/// Waits until the pod gets a token (its identity may still be on its way to the scale set).
+async fn served(session: &Session<'_>, pod: &TestPod) -> String {
+    eventually(|| async {
+        let (status, body) = session.token(pod)?;
+        if status == 200 {
+            let token: serde_json::Value = serde_json::from_str(&body)?;
+            Ok(token["access_token"].as_str().unwrap_or_default().to_owned())
+        } else {
+            bail!("{}/{} was answered {status}: {body}", pod.namespace, pod.name)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("agent")))
+}
+
+fn assert_no_pod_reached_imds(session: &Session<'_>) {
+    let leaked = session.imds_requests_from_pods();
+    assert!(
+        leaked.is_empty(),
+        "requests from pod addresses reached IMDS: {leaked:#?}"
+    );
+}
+
+#[tokio::test]
+async fn install_serves_bound_pods_refuses_unbound_ones_and_no_pod_reaches_imds() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+
+    // Ready means the rules and the redirect address are in place.
+    let rules = session
+        .node
+        .in_node_ok(&["iptables", "-t", "nat", "-S", "POD-IDENTITY"])
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("-d 169.254.169.254/32") && rules.contains("--to-destination 169.254.79.1:2579"),
+        "{rules}"
+    );
+    let addresses = session
+        .node
+        .in_node_ok(&["ip", "-4", "addr", "show", "lo"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&addresses.stdout).contains("169.254.79.1/32"));
+
+    let pod = bound_pod(&session, "install", "reader").await;
+    let token = served(&session, &pod).await;
+    let (status, body) = session.read_secret(&pod, &token).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let secret: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(secret["value"], harness::SECRET_VALUE);
+
+    let stranger = session.pod("install", "stranger", None).await.unwrap();
+    let (status, body) = session.token(&stranger).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("access_denied"), "{body}");
+    assert_no_pod_reached_imds(&session);
+}
+
+#[tokio::test]
+async fn the_agent_intercepts_on_a_node_where_route_localnet_is_0() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    // The node runs kube-proxy without localhost node ports, so nothing sets the sysctl; the agent,
+    // unprivileged with a read-only /proc/sys, must neither need it nor crash-loop over it.
+    assert_eq!(
+        session.node.sysctl("net.ipv4.conf.all.route_localnet").unwrap(),
+        "0"
+    );
+    installed(&session).await;
+    let pod = bound_pod(&session, "localnet", "localnet").await;
+    served(&session, &pod).await;
+    assert_eq!(
+        session.node.sysctl("net.ipv4.conf.all.route_localnet").unwrap(),
+        "0",
+        "the agent changed the sysctl"
+    );
+    let agents = Api::<Pod>::namespaced(session.client.clone(), INSTALL_NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .unwrap();
+    for agent in agents {
+        let spec = agent.spec.unwrap();
+        let context = spec.containers[0].security_context.clone().unwrap();
+        assert_ne!(context.privileged, Some(true));
+        assert_eq!(context.read_only_root_filesystem, Some(true));
+        let restarts: i32 = agent
+            .status
+            .unwrap()
+            .container_statuses
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.restart_count)
+            .sum();
+        assert_eq!(restarts, 0, "the agent restarted");
+    }
+    assert_no_pod_reached_imds(&session);
+}
+
+/// Asks for tokens from inside the pod every 200 ms for `seconds`, printing one status per line
+/// (`000` when no HTTP answer came: a reset while no agent listens).
+fn token_loop(session: &Session<'_>, pod: &TestPod, seconds: u32) -> std::process::Child {
+    let script = format!(
+        "end=$(( $(date +%s) + {seconds} )); while [ $(date +%s) -lt $end ]; do \
+         curl -s -o /dev/null -m 3 -w '%{{http_code}}\\n' -H 'Metadata: true' '{}'; sleep 0.2; done",
+        harness::TOKEN_URL
+    );
+    session
+        .node
+        .kubectl()
+        .args([
+            "exec",
+            "-n",
+            &pod.namespace,
+            &pod.name,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn codes(child: std::process::Child) -> Vec<String> {
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn agent_restarts_and_rollouts_keep_pods_guarded_and_bound_pods_recover() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    let pod = bound_pod(&session, "rollout", "rollout").await;
+    let stranger = session.pod("rollout", "stranger", None).await.unwrap();
+
+    let bound_load = token_loop(&session, &pod, 60);
+    let unbound_load = token_loop(&session, &stranger, 60);
+
+    // The agent's pod deleted: the DaemonSet makes a new one.
+    let pods = Api::<Pod>::namespaced(session.client.clone(), INSTALL_NAMESPACE);
+    let agents = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .unwrap();
+    for agent in agents {
+        pods.delete(&agent.metadata.name.unwrap(), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    session.wait_agent_ready().await.unwrap();
+
+    // A rolling update of the DaemonSet (a changed value changes the pod template).
+    let mut values = session.values();
+    values.push("agent.logLevel=debug".into());
+    session.helm_release("upgrade", &values).unwrap();
+    session.wait_agent_ready().await.unwrap();
+
+    let bound = codes(bound_load);
+    let unbound = codes(unbound_load);
+    assert!(!bound.is_empty() && !unbound.is_empty());
+    // While no agent listens, pods get a reset (000), never the node's IMDS; an unbound pod never gets a
+    // token; the bound pod is served again without anything done for it.
+    assert!(
+        bound.iter().all(|c| ["200", "000", "503"].contains(&c.as_str())),
+        "bound pod: {bound:?}"
+    );
+    assert!(
+        unbound.iter().all(|c| ["403", "000"].contains(&c.as_str())),
+        "unbound pod: {unbound:?}"
+    );
+    served(&session, &pod).await;
+    assert_no_pod_reached_imds(&session);
+    // Back to the release's own values for the other tests.
+    session.helm_release("upgrade", &session.values()).unwrap();
+    session.wait_agent_ready().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_standby_controller_takes_over_without_losing_or_duplicating_assignments() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    let first = bound_pod(&session, "failover", "failover").await;
+
+    let leases = Api::<Lease>::namespaced(session.client.clone(), INSTALL_NAMESPACE);
+    let leader = leases
+        .get("pod-identity-controller")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("a leader holds the Lease");
+    let pods = Api::<Pod>::namespaced(session.client.clone(), INSTALL_NAMESPACE);
+    pods.delete(&leader, &DeleteParams::default()).await.unwrap();
+    let new_leader = eventually(|| async {
+        let holder = leases
+            .get("pod-identity-controller")
+            .await?
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default();
+        if holder.is_empty() || holder == leader {
+            bail!("the Lease is still {holder:?}")
+        }
+        Ok(holder)
+    })
+    .await
+    .unwrap();
+    assert_ne!(new_leader, leader);
+
+    // A pod bound after the takeover is assigned by the new leader; the first pod's assignment stays.
+    let second = session.pod("failover", "second", Some("failover")).await.unwrap();
+    served(&session, &second).await;
+    served(&session, &first).await;
+    let assignments = Api::<AzureAssignedIdentity>::namespaced(session.client.clone(), "failover")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let mut pods_assigned: Vec<String> = assignments
+        .iter()
+        .filter(|a| a.assignment_status() == AssignmentStatus::Assigned)
+        .map(|a| a.spec.pod.clone())
+        .collect();
+    pods_assigned.sort();
+    assert_eq!(
+        pods_assigned,
+        vec!["reader".to_owned(), "second".to_owned()],
+        "one assignment per pod: {assignments:#?}"
+    );
+    let on_scale_set = session.scale_set_identities();
+    assert_eq!(
+        on_scale_set
+            .iter()
+            .filter(|id| **id == identity_id("id-a").to_lowercase())
+            .count(),
+        1
+    );
+    session.wait_controller_ready().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_pod_releases_its_identity_and_uninstall_leaves_only_the_documented_rules() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    // The only pod bound to id-b: once it goes, the identity leaves the scale set.
+    session.namespace("release").await.unwrap();
+    session
+        .bind("release", "id-b", harness::CLIENT_B, "release")
+        .await
+        .unwrap();
+    let pod = session.pod("release", "reader", Some("release")).await.unwrap();
+    served(&session, &pod).await;
+    let id_b = identity_id("id-b").to_lowercase();
+    assert!(session.scale_set_identities().contains(&id_b));
+    session.delete_pod(&pod).await.unwrap();
+    eventually(|| async {
+        if session.scale_set_identities().contains(&id_b) {
+            bail!("id-b is still on the scale set")
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    session
+        .helm(&["uninstall", RELEASE, "--namespace", INSTALL_NAMESPACE, "--wait"])
+        .unwrap();
+    // What stays on the node, as documented: the agent's chains (fail closed) and its address.
+    for table in ["nat", "filter"] {
+        let listed = session
+            .node
+            .in_node_ok(&["iptables", "-t", table, "-S", "POD-IDENTITY"])
+            .unwrap();
+        assert!(String::from_utf8_lossy(&listed.stdout).contains("pod-identity-agent"));
+    }
+    // The documented step removes them.
+    let agent_image = session.images.reference("agent").unwrap().to_owned();
+    let output =
+        Command::new(pod_identity_test_support::tools::workspace_binary("kubectl-podidentity").unwrap())
+            .args(["--kubeconfig"])
+            .arg(session.node.admin_kubeconfig())
+            .args([
+                "remove-node-rules",
+                "--namespace",
+                INSTALL_NAMESPACE,
+                "--image",
+                &agent_image,
+                "--image-pull-policy",
+                "Never",
+            ])
+            .output()
+            .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for table in ["nat", "filter"] {
+        let listed = session
+            .node
+            .in_node("iptables")
+            .args(["-t", table, "-S", "POD-IDENTITY"])
+            .output()
+            .unwrap();
+        assert!(!listed.status.success(), "chain POD-IDENTITY left in {table}");
+    }
+    let nat = session
+        .node
+        .in_node_ok(&["iptables", "-t", "nat", "-S", "PREROUTING"])
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&nat.stdout).contains("POD-IDENTITY"));
+}
+
+#[tokio::test]
+async fn default_values_on_a_node_without_azure_json_say_which_value_to_set() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    if session.installed() {
+        session
+            .helm(&["uninstall", RELEASE, "--namespace", INSTALL_NAMESPACE, "--wait"])
+            .unwrap();
+    }
+    assert!(!std::path::Path::new("/etc/kubernetes/azure.json").exists());
+    // The chart's defaults but the images: azure.json from the node's hostPath.
+    let values = vec![
+        format!(
+            "image.registry={}",
+            pod_identity_test_support::real_node::images::REGISTRY
+        ),
+        format!("image.tag={}", session.images.tag),
+        "image.pullPolicy=Never".to_owned(),
+    ];
+    session.helm_release("install", &values).unwrap();
+    let pods = Api::<Pod>::namespaced(session.client.clone(), INSTALL_NAMESPACE);
+    let events = Api::<CoreEvent>::namespaced(session.client.clone(), INSTALL_NAMESPACE);
+    let note = eventually(|| async {
+        let controllers = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+            .await?;
+        for pod in &controllers {
+            let phase = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            if phase != "Running" {
+                bail!("controller pod {:?} is {phase}", pod.metadata.name);
+            }
+        }
+        let found = events
+            .list(&ListParams::default())
+            .await?
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("AzureConfigMissing"));
+        match found {
+            Some(event) => Ok(event.message.unwrap_or_default()),
+            None => bail!("no AzureConfigMissing Event yet"),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("controller")));
+    assert!(note.contains("azureConfig.existingSecret"), "{note}");
+    assert!(note.contains("/etc/kubernetes/azure.json"), "{note}");
+    let logs = session
+        .node
+        .kubectl_ok(&[
+            "logs",
+            "-n",
+            INSTALL_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "--tail=20",
+        ])
+        .unwrap();
+    assert!(logs.contains("azureConfig.existingSecret"), "{logs}");
+    session
+        .helm(&["uninstall", RELEASE, "--namespace", INSTALL_NAMESPACE, "--wait"])
+        .unwrap();
+}
+
+/// A node with one pod running, for the teardown tests.
+async fn node_with_a_pod() -> Result<RealNode> {
+    let bin = harness::test_bin_dir()?;
+    let images = harness::pack_images(&bin)?;
+    let node = RealNode::start(NodeOptions {
+        provider_id: Layout::provider_id(&harness::scale_set_id(), "0"),
+        register_with_taints: Vec::new(),
+        images: images.clone(),
+    })
+    .await?;
+    let toolbox = images.reference("toolbox").context("no toolbox image")?;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "sleeper", "namespace": "default"},
+        "spec": {"automountServiceAccountToken": true, "terminationGracePeriodSeconds": 0, "containers": [{
+            "name": "app", "image": toolbox, "imagePullPolicy": "Never", "command": ["sleep", "86400"],
+        }]},
+    }))?;
+    let client = node.client().await?;
+    let pods = Api::<Pod>::namespaced(client, "default");
+    pods.create(&Default::default(), &pod).await?;
+    eventually(|| async {
+        let phase = pods.get("sleeper").await?.status.and_then(|s| s.phase);
+        if phase.as_deref() == Some("Running") {
+            Ok(())
+        } else {
+            bail!("sleeper is {phase:?}")
+        }
+    })
+    .await?;
+    Ok(node)
+}
+
+#[tokio::test]
+async fn a_node_torn_down_leaves_nothing_behind() {
+    let _turn = cluster().await;
+    let before = Snapshot::take(None);
+    let node = node_with_a_pod().await.unwrap();
+    let layout = node.layout().clone();
+    node.shutdown().unwrap();
+    let after = Snapshot::take(Some(&layout));
+    let left = before.difference(&after);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+/// Not a test on its own: the child process of the next test, which starts a node and is killed.
+#[tokio::test]
+#[ignore = "run by a_node_whose_test_process_is_killed_is_torn_down_by_its_watchdog"]
+async fn child_node_for_the_watchdog_test() {
+    let Ok(report) = std::env::var("POD_IDENTITY_CHILD_NODE_REPORT") else {
+        return;
+    };
+    let node = node_with_a_pod().await.unwrap();
+    std::fs::write(&report, &node.layout().id).unwrap();
+    // Killed here by the parent.
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn a_node_whose_test_process_is_killed_is_torn_down_by_its_watchdog() {
+    let _turn = cluster().await;
+    let before = Snapshot::take(None);
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_node_for_the_watchdog_test",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("POD_IDENTITY_CHILD_NODE_REPORT", report.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = std::sync::Mutex::new(child);
+    let id = eventually(|| async {
+        if let Some(status) = child.lock().unwrap().try_wait()? {
+            bail!("the child exited with {status} before its node was up");
+        }
+        let id = std::fs::read_to_string(report.path())?;
+        if id.is_empty() {
+            bail!("the child's node is not up yet")
+        }
+        Ok(id)
+    })
+    .await
+    .unwrap();
+    let mut child = child.into_inner().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let layout = Layout::new(id, HostPaths::default());
+    eventually(|| async {
+        let left = before.difference(&Snapshot::take(Some(&layout)));
+        if left.is_empty() {
+            Ok(())
+        } else {
+            bail!("left behind: {left:#?}")
+        }
+    })
+    .await
+    .unwrap();
+}
