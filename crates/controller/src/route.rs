@@ -9,7 +9,8 @@ use std::{
 
 use pod_identity_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, ObjectKey,
-    matching::{DesiredAssignment, PodView, Scope, World, desired_assignments},
+    matching::{DesiredAssignment, Scope, World, desired_assignments},
+    pod::PodView,
 };
 
 use crate::{
@@ -219,7 +220,7 @@ mod tests {
             labels: [(POD_LABEL.to_owned(), selector.to_owned())].into(),
             node_name: Some(node.to_owned()),
             phase: Some("Running".into()),
-            terminating: false,
+            ..PodView::default()
         }
     }
 
