@@ -272,7 +272,7 @@ pub async fn run(stores: Stores, notify: Arc<Notify>, shared: Arc<Shared>, scope
             () = notify.notified() => tokio::time::sleep(debounce).await,
             () = tokio::time::sleep(resync) => debug!("periodic full pass"),
         }
-        // Reap workers that ended (they only end when their sender goes, which it does not here).
+        // Reap workers that ended (they end when their sender goes).
         while let Some(result) = tasks.try_join_next() {
             if let Err(err) = result
                 && err.is_panic()
@@ -348,19 +348,16 @@ fn pass(
             }
         }
     }
-    for (target, tx) in workers.iter() {
-        if !seen.contains(target) {
-            tx.send_if_modified(|current| {
-                let empty = MachineInput::empty(target.clone());
-                if *current == empty {
-                    false
-                } else {
-                    *current = empty;
-                    true
-                }
-            });
+    // A machine with nothing wanted or recorded has nothing left to do (its records are all released,
+    // and only a record can make an identity leave): its worker retires when its sender goes. Records
+    // that show up later for it (a watch lagging behind the worker's own writes) start a new one.
+    workers.retain(|target, _| {
+        let keep = seen.contains(target);
+        if !keep {
+            debug!(machine = %target, "retiring worker");
         }
-    }
+        keep
+    });
     for (assignment, reason) in routing.unplaceable {
         let text = match &reason {
             Unplaceable::NodeMissing => format!("node {} is not known", assignment.node),
