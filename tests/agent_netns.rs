@@ -20,8 +20,8 @@ use std::process::{Command, Stdio};
 
 use netns_harness::{CLIENT_A, CLIENT_B, Harness, TOKEN_URL, curl, in_netns};
 use pod_identity_emulator::{FaultSpec, LogFilter, Service};
-use pod_identity_test_support::eventually;
 use pod_identity_test_support::netns::PodNet;
+use pod_identity_test_support::{eventually, fixtures};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,4 +558,178 @@ async fn rust_sdk_token(pod: &PodNet, scope: &str) -> String {
     })
     .await
     .unwrap()
+}
+
+/// Pods of the test's namespace, to play the kubelet's and the user's part.
+fn pods(h: &Harness) -> kube::Api<k8s_openapi::api::core::v1::Pod> {
+    kube::Api::namespaced(h.ns.client.clone(), &h.ns.name)
+}
+
+async fn patch_pod_status(h: &Harness, name: &str, status: Value) {
+    pods(h)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+}
+
+/// The `client_id` of the last answer in `body` (curl `--retry` writes every attempt's body).
+fn client_id_of(body: &str) -> String {
+    let last = serde_json::Deserializer::from_str(body)
+        .into_iter::<Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap_or_default();
+    last["client_id"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_being_deleted_is_served_through_its_grace_period_and_a_new_pod_on_its_ip_gets_only_its_own() {
+    let h = Harness::start(&["--pod-wait-sec", "1", "--retry-after-sec", "1"]).await;
+    let old = h.pod("old", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.bind("id-b", "db").await;
+    h.assigned(&old, "id-a", "Assigned").await;
+
+    // `kubectl delete` with a grace period: the pod keeps running with its deletionTimestamp set (no
+    // kubelet here finishes it), and its SIGTERM handler asks for a token.
+    pods(&h)
+        .delete(
+            "old",
+            &kube::api::DeleteParams {
+                grace_period_seconds: Some(120),
+                ..kube::api::DeleteParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The agent watches this node's pods in order: once it knows a pod created after the deletion, it
+    // knows the deletion.
+    let marker = h.pod("marker", None).await;
+    eventually(|| async {
+        let (status, body) = curl(&h, &marker, TOKEN_URL, &["-H", "Metadata: true"]);
+        anyhow::ensure!(status == 403, "{status} {body}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let (status, body) = curl(&h, &old, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client_id_of(&body), CLIENT_A);
+
+    // A new pod is scheduled to the node; its address is not reported yet, and the kubelet may already
+    // have given it the old pod's: the old pod is not taken for the caller, the request is retried.
+    fixtures::create_pod(
+        &h.ns.client,
+        &fixtures::PodTemplate {
+            namespace: h.ns.name.clone(),
+            name: "new".into(),
+            labels: [(pod_identity_api::POD_LABEL.to_owned(), "db".to_owned())].into(),
+            node: Some(h.node_name.clone()),
+            ip: None,
+        },
+    )
+    .await
+    .unwrap();
+    h.assigned_to("new", "id-b", "Assigned").await;
+    let (status, headers, body) =
+        netns_harness::curl_with_headers(&h, &old, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        headers.to_ascii_lowercase().contains("retry-after: 1"),
+        "{headers}"
+    );
+
+    // The new pod reports the old pod's address (the old one's status still says running): requests
+    // from it are the new pod's, with the new pod's identity only.
+    let waiting = h.curl_in_background(&old, TOKEN_URL, &["-H", "Metadata: true", "--retry", "10"]);
+    fixtures::set_pod_running(&h.ns.client, &h.ns.name, "new", &old.ip.to_string())
+        .await
+        .unwrap();
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client_id_of(&body), CLIENT_B);
+    let foreign = format!("{TOKEN_URL}&client_id={CLIENT_A}");
+    let (status, body) = curl(&h, &old, &foreign, &["-H", "Metadata: true"]);
+    assert_eq!(status, 403, "never the old pod's identity: {body}");
+
+    // The old pod's containers stop: nothing changes for the new one.
+    patch_pod_status(
+        &h,
+        "old",
+        serde_json::json!({"containerStatuses": [{
+            "name": "app", "ready": false, "restartCount": 0, "image": "example.invalid/app:1", "imageID": "",
+            "state": {"terminated": {"exitCode": 0, "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"}}
+        }]}),
+    )
+    .await;
+    let (status, body) = curl(&h, &old, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(
+        (status, client_id_of(&body)),
+        (200, CLIENT_B.to_owned()),
+        "{body}"
+    );
+    fixtures::delete_pod_now(&h.ns.client, &h.ns.name, "old")
+        .await
+        .unwrap();
+    h.stop_agent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_asking_before_its_ip_is_reported_is_answered_with_a_retry_then_its_token() {
+    let h = Harness::start(&["--pod-wait-sec", "1", "--retry-after-sec", "1"]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    // As while its init container runs: the sandbox has the address, the API does not show it yet.
+    patch_pod_status(
+        &h,
+        "web",
+        serde_json::json!({"phase": "Pending", "podIP": null, "podIPs": null}),
+    )
+    .await;
+    eventually(|| async {
+        let (status, headers, body) =
+            netns_harness::curl_with_headers(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+        anyhow::ensure!(status == 503, "{status}: the IP is still known");
+        assert!(
+            headers.to_ascii_lowercase().contains("retry-after: 1"),
+            "{headers}"
+        );
+        assert!(body.contains("no pod of this node"), "{body}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    // curl retries a 503 (after its Retry-After), as the SDKs do.
+    let unknown_callers = || {
+        h.metrics()
+            .lines()
+            .find(|l| l.starts_with("pod_identity_token_decisions_total{result=\"unknown_caller\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = unknown_callers();
+    let asking = h.curl_in_background(&web, TOKEN_URL, &["-H", "Metadata: true", "--retry", "10"]);
+    eventually(|| async {
+        anyhow::ensure!(
+            unknown_callers() > before,
+            "the request has not been answered 503 yet"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    fixtures::set_pod_running(&h.ns.client, &h.ns.name, "web", &web.ip.to_string())
+        .await
+        .unwrap();
+    let (status, body) = asking.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client_id_of(&body), CLIENT_A);
+    h.stop_agent();
 }

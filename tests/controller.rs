@@ -9,10 +9,14 @@
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::{coordination::v1::Lease, events::v1::Event};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Pod},
+    events::v1::Event,
+};
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, ObjectMeta, PostParams},
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use pod_identity_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignmentStatus, AzureAssignedIdentity, AzureAssignedIdentitySpec,
@@ -28,7 +32,9 @@ use pod_identity_controller::{
     record::{ERROR_ANNOTATION, MACHINE_ANNOTATION, ORIGIN_ANNOTATION},
     worker::WorkerSettings,
 };
-use pod_identity_emulator::{Config, Emulator, FaultSpec, LogFilter, RequestRecord, Seed, Service};
+use pod_identity_emulator::{
+    Config, Emulator, FaultSpec, LogFilter, RequestRecord, Seed, Service, ids::ResourceId,
+};
 use pod_identity_test_support::{
     ControlPlane, TestNamespace, eventually,
     fixtures::{self, PodTemplate},
@@ -915,5 +921,249 @@ async fn service_principal_identities_are_assigned_without_any_arm_call() {
     assert!(w.arm("GET").is_empty() && w.arm("PATCH").is_empty());
     w.delete_pod("app").await;
     w.wait_gone("app", "sp").await;
+    controller.stop().await;
+}
+
+impl World {
+    /// Deletes a pod as `kubectl delete` does: with no kubelet to finish it, it stays, Running, with its
+    /// deletionTimestamp set, as a pod does through its grace period.
+    async fn delete_pod_gracefully(&self, name: &str, grace_seconds: u32) {
+        let pods = Api::<Pod>::namespaced(self.client(), &self.ns.name);
+        pods.delete(
+            name,
+            &DeleteParams {
+                grace_period_seconds: Some(grace_seconds),
+                ..DeleteParams::default()
+            },
+        )
+        .await
+        .unwrap();
+        let pod = pods.get(name).await.unwrap();
+        assert!(pod.metadata.deletion_timestamp.is_some());
+    }
+
+    /// What the kubelet reports once every container of the pod has stopped.
+    async fn report_containers_stopped(&self, name: &str) {
+        let status = json!({"status": {"containerStatuses": [{
+            "name": "app", "ready": false, "restartCount": 0, "image": "example.invalid/app:1", "imageID": "",
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"}}
+        }]}});
+        Api::<Pod>::namespaced(self.client(), &self.ns.name)
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+
+    async fn delete_node(&self, short: &str) {
+        Api::<Node>::all(self.client())
+            .delete(&self.node(short), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+
+    /// Deletes a VM or scale set in ARM, at once.
+    fn delete_machine(&self, id: &str) {
+        let key = ResourceId::parse(id).unwrap().key();
+        let op = self
+            .em
+            .with_state(|st| st.start_delete(&key, std::time::Instant::now(), Duration::ZERO));
+        assert!(op.is_some(), "{id} exists");
+        assert!(self.identities_on(id).is_empty());
+    }
+
+    /// GETs of a machine since request `since`.
+    fn reads_of(&self, machine: &str, since: u64) -> usize {
+        self.arm("GET")
+            .iter()
+            .filter(|r| r.seq > since && r.path.eq_ignore_ascii_case(machine))
+            .count()
+    }
+
+    async fn assignment(&self, pod: &str, identity: &str) -> AzureAssignedIdentity {
+        self.assignments()
+            .get(&self.assignment_name(pod, identity))
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_being_deleted_keeps_its_identity_on_the_machine_until_its_containers_stop() {
+    let w = World::new().await;
+    w.bound_identity("id-a").await;
+    w.bound_identity("id-b").await;
+    let controller = w.start(w.config());
+    w.pod("web-0", "a0", "id-a").await;
+    w.wait_assigned("web-0", "id-a").await;
+
+    w.delete_pod_gracefully("web-0", 120).await;
+    // A later change on the same scale set: once it is assigned, the controller has planned with the
+    // pod being deleted.
+    w.pod("api-0", "a1", "id-b").await;
+    w.wait_assigned("api-0", "id-b").await;
+    assert_eq!(
+        w.assignment("web-0", "id-a").await.assignment_status(),
+        AssignmentStatus::Assigned
+    );
+    assert!(
+        w.has(&scale_set("pool-a"), "id-a"),
+        "SIGTERM handlers use it through the grace period"
+    );
+
+    w.report_containers_stopped("web-0").await;
+    w.wait_gone("web-0", "id-a").await;
+    assert!(!w.has(&scale_set("pool-a"), "id-a"));
+    assert!(w.has(&scale_set("pool-a"), "id-b"));
+    w.delete_pod("web-0").await;
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_deleted_then_its_node_then_its_pod_is_read_once_and_leaves_no_record() {
+    let w = World::new().await;
+    w.bound_identity("id-d").await;
+    w.bound_identity("id-b").await;
+    let controller = w.start(w.config());
+    w.pod("solo", "vm", "id-d").await;
+    w.wait_assigned("solo", "id-d").await;
+
+    let since = w.em.last_seq();
+    w.delete_machine(&vm("vm-1"));
+    w.delete_node("vm").await;
+    w.delete_pod("solo").await;
+    // Its finalizer goes with it: deleting the namespace would not hang.
+    w.wait_gone("solo", "id-d").await;
+    eventually(|| async {
+        let (_, metrics) = controller.admin_get("/metrics").await;
+        ensure!(
+            metrics.contains("pod_identity_work_queue_depth 0"),
+            "work still queued"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let reads = w.reads_of(&vm("vm-1"), since);
+    assert!((1..=2).contains(&reads), "{reads} reads of the missing VM");
+    // Later planning passes make no call to it: its worker retired.
+    w.pod("web", "b0", "id-b").await;
+    w.wait_assigned("web", "id-b").await;
+    assert_eq!(w.reads_of(&vm("vm-1"), since), reads);
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_set_deleted_under_its_pods_is_said_so_and_a_recreated_one_gets_their_identities() {
+    let w = World::new().await;
+    w.bound_identity("id-e").await;
+    let controller = w.start(w.config());
+    w.pod("p0", "b0", "id-e").await;
+    w.wait_assigned("p0", "id-e").await;
+    let mut recreated = w.em.snapshot();
+    for group in recreated
+        .subscriptions
+        .iter_mut()
+        .flat_map(|s| &mut s.resource_groups)
+    {
+        for set in group
+            .virtual_machine_scale_sets
+            .iter_mut()
+            .filter(|set| set.name == "pool-b")
+        {
+            set.identity.user_assigned_identities.clear();
+        }
+    }
+
+    w.delete_machine(&scale_set("pool-b"));
+    // A pod scheduled there meanwhile: nothing can be assigned, and every record says why.
+    w.pod("p1", "b0", "id-e").await;
+    for pod in ["p0", "p1"] {
+        let name = w.assignment_name(pod, "id-e");
+        eventually(|| async {
+            let aai = w.assignments().get(&name).await?;
+            let error = aai
+                .annotations()
+                .get(ERROR_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
+            ensure!(
+                aai.assignment_status() == AssignmentStatus::Created && error.contains("does not exist"),
+                "{name}: {:?} {error}",
+                aai.status
+            );
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    eventually(|| async {
+        let told = w.events().await.iter().any(|e| {
+            e.reason.as_deref() == Some("IdentityNotAssigned")
+                && e.note.as_deref().is_some_and(|n| n.contains("does not exist"))
+        });
+        ensure!(told, "no IdentityNotAssigned Event yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    // Re-created under the same name, without identities, as a new scale set is: the next change on it
+    // puts the identity back for every pod.
+    w.em.replace_state(&recreated).unwrap();
+    w.pod("p2", "b0", "id-e").await;
+    for pod in ["p0", "p1", "p2"] {
+        let aai = w.wait_assigned(pod, "id-e").await;
+        assert!(!aai.annotations().contains_key(ERROR_ANNOTATION), "{pod}");
+    }
+    assert!(w.has(&scale_set("pool-b"), "id-e"));
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gone_on_scale_in_keeps_its_pods_identity_until_the_pods_go() {
+    let w = World::new().await;
+    w.bound_identity("id-c").await;
+    w.bound_identity("id-a").await;
+    w.bound_identity("id-b").await;
+    let controller = w.start(w.config());
+    w.pod("q", "a0", "id-c").await;
+    w.pod("r", "a1", "id-a").await;
+    w.wait_assigned("q", "id-c").await;
+    w.wait_assigned("r", "id-a").await;
+
+    // Scale-in: the instance goes, then its node; its pod is collected later.
+    let key = ResourceId::parse(&scale_set("pool-a")).unwrap().key();
+    w.em.with_state(|st| {
+        st.start_delete_instances(&key, &["0".into()], std::time::Instant::now(), Duration::ZERO)
+    })
+    .unwrap();
+    w.delete_node("a0").await;
+    // The controller has seen the node go once it says a new pod there cannot be placed; then a change
+    // on the scale set makes its worker act on that.
+    w.pod("t", "a0", "id-b").await;
+    eventually(|| async {
+        let told = w.events().await.iter().any(|e| {
+            e.reason.as_deref() == Some("IdentityNotAssigned")
+                && e.note.as_deref().is_some_and(|n| n.contains("is not known"))
+        });
+        ensure!(told, "the node's deletion is not seen yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
+    w.pod("s", "a1", "id-b").await;
+    w.wait_assigned("s", "id-b").await;
+    assert_eq!(
+        w.assignment("q", "id-c").await.assignment_status(),
+        AssignmentStatus::Assigned,
+        "a pod may run until it is collected"
+    );
+    assert!(w.has(&scale_set("pool-a"), "id-c"));
+
+    // Pod garbage collection: its identity leaves the scale set, which still exists.
+    w.delete_pod("q").await;
+    w.wait_gone("q", "id-c").await;
+    assert!(!w.has(&scale_set("pool-a"), "id-c"));
+    assert!(w.has(&scale_set("pool-a"), "id-a"));
     controller.stop().await;
 }

@@ -554,10 +554,16 @@ impl Harness {
     /// What the controller writes once it has assigned (or started assigning) `identity` to `pod`; with
     /// `Assigned` the identity is put on the scale set first, as the controller does.
     pub async fn assigned(&self, pod: &PodNet, identity: &str, status: &str) {
+        let pod_name = self.pod_name(pod).await;
+        self.assigned_to(&pod_name, identity, status).await;
+    }
+
+    /// The same for the pod of that name (for pods that share an IP, or have none yet).
+    pub async fn assigned_to(&self, pod_name: &str, identity: &str, status: &str) {
         if status == "Assigned" {
             self.emulator_assign(identity);
         }
-        let pod_name = self.pod_name(pod).await;
+        let pod_name = pod_name.to_owned();
         let ns = &self.ns.name;
         let identities = Api::<AzureIdentity>::namespaced(self.ns.client.clone(), ns);
         let bindings = Api::<AzureIdentityBinding>::namespaced(self.ns.client.clone(), ns);

@@ -1,32 +1,25 @@
-//! Which identity a pod's request resolves to, or why it gets none, or why it must wait.
+//! Which pod is calling, which identity its request resolves to, or why it gets none, or why it must
+//! wait.
 //!
-//! Matching itself (labels, bindings, namespaces, weights) is the api crate's; this module adds what only
-//! the agent knows: the assignments of this node and their states (standard mode), exceptions, and the
-//! identity the request names. It is a plain function of the world and the request; waiting, fetching
-//! and answering are the server's.
+//! Who a pod is and what it may use (its life, its address, matching, assignments, exceptions) are the
+//! api crate's rules ([`pod_identity_api::pod`], [`pod_identity_api::answer`]), the same ones the CLI
+//! explains; this module adds what only the agent knows: the identity the request names, object IDs
+//! learnt from tokens, and whether its watches have synced. It is a plain function of the world and the
+//! request; waiting, fetching and answering are the server's.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, net::IpAddr};
 
+pub use pod_identity_api::answer::Mode;
 use pod_identity_api::{
     AssignmentStatus, AzureIdentity, IdentityType, ObjectKey,
-    matching::{Index, PodSkip, Rejection, Scope, World as MatchWorld},
+    answer::{self, Answer, AssignmentPending, PodIdentity},
+    matching::{Index, Scope, World as MatchWorld},
 };
 
 use crate::{
     request::Selector,
-    world::{PodRecord, World},
+    world::{Caller, PodRecord, World},
 };
-
-/// Where identities come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// The controller adds identities to the node's VM or scale set and records each in an
-    /// AzureAssignedIdentity; a pod may use an identity once its assignment is `Assigned`.
-    #[default]
-    Standard,
-    /// Identities are put on the VMs by hand; a pod may use whatever its bindings give it.
-    Managed,
-}
 
 /// The settings resolution depends on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,13 +74,17 @@ pub struct Grant {
     pub principal: Principal,
 }
 
-/// Why a request must wait.
+/// Why a request must wait. Each can change without anyone's action (a pod's address or containers
+/// reported, an assignment made, a list loaded), so when the wait runs out the answer is one SDKs retry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pending {
-    /// No live pod of this node has the caller's address yet.
+    /// No pod of this node that may run has the caller's address yet (its IP is not reported yet, as
+    /// when an init container asks at once).
     UnknownCaller,
-    /// Several live pods have it; one of them is probably going away.
+    /// Several pods that are not being deleted have it; one of them is probably going away.
     AmbiguousCaller(Vec<ObjectKey>),
+    /// Only this pod, being deleted, has it, while a pod starting on this node may have been given it.
+    UnsettledCaller(ObjectKey),
     /// The identity's assignment is not `Assigned` yet (`None`: not even created).
     Assignment {
         /// The identity.
@@ -108,6 +105,11 @@ impl std::fmt::Display for Pending {
                 "several pods of this node have the caller's IP address: {}",
                 join(pods)
             ),
+            Self::UnsettledCaller(pod) => write!(
+                f,
+                "pod {pod}, being deleted, has the caller's IP address, and a pod starting on this node may \
+                 have been given it"
+            ),
             Self::Assignment {
                 identity,
                 status: None,
@@ -126,6 +128,43 @@ impl std::fmt::Display for Pending {
             Self::NotSynced => f.write_str("the agent is still loading pods and identities"),
         }
     }
+}
+
+impl Pending {
+    /// Whether the wait is for the caller to be known (rather than for its identity).
+    pub fn is_about_the_caller(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownCaller | Self::AmbiguousCaller(_) | Self::UnsettledCaller(_)
+        )
+    }
+}
+
+impl From<AssignmentPending> for Pending {
+    fn from(pending: AssignmentPending) -> Self {
+        Self::Assignment {
+            identity: pending.identity,
+            status: pending.status,
+        }
+    }
+}
+
+/// The pod calling from `ip`, or why it is not known yet.
+pub fn calling_pod(world: &World, ip: IpAddr) -> Result<&PodRecord, Pending> {
+    match world.caller(ip) {
+        Caller::Pod(pod) => Ok(pod),
+        Caller::Unknown => Err(Pending::UnknownCaller),
+        Caller::Ambiguous(pods) => Err(Pending::AmbiguousCaller(pods)),
+        Caller::Unsettled(pod) => Err(Pending::UnsettledCaller(pod)),
+    }
+}
+
+/// The pod a node-local caller names (`/host/token`), if it may run.
+pub fn named_pod<'a>(world: &'a World, key: &ObjectKey) -> Result<&'a PodRecord, Pending> {
+    world
+        .pod(key)
+        .filter(|pod| pod.view.life().may_run())
+        .ok_or(Pending::UnknownCaller)
 }
 
 /// What a request resolves to.
@@ -167,84 +206,21 @@ pub fn resolve(
     if !synced(world, policy) {
         return Resolution::Wait(Pending::NotSynced);
     }
-    let match_world = MatchWorld {
-        bindings: &world.bindings,
-        identities: &world.identities,
-        exceptions: &world.exceptions,
-        scope: policy.scope,
-    };
-    let index = Index::new(match_world);
-    let decision = index.decide(&pod.view);
+    let index = Index::new(match_world(world, policy));
     let key = &pod.view.key;
-    if decision.excepted {
-        return Resolution::Excepted;
-    }
-    match &decision.skipped {
-        Some(PodSkip::NotLabelled) => {
-            return Resolution::Deny(format!(
-                "pod {key} has no label {}, so no AzureIdentityBinding selects it",
-                pod_identity_api::POD_LABEL
-            ));
-        }
-        Some(other) => return Resolution::Deny(format!("pod {key} takes no identities: {other:?}")),
-        None => {}
-    }
-    if decision.assignments.is_empty() {
-        let selector_value = pod.view.binding_selector().unwrap_or_default();
-        let reasons: Vec<String> = decision
-            .candidates
-            .iter()
-            .filter_map(|candidate| {
-                candidate
-                    .outcome
-                    .as_ref()
-                    .err()
-                    .map(|rejection| describe(&candidate.binding, rejection))
-            })
-            .collect();
-        return Resolution::Deny(if reasons.is_empty() {
-            format!(
-                "no AzureIdentityBinding has selector '{selector_value}', the value of the label {} of pod {key}",
-                pod_identity_api::POD_LABEL
-            )
-        } else {
-            format!(
-                "no AzureIdentityBinding with selector '{selector_value}' applies to pod {key}: {}",
-                reasons.join("; ")
-            )
-        });
-    }
-
+    let identities = match answer::answer(&index, &pod.view, policy.mode, world) {
+        Answer::Excepted => return Resolution::Excepted,
+        Answer::Refused(refusal) => return Resolution::Deny(refusal.to_string()),
+        Answer::Identities(identities) => identities,
+    };
     // The pod's identities in rank order (0 is the default), each with whether it may be used now.
-    let mut options = Vec::with_capacity(decision.assignments.len());
-    for assignment in &decision.assignments {
-        let Some(object) = index.identity(&assignment.identity.namespace, &assignment.identity.name) else {
-            continue;
-        };
-        let Ok(kind) = object.spec.identity_type() else {
-            continue;
-        };
-        let grant = Grant {
-            identity: assignment.identity.clone(),
-            object: object.clone(),
-            principal: principal_of(object, kind, &assignment.identity),
-        };
-        let readiness = match (policy.mode, kind) {
-            (Mode::Managed, _) => None,
-            // Service principals live in Entra, not on the VM: nothing to wait for.
-            (
-                Mode::Standard,
-                IdentityType::ServicePrincipalSecret | IdentityType::ServicePrincipalCertificate,
-            ) => None,
-            (Mode::Standard, IdentityType::UserAssignedManagedIdentity) => {
-                assignment_pending(world, &assignment.assignment, key, object)
-            }
-        };
-        options.push((grant, readiness));
-    }
-    if options.is_empty() {
-        return Resolution::Deny(format!("pod {key} has no usable identity"));
-    }
+    let options: Vec<(Grant, Option<Pending>)> = identities
+        .into_iter()
+        .map(|identity| {
+            let pending = identity.pending.clone().map(Pending::from);
+            (grant(identity), pending)
+        })
+        .collect();
 
     let chosen = match selector {
         Selector::Default => options.first(),
@@ -303,33 +279,20 @@ pub fn synced(world: &World, policy: Policy) -> bool {
     s.pods && s.bindings && s.identities && s.exceptions && (policy.mode == Mode::Managed || s.assigned)
 }
 
-/// Why a type 0 identity may not be used yet, or `None` when its assignment is usable.
-fn assignment_pending(
-    world: &World,
-    assignment: &ObjectKey,
-    pod: &ObjectKey,
-    object: &AzureIdentity,
-) -> Option<Pending> {
-    let identity = crate::world::key_of(object);
-    let Some(record) = world.assigned(assignment).filter(|record| record.pod == *pod) else {
-        return Some(Pending::Assignment {
-            identity,
-            status: None,
-        });
-    };
-    // The assignment must be of the identity as it is now: after a client ID change the controller
-    // re-assigns, and until then IMDS does not know the new one.
-    let same_identity = match (&record.client_id, &object.spec.client_id) {
-        (Some(assigned), Some(current)) => assigned.eq_ignore_ascii_case(current),
-        _ => true,
-    };
-    if record.status.is_usable() && same_identity {
-        None
-    } else {
-        Some(Pending::Assignment {
-            identity,
-            status: Some(record.status.clone()),
-        })
+fn match_world(world: &World, policy: Policy) -> MatchWorld<'_> {
+    MatchWorld {
+        bindings: &world.bindings,
+        identities: &world.identities,
+        exceptions: &world.exceptions,
+        scope: policy.scope,
+    }
+}
+
+fn grant(identity: PodIdentity<'_>) -> Grant {
+    Grant {
+        principal: principal_of(identity.object, identity.kind, &identity.assignment.identity),
+        identity: identity.assignment.identity,
+        object: identity.object.clone(),
     }
 }
 
@@ -356,28 +319,6 @@ fn principal_of(object: &AzureIdentity, kind: IdentityType, key: &ObjectKey) -> 
 fn same_resource_id(a: &str, b: &str) -> bool {
     a.trim_end_matches('/')
         .eq_ignore_ascii_case(b.trim_end_matches('/'))
-}
-
-fn describe(binding: &ObjectKey, rejection: &Rejection) -> String {
-    match rejection {
-        Rejection::OtherNamespace => {
-            format!("binding {binding} is in another namespace (cross-namespace matching is off)")
-        }
-        Rejection::IdentityNamespaced => format!("binding {binding} names an identity that is namespaced"),
-        Rejection::InvalidBinding(errors) => format!("binding {binding} is invalid: {}", join(errors)),
-        Rejection::IdentityMissing(identity) => {
-            format!("binding {binding} names identity {identity}, which does not exist")
-        }
-        Rejection::InvalidIdentity(identity, errors) => {
-            format!(
-                "identity {identity} of binding {binding} is invalid: {}",
-                join(errors)
-            )
-        }
-        Rejection::NameTaken { kept, .. } => {
-            format!("binding {binding} duplicates binding {kept}")
-        }
-    }
 }
 
 fn join<T: std::fmt::Display>(items: &[T]) -> String {
@@ -412,62 +353,21 @@ pub fn authorized(world: &World, policy: Policy) -> Option<Authorized> {
     if !synced(world, policy) {
         return None;
     }
+    let index = Index::new(match_world(world, policy));
     let mut authorized = Authorized::default();
-    for pod in world.pods().filter(|pod| pod.is_live()) {
-        authorized.principals.extend(
-            usable_grants(world, policy, pod)
-                .into_iter()
-                .map(|grant| grant.principal),
-        );
+    for pod in world.pods().filter(|pod| pod.view.life().may_run()) {
+        match answer::answer(&index, &pod.view, policy.mode, world) {
+            Answer::Excepted => authorized.node = true,
+            Answer::Refused(_) => {}
+            Answer::Identities(identities) => authorized.principals.extend(
+                identities
+                    .into_iter()
+                    .filter(|identity| identity.pending.is_none())
+                    .map(|identity| grant(identity).principal),
+            ),
+        }
     }
-    authorized.node = any_excepted(world, policy);
     Some(authorized)
-}
-
-/// The identities a pod may use now, in rank order.
-pub fn usable_grants(world: &World, policy: Policy, pod: &PodRecord) -> Vec<Grant> {
-    let match_world = MatchWorld {
-        bindings: &world.bindings,
-        identities: &world.identities,
-        exceptions: &world.exceptions,
-        scope: policy.scope,
-    };
-    let index = Index::new(match_world);
-    let decision = index.decide(&pod.view);
-    decision
-        .assignments
-        .iter()
-        .filter_map(|assignment| {
-            let object = index.identity(&assignment.identity.namespace, &assignment.identity.name)?;
-            let kind = object.spec.identity_type().ok()?;
-            let usable = match (policy.mode, kind) {
-                (Mode::Standard, IdentityType::UserAssignedManagedIdentity) => {
-                    assignment_pending(world, &assignment.assignment, &pod.view.key, object).is_none()
-                }
-                _ => true,
-            };
-            usable.then(|| Grant {
-                identity: assignment.identity.clone(),
-                object: object.clone(),
-                principal: principal_of(object, kind, &assignment.identity),
-            })
-        })
-        .collect()
-}
-
-/// Whether an excepted pod lives on this node (then node tokens may stay cached).
-pub fn any_excepted(world: &World, policy: Policy) -> bool {
-    let match_world = MatchWorld {
-        bindings: &world.bindings,
-        identities: &world.identities,
-        exceptions: &world.exceptions,
-        scope: policy.scope,
-    };
-    let index = Index::new(match_world);
-    world
-        .pods()
-        .filter(|pod| pod.is_live())
-        .any(|pod| index.is_excepted(&pod.view))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use crate::{
     response,
     tokens::TokenService,
     upstream::UpstreamError,
-    world::{Caller, PodRecord, Shared},
+    world::{PodRecord, Shared},
 };
 
 /// What the endpoint's behaviour depends on.
@@ -191,12 +191,7 @@ async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         Err(error) => return invalid(state, peer, &error.to_string()),
     };
     let ip = request::caller_ip(peer);
-    let resolved = resolve_waiting(state, &query, |world| match world.caller(ip) {
-        Caller::Pod(pod) => Ok(pod.clone()),
-        Caller::Unknown => Err(Pending::UnknownCaller),
-        Caller::Ambiguous(pods) => Err(Pending::AmbiguousCaller(pods)),
-    })
-    .await;
+    let resolved = resolve_waiting(state, &query, |world| resolve::calling_pod(world, ip).cloned()).await;
     answer(state, &query, resolved, |tokens, resource, now| {
         response::tokens(tokens, resource, now)
     })
@@ -226,11 +221,7 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         Err(error) => return response::bad_request(&error.to_string()),
     };
     let key = ObjectKey::new(namespace, name);
-    let resolved = resolve_waiting(state, &query, |world| match world.pod(&key) {
-        Some(pod) if pod.is_live() => Ok(pod.clone()),
-        _ => Err(Pending::UnknownCaller),
-    })
-    .await;
+    let resolved = resolve_waiting(state, &query, |world| resolve::named_pod(world, &key).cloned()).await;
     let not_found = matches!(
         resolved.resolution,
         Resolution::Deny(_) | Resolution::Wait(Pending::UnknownCaller)
@@ -297,9 +288,10 @@ async fn resolve_waiting(
         };
         match resolution {
             Resolution::Wait(pending) => {
-                let deadline = match pending {
-                    Pending::UnknownCaller | Pending::AmbiguousCaller(_) => pod_deadline,
-                    Pending::Assignment { .. } | Pending::NotSynced => assignment_deadline,
+                let deadline = if pending.is_about_the_caller() {
+                    pod_deadline
+                } else {
+                    assignment_deadline
                 };
                 let timed_out = tokio::time::timeout_at(deadline, changes.changed()).await;
                 if !matches!(timed_out, Ok(Ok(()))) {
@@ -373,20 +365,18 @@ async fn answer(
             return response::forbidden(why);
         }
         Resolution::Wait(pending) => {
+            // Whatever was waited for may still come (an address or containers reported, an
+            // assignment made): 503 with Retry-After, which every SDK retries, never a final 403.
             let why = pending.to_string();
-            return match pending {
-                Pending::UnknownCaller | Pending::AmbiguousCaller(_) => {
-                    decision(state, "unknown_caller");
-                    tracing::info!(selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request from an unknown caller");
-                    response::forbidden(&why)
-                }
-                Pending::Assignment { .. } | Pending::NotSynced => {
-                    decision(state, "timeout");
-                    tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "no identity in time");
-                    notify(state, pod.as_ref(), Reason::IdentityNotAssigned, &why);
-                    response::unavailable(&why, state.config.retry_after.as_secs())
-                }
-            };
+            if pending.is_about_the_caller() {
+                decision(state, "unknown_caller");
+                tracing::info!(selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "caller not known in time");
+            } else {
+                decision(state, "timeout");
+                tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "no identity in time");
+                notify(state, pod.as_ref(), Reason::IdentityNotAssigned, &why);
+            }
+            return response::unavailable(&why, state.config.retry_after.as_secs());
         }
         Resolution::LearnObjectIds(_) => {
             decision(state, "denied");

@@ -13,13 +13,14 @@ use kube::{
 };
 use pod_identity_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, NODENAME_LABEL,
+    answer::AssignedView,
 };
 use serde::de::DeserializeOwned;
 
 use crate::{
     metrics::{KindLabels, Metrics},
     resolve::Mode,
-    world::{self, AssignedRecord, PodRecord, Shared, World},
+    world::{self, PodRecord, Shared, World},
 };
 
 /// How one kind's objects enter the world.
@@ -47,13 +48,13 @@ impl Kind for Pod {
 
 impl Kind for AzureAssignedIdentity {
     fn apply(world: &mut World, object: Self) {
-        world.upsert_assigned(AssignedRecord::from_assigned(&object));
+        world.upsert_assigned(AssignedView::from_assigned(&object));
     }
     fn delete(world: &mut World, object: &Self) {
         world.remove_assigned(&world::key_of(object));
     }
     fn replace(world: &mut World, objects: Vec<Self>) {
-        world.replace_assigned(objects.iter().map(AssignedRecord::from_assigned).collect());
+        world.replace_assigned(objects.iter().map(AssignedView::from_assigned).collect());
         world.synced.assigned = true;
     }
 }

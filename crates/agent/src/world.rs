@@ -4,27 +4,24 @@
 //! next change through [`Shared::subscribe`] instead of polling.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use k8s_openapi::api::core::v1::Pod;
 use pod_identity_api::{
-    AssignmentStatus, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
-    ObjectKey, matching::PodView,
+    AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, ObjectKey,
+    answer::{AssignedView, Assignments},
+    pod::{self, PodView},
 };
 use tokio::sync::watch;
 
 /// What the agent keeps of a pod.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodRecord {
-    /// Labels, phase, node, deletion state.
+    /// What the rules read: labels, node, phase, deletion, containers, network, addresses.
     pub view: PodView,
-    /// Every IP of the pod (`status.podIPs`, or `status.podIP`).
-    pub ips: Vec<IpAddr>,
-    /// Whether the pod shares the node's network (its IP is the node's, not its own).
-    pub host_network: bool,
     /// When the pod was created, for the time-to-first-token metric.
     pub created: Option<jiff::Timestamp>,
 }
@@ -32,65 +29,9 @@ pub struct PodRecord {
 impl PodRecord {
     /// The record of a pod object.
     pub fn from_pod(pod: &Pod) -> Self {
-        let status = pod.status.as_ref();
-        let mut ips: Vec<IpAddr> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip.ip.parse().ok())
-            .collect();
-        if let Some(ip) = status
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok())
-            && !ips.contains(&ip)
-        {
-            ips.push(ip);
-        }
         Self {
             view: PodView::from_pod(pod),
-            ips,
-            host_network: pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false),
             created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        }
-    }
-
-    /// Whether this pod may own its IP: scheduled, Pending or Running, not being deleted, and not on the
-    /// host network. Finished pods keep a stale IP that a new pod may already use.
-    pub fn is_live(&self) -> bool {
-        !self.view.terminating
-            && !self.host_network
-            && matches!(
-                self.view.phase.as_deref(),
-                None | Some("Pending") | Some("Running")
-            )
-    }
-}
-
-/// What the agent keeps of an assignment.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AssignedRecord {
-    /// Namespace and name of the AzureAssignedIdentity.
-    pub key: ObjectKey,
-    /// The pod it is for.
-    pub pod: ObjectKey,
-    /// Client ID of the identity it assigned, from its embedded copy.
-    pub client_id: Option<String>,
-    /// Where it stands.
-    pub status: AssignmentStatus,
-}
-
-impl AssignedRecord {
-    /// The record of an assignment object.
-    pub fn from_assigned(assigned: &AzureAssignedIdentity) -> Self {
-        Self {
-            key: key_of(assigned),
-            pod: ObjectKey::new(assigned.spec.pod_namespace.clone(), assigned.spec.pod.clone()),
-            client_id: assigned
-                .spec
-                .azure_identity_ref
-                .as_ref()
-                .and_then(|identity| identity.spec.client_id.clone()),
-            status: assigned.assignment_status(),
         }
     }
 }
@@ -115,7 +56,9 @@ pub struct Synced {
 pub struct World {
     pods: HashMap<ObjectKey, PodRecord>,
     by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
-    assigned: HashMap<ObjectKey, AssignedRecord>,
+    /// Pods that may hold an address the API does not show yet ([`PodView::awaits_its_address`]).
+    awaiting_address: HashSet<ObjectKey>,
+    assigned: HashMap<ObjectKey, AssignedView>,
     /// Bindings of all namespaces (matching takes slices).
     pub bindings: Vec<AzureIdentityBinding>,
     /// Identities of all namespaces.
@@ -129,29 +72,33 @@ pub struct World {
 /// Who a caller is, by the source address of its connection.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Caller<'a> {
-    /// Exactly one live pod of this node has that IP.
+    /// That pod ([`pod::caller`]).
     Pod(&'a PodRecord),
-    /// No live pod of this node has it (yet).
+    /// No pod of this node that may run has that IP (yet).
     Unknown,
-    /// Several live pods claim it: a refusal, not a guess.
+    /// Several pods that are not being deleted claim it: a refusal, not a guess.
     Ambiguous(Vec<ObjectKey>),
+    /// Only this pod, being deleted, claims it, while a pod of this node may have it unreported.
+    Unsettled(ObjectKey),
 }
 
 impl World {
     /// The caller with this source address.
     pub fn caller(&self, ip: IpAddr) -> Caller<'_> {
-        let live: Vec<&PodRecord> = self
+        let claimants = self
             .by_ip
             .get(&ip)
             .into_iter()
             .flatten()
             .filter_map(|key| self.pods.get(key))
-            .filter(|pod| pod.is_live())
-            .collect();
-        match live.as_slice() {
-            [] => Caller::Unknown,
-            [pod] => Caller::Pod(pod),
-            many => Caller::Ambiguous(many.iter().map(|pod| pod.view.key.clone()).collect()),
+            .map(|record| (record, &record.view));
+        match pod::caller(claimants, !self.awaiting_address.is_empty()) {
+            pod::Caller::Pod(record) => Caller::Pod(record),
+            pod::Caller::Unknown => Caller::Unknown,
+            pod::Caller::Ambiguous(records) => {
+                Caller::Ambiguous(records.iter().map(|r| r.view.key.clone()).collect())
+            }
+            pod::Caller::Unsettled(record) => Caller::Unsettled(record.view.key.clone()),
         }
     }
 
@@ -166,7 +113,7 @@ impl World {
     }
 
     /// The assignment of that namespace and name.
-    pub fn assigned(&self, key: &ObjectKey) -> Option<&AssignedRecord> {
+    pub fn assigned(&self, key: &ObjectKey) -> Option<&AssignedView> {
         self.assigned.get(key)
     }
 
@@ -185,16 +132,20 @@ impl World {
     pub fn upsert_pod(&mut self, record: PodRecord) {
         let key = record.view.key.clone();
         self.remove_pod(&key);
-        for ip in &record.ips {
+        for ip in &record.view.ips {
             self.by_ip.entry(*ip).or_default().push(key.clone());
+        }
+        if record.view.awaits_its_address() {
+            self.awaiting_address.insert(key.clone());
         }
         self.pods.insert(key, record);
     }
 
     /// Forgets a pod.
     pub fn remove_pod(&mut self, key: &ObjectKey) {
+        self.awaiting_address.remove(key);
         if let Some(old) = self.pods.remove(key) {
-            for ip in old.ips {
+            for ip in old.view.ips {
                 if let Some(keys) = self.by_ip.get_mut(&ip) {
                     keys.retain(|k| k != key);
                     if keys.is_empty() {
@@ -209,13 +160,14 @@ impl World {
     pub fn replace_pods(&mut self, records: Vec<PodRecord>) {
         self.pods.clear();
         self.by_ip.clear();
+        self.awaiting_address.clear();
         for record in records {
             self.upsert_pod(record);
         }
     }
 
     /// Adds or replaces an assignment.
-    pub fn upsert_assigned(&mut self, record: AssignedRecord) {
+    pub fn upsert_assigned(&mut self, record: AssignedView) {
         self.assigned.insert(record.key.clone(), record);
     }
 
@@ -225,8 +177,14 @@ impl World {
     }
 
     /// Replaces all assignments (a relist).
-    pub fn replace_assigned(&mut self, records: Vec<AssignedRecord>) {
+    pub fn replace_assigned(&mut self, records: Vec<AssignedView>) {
         self.assigned = records.into_iter().map(|r| (r.key.clone(), r)).collect();
+    }
+}
+
+impl Assignments for World {
+    fn assignment(&self, key: &ObjectKey) -> Option<&AssignedView> {
+        self.assigned.get(key)
     }
 }
 
@@ -303,6 +261,8 @@ impl Shared {
 mod tests {
     use std::collections::BTreeMap;
 
+    use pod_identity_api::pod::Containers;
+
     use super::*;
 
     pub(crate) fn pod(namespace: &str, name: &str, ip: &str, phase: &str) -> PodRecord {
@@ -313,11 +273,33 @@ mod tests {
                 labels: BTreeMap::new(),
                 node_name: Some("node-a".into()),
                 phase: Some(phase.into()),
-                terminating: false,
+                deleting: false,
+                containers: Containers::Running,
+                host_network: false,
+                ips: (!ip.is_empty())
+                    .then(|| ip.parse().unwrap())
+                    .into_iter()
+                    .collect(),
             },
-            ips: vec![ip.parse().unwrap()],
-            host_network: false,
             created: None,
+        }
+    }
+
+    fn deleted(mut record: PodRecord) -> PodRecord {
+        record.view.deleting = true;
+        record
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn name(caller: Caller<'_>) -> String {
+        match caller {
+            Caller::Pod(p) => p.view.key.name.clone(),
+            Caller::Unknown => "unknown".into(),
+            Caller::Ambiguous(keys) => format!("ambiguous {}", keys.len()),
+            Caller::Unsettled(key) => format!("unsettled {}", key.name),
         }
     }
 
@@ -326,9 +308,14 @@ mod tests {
         let mut world = World::default();
         world.upsert_pod(pod("ns", "a", "10.0.0.5", "Running"));
         world.upsert_pod(pod("ns", "old", "10.0.0.5", "Succeeded"));
-        let ip = "10.0.0.5".parse().unwrap();
-        assert!(matches!(world.caller(ip), Caller::Pod(p) if p.view.key.name == "a"));
-        assert_eq!(world.caller("10.0.0.6".parse().unwrap()), Caller::Unknown);
+        world.upsert_pod(pod("ns", "lost", "10.0.0.8", "Unknown"));
+        assert_eq!(name(world.caller(ip("10.0.0.5"))), "a");
+        assert_eq!(
+            name(world.caller(ip("10.0.0.8"))),
+            "lost",
+            "phase Unknown: the node stopped reporting, the containers did not stop"
+        );
+        assert_eq!(world.caller(ip("10.0.0.6")), Caller::Unknown);
     }
 
     #[test]
@@ -336,22 +323,57 @@ mod tests {
         let mut world = World::default();
         world.upsert_pod(pod("ns", "a", "10.0.0.5", "Running"));
         world.upsert_pod(pod("ns", "b", "10.0.0.5", "Pending"));
-        assert!(
-            matches!(world.caller("10.0.0.5".parse().unwrap()), Caller::Ambiguous(keys) if keys.len() == 2)
-        );
+        assert_eq!(name(world.caller(ip("10.0.0.5"))), "ambiguous 2");
     }
 
     #[test]
-    fn terminating_and_host_network_pods_own_no_ip() {
+    fn host_network_pods_own_no_ip() {
         let mut world = World::default();
-        let mut terminating = pod("ns", "a", "10.0.0.5", "Running");
-        terminating.view.terminating = true;
-        world.upsert_pod(terminating);
         let mut host = pod("ns", "h", "10.0.0.7", "Running");
-        host.host_network = true;
+        host.view.host_network = true;
         world.upsert_pod(host);
-        assert_eq!(world.caller("10.0.0.5".parse().unwrap()), Caller::Unknown);
-        assert_eq!(world.caller("10.0.0.7".parse().unwrap()), Caller::Unknown);
+        assert_eq!(world.caller(ip("10.0.0.7")), Caller::Unknown);
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_the_caller_until_its_containers_stop_or_a_new_pod_has_its_ip() {
+        let mut world = World::default();
+        world.upsert_pod(deleted(pod("ns", "old", "10.0.0.5", "Running")));
+        assert_eq!(
+            name(world.caller(ip("10.0.0.5"))),
+            "old",
+            "its grace period counts"
+        );
+
+        // A pod starting on the node, its address not reported yet, may have been given this one.
+        world.upsert_pod(pod("ns", "new", "", "Pending"));
+        assert_eq!(name(world.caller(ip("10.0.0.5"))), "unsettled old");
+        // It reports another address: the old pod is the caller again.
+        world.upsert_pod(pod("ns", "new", "10.0.0.9", "Running"));
+        assert_eq!(name(world.caller(ip("10.0.0.5"))), "old");
+        // It reports this one: it is the caller, never the old pod.
+        world.upsert_pod(pod("ns", "new", "10.0.0.5", "Running"));
+        assert_eq!(name(world.caller(ip("10.0.0.5"))), "new");
+        world.remove_pod(&ObjectKey::new("ns", "new"));
+
+        let mut stopped = deleted(pod("ns", "old", "10.0.0.5", "Running"));
+        stopped.view.containers = Containers::NoneRunning;
+        world.upsert_pod(stopped);
+        assert_eq!(world.caller(ip("10.0.0.5")), Caller::Unknown);
+    }
+
+    #[test]
+    fn pods_awaiting_an_address_are_tracked_through_updates_removals_and_relists() {
+        let mut world = World::default();
+        world.upsert_pod(deleted(pod("ns", "old", "10.0.0.5", "Running")));
+        world.upsert_pod(pod("ns", "new", "", "Pending"));
+        assert_eq!(world.awaiting_address.len(), 1);
+        world.remove_pod(&ObjectKey::new("ns", "new"));
+        assert!(world.awaiting_address.is_empty());
+        world.upsert_pod(pod("ns", "new", "", "Pending"));
+        world.replace_pods(vec![deleted(pod("ns", "old", "10.0.0.5", "Running"))]);
+        assert!(world.awaiting_address.is_empty());
+        assert_eq!(name(world.caller(ip("10.0.0.5"))), "old");
     }
 
     #[test]
@@ -359,13 +381,10 @@ mod tests {
         let mut world = World::default();
         world.upsert_pod(pod("ns", "a", "10.0.0.5", "Running"));
         world.upsert_pod(pod("ns", "a", "10.0.0.9", "Running"));
-        assert_eq!(world.caller("10.0.0.5".parse().unwrap()), Caller::Unknown);
-        assert!(matches!(
-            world.caller("10.0.0.9".parse().unwrap()),
-            Caller::Pod(_)
-        ));
+        assert_eq!(world.caller(ip("10.0.0.5")), Caller::Unknown);
+        assert!(matches!(world.caller(ip("10.0.0.9")), Caller::Pod(_)));
         world.remove_pod(&ObjectKey::new("ns", "a"));
-        assert_eq!(world.caller("10.0.0.9".parse().unwrap()), Caller::Unknown);
+        assert_eq!(world.caller(ip("10.0.0.9")), Caller::Unknown);
         assert!(world.by_ip.is_empty());
     }
 
@@ -376,9 +395,6 @@ mod tests {
         changes.borrow_and_update();
         shared.update(|world| world.upsert_pod(pod("ns", "a", "10.0.0.5", "Running")));
         changes.changed().await.unwrap();
-        assert!(matches!(
-            shared.read().caller("10.0.0.5".parse().unwrap()),
-            Caller::Pod(_)
-        ));
+        assert!(matches!(shared.read().caller(ip("10.0.0.5")), Caller::Pod(_)));
     }
 }

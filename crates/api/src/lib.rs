@@ -8,7 +8,11 @@
 //!
 //! [`matching`] decides which pod gets which identity; it is plain data in, plain data out, and is
 //! shared by the controller (what to assign), the agent (what a caller may use) and the CLI (explain).
+//! [`pod`] holds the one rule of a pod's life (from its first container start to the end of its grace
+//! period) and of which pod an address belongs to; [`answer`] is what the node agent answers a pod, so
+//! that the CLI explains exactly what the agent does.
 
+pub mod answer;
 pub mod assigned;
 pub mod binding;
 pub mod crds;
@@ -17,6 +21,7 @@ pub mod identity;
 pub mod matching;
 pub mod naming;
 pub use naming::ObjectKey;
+pub mod pod;
 pub mod validation;
 
 pub use assigned::{

@@ -1,8 +1,9 @@
 //! Which pod gets which identity: pods, bindings and identities in, the desired assignments out.
 //!
 //! The rules, those of aad-pod-identity 1.8 with the decisions where this project differs:
-//! - a pod takes part when its label `aadpodidbinding` is set and not empty, it has a node, it is not
-//!   being deleted and has not finished (phase `Succeeded` or `Failed`);
+//! - a pod takes part when its label `aadpodidbinding` is set and not empty and it may run
+//!   ([`crate::pod::Life`]): on a node and not finished; a pod being deleted keeps its identities until
+//!   its containers have stopped, so that it has them for its grace period;
 //! - a binding matches a pod when its `selector` equals that label value exactly;
 //! - a binding refers to the identity of its `azureIdentity` name in the binding's own namespace;
 //! - [`Scope::Namespaced`] (the default) also requires the binding to be in the pod's namespace;
@@ -19,13 +20,12 @@
 
 use std::collections::{BTreeMap, HashMap, btree_map::Entry};
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use crate::{
     AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, BEHAVIOR_ANNOTATION, BEHAVIOR_NAMESPACED,
-    POD_LABEL,
     naming::{ObjectKey, assigned_identity_name},
+    pod::{Ending, Life, PodView},
     validation::SpecError,
 };
 
@@ -40,49 +40,6 @@ pub enum Scope {
     Namespaced,
     /// A binding of any namespace may match a pod, as in the original's default mode.
     CrossNamespace,
-}
-
-/// What matching needs to know of a pod.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodView {
-    /// Namespace and name.
-    pub key: ObjectKey,
-    /// UID, when known; tells a pod from an earlier one of the same name.
-    pub uid: Option<String>,
-    /// All labels (exceptions look at any of them).
-    pub labels: BTreeMap<String, String>,
-    /// Node the pod is scheduled to.
-    pub node_name: Option<String>,
-    /// `status.phase`.
-    pub phase: Option<String>,
-    /// Whether `metadata.deletionTimestamp` is set.
-    pub terminating: bool,
-}
-
-impl PodView {
-    /// The view of a Kubernetes pod.
-    pub fn from_pod(pod: &Pod) -> Self {
-        Self {
-            key: ObjectKey::new(pod.namespace().unwrap_or_default(), pod.name_any()),
-            uid: pod.uid(),
-            labels: pod.labels().clone(),
-            node_name: pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .filter(|n| !n.is_empty()),
-            phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
-            terminating: pod.metadata.deletion_timestamp.is_some(),
-        }
-    }
-
-    /// The value of the `aadpodidbinding` label, if set and not empty.
-    pub fn binding_selector(&self) -> Option<&str> {
-        self.labels
-            .get(POD_LABEL)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    }
 }
 
 /// One identity one pod should have.
@@ -111,10 +68,8 @@ pub enum PodSkip {
     NotLabelled,
     /// Not scheduled to a node yet.
     NotScheduled,
-    /// Being deleted.
-    Terminating,
-    /// Finished; the phase is given.
-    Finished(String),
+    /// Nothing of it will run again ([`crate::pod::Life::Finished`]).
+    Finished(Ending),
 }
 
 /// Why a binding that could have matched a pod gave it nothing.
@@ -382,16 +337,11 @@ fn skip_reason(pod: &PodView) -> Option<PodSkip> {
     if pod.binding_selector().is_none() {
         return Some(PodSkip::NotLabelled);
     }
-    if pod.terminating {
-        return Some(PodSkip::Terminating);
+    match pod.life() {
+        Life::Finished(ending) => Some(PodSkip::Finished(ending)),
+        Life::Unscheduled => Some(PodSkip::NotScheduled),
+        Life::Active | Life::Terminating => None,
     }
-    if let Some(phase @ ("Succeeded" | "Failed")) = pod.phase.as_deref() {
-        return Some(PodSkip::Finished(phase.to_owned()));
-    }
-    if pod.node_name.is_none() {
-        return Some(PodSkip::NotScheduled);
-    }
-    None
 }
 
 fn is_namespaced_by_annotation(identity: &AzureIdentity) -> bool {

@@ -1,16 +1,18 @@
 //! `explain`: one pod, from its label to what the node agent would answer, in plain words.
 
-use std::fmt::Write;
+use std::{collections::HashMap, fmt::Write, net::IpAddr};
 
 use kube::ResourceExt;
 use pod_identity_api::{
-    AssignmentStatus, AzureAssignedIdentity, POD_LABEL,
-    matching::{Index, PodDecision, PodSkip, PodView, Rejection, Scope, World},
+    AssignmentStatus, ObjectKey, POD_LABEL,
+    answer::{self, Answer, AssignedView, Mode},
+    matching::{Index, PodDecision, PodSkip, Rejection, Scope, World},
+    pod::{self, Life, PodView},
     validation::SpecError,
 };
 use serde::Serialize;
 
-use crate::{Mode, cluster::ClusterState};
+use crate::cluster::ClusterState;
 
 /// Why a pod cannot be explained.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,9 @@ pub struct Explanation {
     pub node: Option<String>,
     /// Phase of the pod.
     pub phase: Option<String>,
+    /// Where the pod is in its life: `unscheduled`, `active`, `terminating` (being deleted, its
+    /// containers may still run) or `finished`.
+    pub life: Life,
     /// IP the agent would see requests come from.
     pub ip: Option<String>,
     /// Value of the `aadpodidbinding` label.
@@ -106,12 +111,12 @@ pub fn explain(
     scope: Scope,
     mode: Mode,
 ) -> Result<Explanation, ExplainError> {
-    let pod = state
-        .pods
+    let views: Vec<PodView> = state.pods.iter().map(PodView::from_pod).collect();
+    let key = ObjectKey::new(namespace, name);
+    let view = views
         .iter()
-        .find(|p| p.namespace().as_deref() == Some(namespace) && p.name_any() == name)
+        .find(|v| v.key == key)
         .ok_or_else(|| ExplainError::PodNotFound(format!("{namespace}/{name}")))?;
-    let view = PodView::from_pod(pod);
     let world = World {
         bindings: &state.bindings,
         identities: &state.identities,
@@ -119,12 +124,8 @@ pub fn explain(
         scope,
     };
     let index = Index::new(world);
-    let decision = index.decide(&view);
-    let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .filter(|ip| !ip.is_empty());
+    let decision = index.decide(view);
+    let ip = calling_address(view);
 
     let bindings: Vec<BindingReport> = decision
         .candidates
@@ -140,7 +141,7 @@ pub fn explain(
                 .outcome
                 .as_ref()
                 .err()
-                .map(|r| rejection_text(r, &view, scope)),
+                .map(|r| rejection_text(r, view, scope)),
         })
         .collect();
     let selectors_in_namespace = if decision.candidates.is_empty() {
@@ -161,146 +162,187 @@ pub fn explain(
     } else {
         Vec::new()
     };
-    let assignments: Vec<(AssignmentReport, Option<AssignmentStatus>)> = decision
+    let assigned: HashMap<ObjectKey, AssignedView> = state
         .assignments
         .iter()
-        .map(|desired| {
-            let recorded = find_assignment(
-                &state.assignments,
-                &desired.assignment.namespace,
-                &desired.assignment.name,
-            );
-            let status = recorded.map(AzureAssignedIdentity::assignment_status);
-            let text = match &status {
+        .map(AssignedView::from_assigned)
+        .map(|a| (a.key.clone(), a))
+        .collect();
+    let assignments: Vec<AssignmentReport> = decision
+        .assignments
+        .iter()
+        .map(|desired| AssignmentReport {
+            name: desired.assignment.to_string(),
+            identity: desired.identity.to_string(),
+            status: match assigned.get(&desired.assignment).map(|a| &a.status) {
                 None => "not recorded yet".to_owned(),
                 Some(AssignmentStatus::Legacy) => {
                     "Assigned (no status, written by aad-pod-identity)".to_owned()
                 }
                 Some(other) => other.as_str().to_owned(),
-            };
-            (
-                AssignmentReport {
-                    name: desired.assignment.to_string(),
-                    identity: desired.identity.to_string(),
-                    status: text,
-                },
-                status,
-            )
+            },
         })
         .collect();
-    let agent = agent_answer(&decision, ip.as_deref(), mode, &assignments);
+    let agent = agent_answer(view, &views, &index, mode, &assigned);
     let verdict = verdict_text(&decision, &agent, &bindings);
     Ok(Explanation {
         pod: format!("{namespace}/{name}"),
         node: view.node_name.clone(),
         phase: view.phase.clone(),
-        ip,
+        life: view.life(),
+        ip: ip.map(|ip| ip.to_string()),
         label: view.labels.get(POD_LABEL).cloned(),
         excepted: decision.excepted,
         skipped: decision.skipped.as_ref().map(skip_text),
         bindings,
         selectors_in_namespace,
-        assignments: assignments.into_iter().map(|(report, _)| report).collect(),
+        assignments,
         agent,
         verdict,
     })
 }
 
-fn find_assignment<'a>(
-    all: &'a [AzureAssignedIdentity],
-    namespace: &str,
-    name: &str,
-) -> Option<&'a AzureAssignedIdentity> {
-    all.iter()
-        .find(|a| a.namespace().as_deref() == Some(namespace) && a.name_any() == name)
+/// The address the agent sees a pod's requests come from: its IPv4 address (the metadata address is
+/// IPv4), else its first.
+fn calling_address(view: &PodView) -> Option<IpAddr> {
+    view.ips
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(view.ips.first())
+        .copied()
 }
 
+/// What the agent of the pod's node does with its token requests, through the same rules the agent
+/// runs: who is calling ([`pod::caller`]), then the answer to that pod ([`answer::answer`]).
 fn agent_answer(
-    decision: &PodDecision,
-    ip: Option<&str>,
+    view: &PodView,
+    all: &[PodView],
+    index: &Index<'_>,
     mode: Mode,
-    assignments: &[(AssignmentReport, Option<AssignmentStatus>)],
+    assigned: &HashMap<ObjectKey, AssignedView>,
 ) -> AgentAnswer {
     let answer = |verdict, detail: String| AgentAnswer { verdict, detail };
-    match &decision.skipped {
-        Some(PodSkip::Terminating) => {
-            return answer(
-                Verdict::Refuse,
-                "the pod is being deleted; the agent no longer serves it".into(),
-            );
-        }
-        Some(PodSkip::Finished(phase)) => {
-            return answer(
-                Verdict::Refuse,
-                format!("the pod has finished ({phase}); the agent no longer serves it"),
-            );
-        }
-        Some(PodSkip::NotScheduled) => {
+    let waits = "requests wait up to the agent's pod wait, then get 503 with Retry-After, which SDKs retry";
+    match view.life() {
+        Life::Unscheduled => {
             return answer(
                 Verdict::Refuse,
                 "the pod is not scheduled to a node yet, so no agent serves it".into(),
             );
         }
-        Some(PodSkip::NotLabelled) | None => {}
+        Life::Finished(ending) => {
+            return answer(
+                Verdict::Refuse,
+                format!("the pod has finished ({ending}); the agent no longer serves it"),
+            );
+        }
+        Life::Active | Life::Terminating => {}
     }
-    if ip.is_none() {
+    if view.host_network {
         return answer(
-            Verdict::Refuse,
-            "the pod has no IP yet; the agent recognises callers by their IP".into(),
+            Verdict::Direct,
+            "the pod shares the node's network: its requests are not intercepted and reach the Instance \
+             Metadata Service directly, with every identity of the node"
+                .into(),
         );
     }
-    if decision.excepted {
+    let Some(ip) = calling_address(view) else {
         return answer(
+            Verdict::Wait,
+            format!(
+                "the pod has no IP in its status yet and the agent recognises callers by their IP: {waits}"
+            ),
+        );
+    };
+    let node_pods: Vec<&PodView> = all.iter().filter(|p| p.node_name == view.node_name).collect();
+    let awaiting = node_pods.iter().any(|p| p.awaits_its_address());
+    let claimants = node_pods.iter().filter(|p| p.ips.contains(&ip)).map(|p| (*p, *p));
+    match pod::caller(claimants, awaiting) {
+        pod::Caller::Pod(caller) if caller.key == view.key => {}
+        pod::Caller::Pod(other) => {
+            return answer(
+                Verdict::Refuse,
+                format!(
+                    "pod {} now has the pod's IP {ip}: requests from that address are that pod's",
+                    other.key
+                ),
+            );
+        }
+        pod::Caller::Ambiguous(pods) => {
+            let names: Vec<String> = pods.iter().map(|p| p.key.to_string()).collect();
+            return answer(
+                Verdict::Wait,
+                format!(
+                    "several pods of the node have IP {ip} ({}): {waits}",
+                    names.join(", ")
+                ),
+            );
+        }
+        pod::Caller::Unsettled(_) => {
+            return answer(
+                Verdict::Wait,
+                format!(
+                    "the pod is being deleted and a pod starting on its node may have been given IP {ip}: {waits}"
+                ),
+            );
+        }
+        pod::Caller::Unknown => return answer(Verdict::Wait, waits.to_owned()),
+    }
+    let leaving = if view.life() == Life::Terminating {
+        "; the pod is being deleted and is served until its containers stop"
+    } else {
+        ""
+    };
+    match answer::answer(index, view, mode, assigned) {
+        Answer::Excepted => answer(
             Verdict::Direct,
             "an AzurePodIdentityException matches the pod: its requests go straight to the Instance Metadata \
              Service, with every identity of the node"
                 .into(),
-        );
-    }
-    let Some(default) = decision.assignments.first() else {
-        return answer(
+        ),
+        Answer::Refused(refusal) => answer(
             Verdict::Refuse,
-            "requests are refused at once with 403: the pod has no identity".into(),
-        );
-    };
-    if mode == Mode::Managed {
-        return answer(
-            Verdict::Serve,
-            format!(
-                "tokens are served (managed mode: identities are pre-assigned); a request naming no identity gets {}",
-                default.identity
-            ),
-        );
-    }
-    let usable = |status: &Option<AssignmentStatus>| status.as_ref().is_some_and(AssignmentStatus::is_usable);
-    let (_, default_status) = &assignments[0];
-    let pending: Vec<&str> = assignments
-        .iter()
-        .filter(|(_, s)| !usable(s))
-        .map(|(r, _)| r.identity.as_str())
-        .collect();
-    if usable(default_status) {
-        let mut detail = format!(
-            "tokens are served; a request naming no identity gets {}",
-            default.identity
-        );
-        if !pending.is_empty() {
-            let _ = write!(
-                detail,
-                "; requests for {} wait until assigned (503 with Retry-After after the wait bound)",
-                pending.join(", ")
-            );
+            format!("requests are refused at once with 403: {refusal}"),
+        ),
+        Answer::Identities(identities) => {
+            let pending: Vec<String> = identities
+                .iter()
+                .filter(|i| i.pending.is_some())
+                .map(|i| i.assignment.identity.to_string())
+                .collect();
+            let default = &identities[0];
+            if default.pending.is_none() {
+                let mut detail = if mode == Mode::Managed {
+                    format!(
+                        "tokens are served (managed mode: identities are pre-assigned); a request naming no identity gets {}",
+                        default.assignment.identity
+                    )
+                } else {
+                    format!(
+                        "tokens are served; a request naming no identity gets {}",
+                        default.assignment.identity
+                    )
+                };
+                if !pending.is_empty() {
+                    let _ = write!(
+                        detail,
+                        "; requests for {} wait until assigned (503 with Retry-After after the wait bound)",
+                        pending.join(", ")
+                    );
+                }
+                detail.push_str(leaving);
+                answer(Verdict::Serve, detail)
+            } else {
+                answer(
+                    Verdict::Wait,
+                    format!(
+                        "{} is still being assigned: requests wait for it, then get 503 with Retry-After if it is not \
+                         assigned within the agent's wait bound{leaving}",
+                        pending.join(", ")
+                    ),
+                )
+            }
         }
-        answer(Verdict::Serve, detail)
-    } else {
-        answer(
-            Verdict::Wait,
-            format!(
-                "{} is still being assigned: requests wait for it, then get 503 with Retry-After if it is not \
-                 assigned within the agent's wait bound",
-                pending.join(", ")
-            ),
-        )
     }
 }
 
@@ -340,8 +382,7 @@ fn skip_text(skip: &PodSkip) -> String {
     match skip {
         PodSkip::NotLabelled => format!("it has no {POD_LABEL} label (or an empty one)"),
         PodSkip::NotScheduled => "it is not scheduled to a node yet".into(),
-        PodSkip::Terminating => "it is being deleted".into(),
-        PodSkip::Finished(phase) => format!("it has finished ({phase})"),
+        PodSkip::Finished(ending) => format!("it has finished ({ending})"),
     }
 }
 
@@ -409,6 +450,12 @@ impl Explanation {
             or_none(&self.phase),
             or_none(&self.ip)
         );
+        if self.life == Life::Terminating {
+            let _ = writeln!(
+                out,
+                "  being deleted; its containers may still run (termination grace period)"
+            );
+        }
         match &self.label {
             Some(label) => {
                 let _ = writeln!(out, "  label {POD_LABEL}={label}");

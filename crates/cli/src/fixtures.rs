@@ -58,16 +58,28 @@ pub fn pod(namespace: &str, name: &str, label: Option<&str>) -> Pod {
         }),
         status: Some(PodStatus {
             phase: Some("Running".into()),
-            pod_ip: Some("10.244.0.9".into()),
+            // One address per pod, as a node's IPAM gives them.
+            pod_ip: Some(format!(
+                "10.244.0.{}",
+                2 + name.bytes().map(u32::from).sum::<u32>() % 250
+            )),
             ..Default::default()
         }),
     }
 }
 
-pub fn assignment(namespace: &str, name: &str, status: &str) -> AzureAssignedIdentity {
+/// The assignment of `identity` to pod `pod`, both of `namespace`, as the controller names and writes it.
+pub fn assignment(namespace: &str, pod: &str, identity: &str, status: &str) -> AzureAssignedIdentity {
     AzureAssignedIdentity {
-        metadata: meta(namespace, name),
-        spec: AzureAssignedIdentitySpec::default(),
+        metadata: meta(
+            namespace,
+            &pod_identity_api::naming::assigned_identity_name(pod, namespace, identity),
+        ),
+        spec: AzureAssignedIdentitySpec {
+            pod: pod.into(),
+            pod_namespace: namespace.into(),
+            ..AzureAssignedIdentitySpec::default()
+        },
         status: Some(AzureAssignedIdentityStatus {
             status: Some(status.into()),
             available_replicas: None,

@@ -3,8 +3,9 @@
 //! `explain` walks one pod from its label to its bindings, identities, assignments and what the node
 //! agent would answer; `simulate` shows which pods would gain or lose an identity if a binding or
 //! identity manifest were applied. Both read the cluster once into [`cluster::ClusterState`] and then
-//! decide with the same pure rules the controller and the agent use (`pod_identity_api::matching`), so
-//! the explanation cannot drift from the behaviour.
+//! decide with the same pure rules the controller and the agent use (`pod_identity_api::matching`,
+//! `pod_identity_api::pod` for a pod's life and address, `pod_identity_api::answer` for the agent's
+//! answer), so the explanation cannot drift from the behaviour.
 
 pub mod cluster;
 pub mod explain;
@@ -15,6 +16,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+pub use pod_identity_api::answer::Mode;
 use pod_identity_api::matching::Scope;
 
 /// Command line of `kubectl podidentity`.
@@ -96,16 +98,6 @@ pub enum Output {
     Human,
     /// JSON for scripts.
     Json,
-}
-
-/// How an installation assigns identities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// The controller records assignments and puts identities on VMs and scale sets.
-    Standard,
-    /// Identities are pre-assigned; the agent matches bindings without assignment records.
-    Managed,
 }
 
 impl Args {

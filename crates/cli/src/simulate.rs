@@ -6,7 +6,8 @@ use anyhow::{Context, Result, bail};
 use kube::ResourceExt;
 use pod_identity_api::{
     AzureIdentity, AzureIdentityBinding, ObjectKey,
-    matching::{DesiredAssignment, PodView, Scope, World, desired_assignments},
+    matching::{DesiredAssignment, Scope, World, desired_assignments},
+    pod::PodView,
 };
 use serde::Serialize;
 use serde_json::Value;

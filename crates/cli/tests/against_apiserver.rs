@@ -55,7 +55,9 @@ async fn setup() -> (&'static ControlPlane, TestNamespace) {
             labels: label
                 .map(|l| BTreeMap::from([("aadpodidbinding".to_owned(), l.to_owned())]))
                 .unwrap_or_default(),
-            node: Some("node-a".into()),
+            // Node names are cluster-wide, and the agent's answer depends on the other pods of the
+            // node (who else has the IP): each test's pods are on a node of their own.
+            node: Some(format!("node-{}", ns.name)),
             ip: Some(ip.into()),
         };
         fixtures::create_pod(&ns.client, &template).await.unwrap();
@@ -114,7 +116,7 @@ async fn explain_follows_the_pod_from_label_to_agent_answer() {
     let aai: AzureAssignedIdentity = serde_json::from_value(json!({
         "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureAssignedIdentity",
         "metadata": {"name": format!("web-{}-payments", ns.name)},
-        "spec": {"pod": "web", "podNamespace": ns.name, "nodename": "node-a"},
+        "spec": {"pod": "web", "podNamespace": ns.name, "nodename": format!("node-{}", ns.name)},
         "status": {"status": "Created"}
     }))
     .unwrap();

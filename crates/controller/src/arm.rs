@@ -31,9 +31,24 @@ pub struct Observed {
     pub provisioning_state: Option<String>,
     /// The entity tag, for conditional updates.
     pub etag: Option<String>,
+    /// ARM's word that the machine does not exist (its message); it then holds nothing.
+    pub absent: Option<String>,
 }
 
 impl Observed {
+    /// A machine ARM says does not exist ([`ArmError::MachineNotFound`]): deleted, or never there.
+    pub fn absent(message: impl Into<String>) -> Self {
+        Self {
+            absent: Some(message.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Whether ARM says the machine does not exist.
+    pub fn is_absent(&self) -> bool {
+        self.absent.is_some()
+    }
+
     /// Whether the identity is on the machine.
     pub fn has(&self, id: &str) -> bool {
         self.identities.contains_key(&fold(id))
@@ -116,7 +131,7 @@ pub enum ArmError {
         /// ARM's `Retry-After`.
         retry_after: Option<Duration>,
     },
-    /// The machine does not exist.
+    /// The machine does not exist (ARM `ResourceNotFound`, or its resource group is gone).
     #[error("the machine does not exist: {message}")]
     MachineNotFound {
         /// ARM's message.

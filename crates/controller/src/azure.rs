@@ -94,6 +94,7 @@ fn observed(identity: ResourceIdentity) -> Observed {
         system_assigned: identity.kind.system,
         provisioning_state: identity.provisioning_state,
         etag: identity.etag,
+        absent: None,
     }
 }
 
@@ -121,7 +122,15 @@ pub fn classify(err: AzureError) -> ArmError {
             message,
         },
         AzureError::Unauthorized { message, .. } => ArmError::Unauthorized { message },
-        AzureError::ResourceNotFound { message, .. } => ArmError::MachineNotFound { message },
+        // The machine, or its resource group, does not exist. Other 404s (an unknown subscription, an
+        // unregistered provider, a malformed path) say nothing of the machine and are retried slowly.
+        AzureError::ResourceNotFound { code, message }
+            if ["ResourceNotFound", "ResourceGroupNotFound", "NotFound"]
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(&code)) =>
+        {
+            ArmError::MachineNotFound { message }
+        }
         AzureError::Transient {
             status: Some(409),
             message,
@@ -313,5 +322,22 @@ mod tests {
             message: "m".into(),
         });
         assert!(matches!(gone, ArmError::MachineNotFound { .. }));
+        let group_gone = classify(AzureError::ResourceNotFound {
+            code: "ResourceGroupNotFound".into(),
+            message: "m".into(),
+        });
+        assert!(matches!(group_gone, ArmError::MachineNotFound { .. }));
+        // A subscription ARM does not know says nothing of the machine: records must not be released.
+        for code in [
+            "SubscriptionNotFound",
+            "InvalidResourceType",
+            "MissingSubscriptionRegistration",
+        ] {
+            let other = classify(AzureError::ResourceNotFound {
+                code: code.into(),
+                message: "m".into(),
+            });
+            assert!(matches!(other, ArmError::Other { .. }), "{code}");
+        }
     }
 }

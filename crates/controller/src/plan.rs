@@ -15,7 +15,9 @@
 //! | no | no | – | release records |
 //!
 //! "Protected" is the immutable list and the cluster's own identity. A machine that ARM is deleting is
-//! left alone.
+//! left alone. A machine ARM says does not exist (deleted, with its scale set or resource group) holds
+//! nothing: records no pod needs are released, and those pods still want are kept, not usable, with the
+//! reason, until the machine is back (re-created under the same name) or their pods go.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -288,8 +290,13 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
             continue;
         };
         let present = observed.has(key);
+        let absent = observed
+            .absent
+            .as_ref()
+            .map(|message| format!("{} does not exist: {message}", input.target));
+        // What keeps a needed identity off the machine: quarantine, or no machine at all.
         let quarantine = if needed_now && !present {
-            (ctx.quarantine)(key)
+            (ctx.quarantine)(key).or(absent.clone())
         } else {
             None
         };
@@ -301,7 +308,7 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
         if remove {
             plan.delta.remove.push(id.to_owned());
         }
-        if let Some(reason) = &quarantine {
+        if let Some(reason) = quarantine.as_ref().filter(|_| absent.is_none()) {
             plan.quarantined.push((id.to_owned(), reason.clone()));
         }
         // Records that stay take `added` when the identity is (or becomes) ours.
@@ -334,8 +341,16 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
                         (have, want) if have != want && want != Origin::Unknown => Some(want),
                         _ => None,
                     };
+                    // On no machine, a record that said the identity was usable says so no more.
+                    let status = match status {
+                        Some(assigned) => Some(assigned).filter(|_| !recorded.status.is_usable()),
+                        None if absent.is_some() && recorded.status.is_usable() => {
+                            Some(AssignmentStatus::Created)
+                        }
+                        None => None,
+                    };
                     let update = RecordUpdate {
-                        status: status.filter(|_| !recorded.status.is_usable()),
+                        status,
                         origin,
                         machine: machine_id
                             .as_deref()

@@ -10,7 +10,10 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+    Node, NodeSpec, Pod, PodSpec, PodStatus,
+};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -21,8 +24,7 @@ use kube::{
 };
 use pod_identity_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, ObjectKey,
-    POD_LABEL,
-    matching::{PodView, Scope},
+    POD_LABEL, matching::Scope, pod::PodView,
 };
 use serde::de::DeserializeOwned;
 use tokio::{
@@ -181,12 +183,14 @@ fn drop_managed_fields<K: Resource>(object: &mut K) {
 }
 
 /// Keeps of a pod what matching and metrics read: a watched pod costs a few hundred bytes, not the
-/// whole spec.
+/// whole spec. A pod being deleted keeps its identities until its containers stop
+/// ([`pod_identity_api::pod::Life`]), so for it (and only for it) the state of each container is kept.
 fn slim_pod(pod: &mut Pod) {
     let meta = pod.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
     meta.owner_references = None;
+    let deleting = meta.deletion_timestamp.is_some();
     let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     pod.spec = Some(PodSpec {
         node_name,
@@ -194,6 +198,11 @@ fn slim_pod(pod: &mut Pod) {
         ..PodSpec::default()
     });
     let status = pod.status.take().unwrap_or_default();
+    let states = |statuses: Option<Vec<ContainerStatus>>| {
+        statuses
+            .filter(|_| deleting)
+            .map(|list| list.into_iter().map(slim_container).collect())
+    };
     pod.status = Some(PodStatus {
         phase: status.phase,
         conditions: status.conditions.map(|conditions| {
@@ -202,8 +211,23 @@ fn slim_pod(pod: &mut Pod) {
                 .filter(|c| c.type_ == "PodScheduled")
                 .collect()
         }),
+        init_container_statuses: states(status.init_container_statuses),
+        container_statuses: states(status.container_statuses),
+        ephemeral_container_statuses: states(status.ephemeral_container_statuses),
         ..PodStatus::default()
     });
+}
+
+/// Whether a container runs, waits or has terminated, without the details.
+fn slim_container(status: ContainerStatus) -> ContainerStatus {
+    ContainerStatus {
+        state: status.state.map(|state| ContainerState {
+            running: state.running.map(|_| ContainerStateRunning::default()),
+            terminated: state.terminated.map(|_| ContainerStateTerminated::default()),
+            waiting: state.waiting.map(|_| ContainerStateWaiting::default()),
+        }),
+        ..ContainerStatus::default()
+    }
 }
 
 /// Keeps of a node its name and provider ID.
@@ -248,7 +272,7 @@ pub async fn run(stores: Stores, notify: Arc<Notify>, shared: Arc<Shared>, scope
             () = notify.notified() => tokio::time::sleep(debounce).await,
             () = tokio::time::sleep(resync) => debug!("periodic full pass"),
         }
-        // Reap workers that ended (they only end when their sender goes, which it does not here).
+        // Reap workers that ended (they end when their sender goes).
         while let Some(result) = tasks.try_join_next() {
             if let Err(err) = result
                 && err.is_panic()
@@ -324,19 +348,16 @@ fn pass(
             }
         }
     }
-    for (target, tx) in workers.iter() {
-        if !seen.contains(target) {
-            tx.send_if_modified(|current| {
-                let empty = MachineInput::empty(target.clone());
-                if *current == empty {
-                    false
-                } else {
-                    *current = empty;
-                    true
-                }
-            });
+    // A machine with nothing wanted or recorded has nothing left to do (its records are all released,
+    // and only a record can make an identity leave): its worker retires when its sender goes. Records
+    // that show up later for it (a watch lagging behind the worker's own writes) start a new one.
+    workers.retain(|target, _| {
+        let keep = seen.contains(target);
+        if !keep {
+            debug!(machine = %target, "retiring worker");
         }
-    }
+        keep
+    });
     for (assignment, reason) in routing.unplaceable {
         let text = match &reason {
             Unplaceable::NodeMissing => format!("node {} is not known", assignment.node),
@@ -378,4 +399,77 @@ pub async fn wait_ready(stores: &Stores) -> bool {
         info!("caches synced");
     }
     ready
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use pod_identity_api::pod::{Ending, Life};
+
+    use super::*;
+
+    fn pod(deleting: bool, running: bool) -> Pod {
+        let state = if running {
+            ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: Some(Time(jiff::Timestamp::UNIX_EPOCH)),
+                }),
+                ..ContainerState::default()
+            }
+        } else {
+            ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: 0,
+                    reason: Some("Completed".into()),
+                    ..ContainerStateTerminated::default()
+                }),
+                ..ContainerState::default()
+            }
+        };
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some("web".into()),
+                deletion_timestamp: deleting.then_some(Time(jiff::Timestamp::UNIX_EPOCH)),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("node".into()),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "app".into(),
+                    image: "registry.example/app:1".into(),
+                    state: Some(state),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_slim_pod_keeps_its_life() {
+        for (deleting, running, life) in [
+            (false, true, Life::Active),
+            (false, false, Life::Active),
+            (true, true, Life::Terminating),
+            (true, false, Life::Finished(Ending::Stopped)),
+        ] {
+            let mut slim = pod(deleting, running);
+            slim_pod(&mut slim);
+            assert_eq!(PodView::from_pod(&slim).life(), life, "{deleting} {running}");
+            let statuses = slim.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+            assert_eq!(
+                statuses.is_some(),
+                deleting,
+                "container states only of pods being deleted"
+            );
+            if let Some(status) = statuses.and_then(|s| s.first()) {
+                assert!(status.image.is_empty() && status.name.is_empty());
+            }
+        }
+    }
 }

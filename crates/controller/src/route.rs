@@ -9,7 +9,8 @@ use std::{
 
 use pod_identity_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, ObjectKey,
-    matching::{DesiredAssignment, PodView, Scope, World, desired_assignments},
+    matching::{DesiredAssignment, Scope, World, desired_assignments},
+    pod::PodView,
 };
 
 use crate::{
@@ -119,10 +120,20 @@ pub fn route(cluster: &Cluster<'_>) -> Routing {
         let target = match wanted.identity_id {
             None => Target::NoAzure,
             Some(_) => match cluster.nodes.get(&assignment.node) {
-                None => {
-                    routing.unplaceable.push((assignment, Unplaceable::NodeMissing));
-                    continue;
-                }
+                // The node object is gone and the pod is not: its kubelet may still run it (a node
+                // re-registering, pod garbage collection not done yet). Where a record put its identity,
+                // the identity stays until the pod goes.
+                None => match recorded_by_name.get(&wanted.key) {
+                    Some((Target::Azure(machine), recorded))
+                        if !recorded.terminating && recorded.identity_key() == wanted.identity_key() =>
+                    {
+                        Target::Azure(machine.clone())
+                    }
+                    _ => {
+                        routing.unplaceable.push((assignment, Unplaceable::NodeMissing));
+                        continue;
+                    }
+                },
                 Some(None) => {
                     let node = assignment.node.clone();
                     routing
@@ -219,7 +230,7 @@ mod tests {
             labels: [(POD_LABEL.to_owned(), selector.to_owned())].into(),
             node_name: Some(node.to_owned()),
             phase: Some("Running".into()),
-            terminating: false,
+            ..PodView::default()
         }
     }
 
@@ -335,6 +346,38 @@ mod tests {
         assert_eq!(names(Target::Azure(pool("b"))), vec!["x"]);
         assert_eq!(names(Target::Azure(pool("a"))), vec!["y"]);
         assert_eq!(names(Target::NoAzure), vec!["z"]);
+    }
+
+    #[test]
+    fn a_pod_whose_node_object_went_keeps_its_recorded_identity_until_it_goes() {
+        let mut world = World::new();
+        let kept = recorded(
+            &wanted("p1", "a-0", "payments", 1),
+            AssignmentStatus::Assigned,
+            Origin::Added,
+            Some(&pool("a").arm_id()),
+        );
+        world.assignments = vec![kept.object];
+        world.nodes.remove("a-0");
+        world.pods = vec![pod("p1", "a-0", "pay")];
+        let routing = world.route();
+        let a = &routing.inputs[&Target::Azure(pool("a"))];
+        assert_eq!(a.wanted.len(), 1, "still wanted where its record put it");
+        assert_eq!(a.wanted[0].key, a.recorded[0].key);
+        assert!(routing.unplaceable.is_empty());
+
+        // A pod there without a record cannot be placed.
+        world.pods.push(pod("p2", "a-0", "pay"));
+        let routing = world.route();
+        assert_eq!(routing.unplaceable.len(), 1);
+        assert_eq!(routing.unplaceable[0].0.pod.name, "p2");
+
+        // The pod gone: the record is stale on its machine, which removes the identity and releases it.
+        world.pods.clear();
+        let routing = world.route();
+        let a = &routing.inputs[&Target::Azure(pool("a"))];
+        assert!(a.wanted.is_empty());
+        assert_eq!(a.recorded.len(), 1);
     }
 
     #[test]

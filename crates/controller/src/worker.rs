@@ -319,7 +319,7 @@ impl Worker {
         };
         let mut observed: Option<Observed> = None;
         if read_first && let Some(machine) = &machine {
-            match self.read(machine).await {
+            match self.observe(machine).await {
                 Ok(o) => observed = Some(o),
                 Err(err) => return self.failed(&err),
             }
@@ -356,7 +356,7 @@ impl Worker {
                     settled = true;
                     break;
                 };
-                match self.read(machine).await {
+                match self.observe(machine).await {
                     Ok(o) => {
                         observed = Some(o);
                         continue;
@@ -427,6 +427,12 @@ impl Worker {
                         // The machine is unchanged; plan again without the refused identities.
                         break;
                     }
+                    Err(ArmError::MachineNotFound { message }) => {
+                        // Deleted since it was read: plan again for a machine that holds nothing.
+                        info!(reason = %message, "the machine does not exist any more");
+                        observed = Some(Observed::absent(message));
+                        break;
+                    }
                     Err(err) => {
                         // A conflict means someone changed the machine; the next round reads it again.
                         return self.failed(&err);
@@ -438,6 +444,18 @@ impl Worker {
             return Outcome::Retry(self.backoff.next(None, fastrand::f64()));
         }
         Outcome::Settled
+    }
+
+    /// Reads the machine; a machine ARM says does not exist is observed as holding nothing, so that its
+    /// records are released instead of the read being retried for ever.
+    async fn observe(&self, machine: &Machine) -> Result<Observed, ArmError> {
+        match self.read(machine).await {
+            Err(ArmError::MachineNotFound { message }) => {
+                info!(reason = %message, "the machine does not exist");
+                Ok(Observed::absent(message))
+            }
+            other => other,
+        }
     }
 
     async fn read(&self, machine: &Machine) -> Result<Observed, ArmError> {

@@ -18,7 +18,7 @@ use crate::identity_merge::{merge, parse_patch};
 use crate::ids::{ResourceId, ResourceType, fold};
 use crate::settings::same_resource;
 use crate::shared::{Shared, lock, now_secs, read};
-use crate::state::{Action, State};
+use crate::state::{Action, Provisioning, State};
 use crate::throttle::{Decision, Policy, Request as ThrottleRequest, Scope};
 use crate::tokens::{Claims, VerifyError};
 
@@ -108,6 +108,10 @@ pub fn fault(status: StatusCode) -> Response {
 #[derive(Debug)]
 enum Route {
     Compute(ResourceId),
+    /// One instance of a scale set.
+    Instance(ResourceId),
+    /// `POST .../virtualMachineScaleSets/{name}/delete`: scale-in of the listed instances.
+    DeleteInstances(ResourceId),
     Identity(ResourceId),
     Operation {
         name: String,
@@ -122,6 +126,7 @@ fn route(path: &str) -> Route {
     if let Some(id) = ResourceId::parse(path) {
         return match id.kind {
             ResourceType::VirtualMachine | ResourceType::VirtualMachineScaleSet => Route::Compute(id),
+            ResourceType::ScaleSetInstance => Route::Instance(id),
             ResourceType::UserAssignedIdentity => Route::Identity(id),
             _ => Route::Unknown {
                 namespace: None,
@@ -131,6 +136,13 @@ fn route(path: &str) -> Route {
     }
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let eq = |i: usize, s: &str| segs.get(i).is_some_and(|x| x.eq_ignore_ascii_case(s));
+    if segs.len() == 10
+        && eq(9, "delete")
+        && let Some(id) = ResourceId::parse(&segs[..9].join("/"))
+        && id.kind == ResourceType::VirtualMachineScaleSet
+    {
+        return Route::DeleteInstances(id);
+    }
     if segs.len() == 9
         && eq(1, "subscriptions")
         && eq(3, "providers")
@@ -260,6 +272,7 @@ pub async fn handle(sh: &Shared, conn: &Conn, req: Request<Body>) -> Response {
     let rt = route(&path);
     let res_key = match &rt {
         Route::Compute(id) | Route::Identity(id) => Some(id.key()),
+        Route::Instance(id) | Route::DeleteInstances(id) => Some(id.parent().key()),
         Route::Operation { name } => Some(fold(name)),
         Route::Unknown { .. } => None,
     };
@@ -350,6 +363,44 @@ async fn dispatch(
         Route::Compute(id) => match *method {
             Method::GET => get_compute(sh, &id, &api_version, claims).await,
             Method::PATCH => patch_compute(sh, conn, headers, &id, &api_version, claims, body).await,
+            Method::DELETE => delete_compute(sh, conn, headers, &id, &api_version, claims),
+            _ => method_not_allowed(method),
+        },
+        Route::Instance(id) => match *method {
+            Method::DELETE => {
+                let instance = id.child.clone().unwrap_or_default();
+                delete_instances(sh, conn, headers, &id.parent(), &[instance], &api_version, claims)
+            }
+            // Instances are modelled for scale-in only.
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "InvalidRequestUri",
+                &format!("The request URI '{path}' does not name a resource this service holds."),
+            ),
+        },
+        Route::DeleteInstances(id) => match *method {
+            Method::POST => {
+                let limit = read(&sh.settings).max_body_bytes;
+                let ids = match read_body(headers, body, limit).await {
+                    Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                        Ok(v) => v["instanceIds"].as_array().map(|a| {
+                            a.iter()
+                                .filter_map(|i| i.as_str().map(str::to_owned))
+                                .collect::<Vec<_>>()
+                        }),
+                        Err(_) => None,
+                    },
+                    Err(_) => None,
+                };
+                match ids {
+                    Some(ids) if !ids.is_empty() => {
+                        delete_instances(sh, conn, headers, &id, &ids, &api_version, claims)
+                    }
+                    _ => invalid_content(
+                        "The request content must name the instances: {\"instanceIds\": [...]}.",
+                    ),
+                }
+            }
             _ => method_not_allowed(method),
         },
         Route::Identity(id) => match *method {
@@ -719,6 +770,9 @@ async fn patch_compute(
         );
     }
     let base = base_url(headers, conn, true);
+    if c.provisioning == Provisioning::Deleting {
+        return marked_for_deletion(id, "Update");
+    }
     if reject_concurrent && let Some(pending) = &c.pending_operation {
         let loc = c.location.clone();
         return error(
@@ -819,6 +873,149 @@ async fn patch_compute(
         resp = with_header(resp, "retry-after", &poll.to_string());
     }
     resp
+}
+
+/// CRP's answer to a change of a VM or scale set being deleted.
+fn marked_for_deletion(id: &ResourceId, operation: &str) -> Response {
+    let what = match id.kind {
+        ResourceType::VirtualMachine => "VM",
+        _ => "VM scale set",
+    };
+    error(
+        StatusCode::CONFLICT,
+        "OperationNotAllowed",
+        &format!(
+            "Operation '{operation}' is not allowed on {what} '{}' since the {what} is marked for deletion. You can only retry the Delete operation (or wait for an ongoing one to complete).",
+            id.name
+        ),
+    )
+}
+
+/// The `202 Accepted` of a long-running delete: `Azure-AsyncOperation` to poll, no body.
+#[allow(clippy::too_many_arguments)]
+fn accepted(
+    sh: &Shared,
+    conn: &Conn,
+    headers: &HeaderMap,
+    id: &ResourceId,
+    location: &str,
+    op: &str,
+    api_version: &str,
+    rate: Vec<(&'static str, String)>,
+) -> Response {
+    let base = base_url(headers, conn, true);
+    let poll = read(&sh.settings).lro_poll_interval_secs.max(1);
+    let async_url = format!(
+        "{base}/subscriptions/{}/providers/Microsoft.Compute/locations/{location}/operations/{op}?p=1&api-version={api_version}",
+        id.subscription
+    );
+    let mut resp = Response::builder()
+        .status(StatusCode::ACCEPTED)
+        .body(Body::empty())
+        .unwrap_or_default();
+    resp = with_headers(resp, rate);
+    resp = with_header(resp, "azure-asyncoperation", &async_url);
+    with_header(resp, "retry-after", &poll.to_string())
+}
+
+/// `DELETE` of a VM or scale set: 202 and a long-running operation during which the resource reads
+/// `provisioningState: Deleting`; 204 when there is nothing to delete (DELETE is idempotent on ARM).
+fn delete_compute(
+    sh: &Shared,
+    conn: &Conn,
+    headers: &HeaderMap,
+    id: &ResourceId,
+    api_version: &str,
+    claims: &Claims,
+) -> Response {
+    let scope = id.to_string();
+    if !lock(&sh.state).authorized(&claims.oid, Action::ComputeDelete, &scope) {
+        return authorization_failed(claims, Action::ComputeDelete.arm_action(id.kind), &scope);
+    }
+    let rate = match throttle(sh, claims, &id.subscription, &id.key(), true, None) {
+        Ok(h) => h,
+        Err(resp) => return resp,
+    };
+    let lro = Duration::from_millis(read(&sh.settings).lro_duration_ms);
+    let now = Instant::now();
+    let mut st = lock(&sh.state);
+    st.advance(now);
+    let rg_exists = st
+        .subscription(&id.subscription)
+        .is_some_and(|s| s.resource_groups.contains_key(&fold(&id.resource_group)));
+    if !rg_exists {
+        return group_or_resource_missing(&st, id);
+    }
+    let Some(location) = st.compute.get(&id.key()).map(|c| c.location.clone()) else {
+        return with_headers(
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Body::empty())
+                .unwrap_or_default(),
+            rate,
+        );
+    };
+    if !COMPUTE_API_VERSIONS.contains(&api_version) {
+        return unsupported_version(id.kind.arm_type(), api_version, COMPUTE_API_VERSIONS, &location);
+    }
+    let Some(op) = st.start_delete(&id.key(), now, lro) else {
+        return group_or_resource_missing(&st, id);
+    };
+    drop(st);
+    tracing::debug!(resource = %scope, operation = %op, "delete accepted");
+    accepted(sh, conn, headers, id, &location, &op, api_version, rate)
+}
+
+/// Deleting instances of a scale set (scale-in), one by `DELETE` on the instance or several by
+/// `POST .../delete` with `instanceIds`: 202 and a long-running operation; the scale set and its
+/// identities stay.
+#[allow(clippy::too_many_arguments)]
+fn delete_instances(
+    sh: &Shared,
+    conn: &Conn,
+    headers: &HeaderMap,
+    scale_set: &ResourceId,
+    instance_ids: &[String],
+    api_version: &str,
+    claims: &Claims,
+) -> Response {
+    let scope = scale_set.to_string();
+    if !lock(&sh.state).authorized(&claims.oid, Action::ComputeDelete, &scope) {
+        return authorization_failed(claims, Action::ComputeDelete.arm_action(scale_set.kind), &scope);
+    }
+    let rate = match throttle(sh, claims, &scale_set.subscription, &scale_set.key(), true, None) {
+        Ok(h) => h,
+        Err(resp) => return resp,
+    };
+    let lro = Duration::from_millis(read(&sh.settings).lro_duration_ms);
+    let now = Instant::now();
+    let mut st = lock(&sh.state);
+    st.advance(now);
+    let Some(location) = st.compute.get(&scale_set.key()).map(|c| c.location.clone()) else {
+        return group_or_resource_missing(&st, scale_set);
+    };
+    if !COMPUTE_API_VERSIONS.contains(&api_version) {
+        return unsupported_version(
+            scale_set.kind.arm_type(),
+            api_version,
+            COMPUTE_API_VERSIONS,
+            &location,
+        );
+    }
+    match st.start_delete_instances(&scale_set.key(), instance_ids, now, lro) {
+        Ok(op) => {
+            drop(st);
+            accepted(sh, conn, headers, scale_set, &location, &op, api_version, rate)
+        }
+        Err(unknown) => error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameter",
+            &format!(
+                "The provided instanceId {} is not an active Virtual Machine Scale Set VM instanceId.",
+                unknown.join(", ")
+            ),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ impl Identities {
 pub enum Provisioning {
     Succeeded,
     Updating,
+    /// A DELETE is running; the resource goes when its operation completes.
+    Deleting,
 }
 
 impl Provisioning {
@@ -52,6 +54,7 @@ impl Provisioning {
         match self {
             Self::Succeeded => "Succeeded",
             Self::Updating => "Updating",
+            Self::Deleting => "Deleting",
         }
     }
 }
@@ -112,10 +115,22 @@ pub enum OperationStatus {
     Succeeded,
 }
 
+/// What a long-running operation does to its resource when it completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The instances get the model's identities.
+    Update,
+    /// The VM or scale set goes.
+    Delete,
+    /// These instances of the scale set go (scale-in).
+    DeleteInstances(Vec<String>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Operation {
     pub name: String,
     pub resource_key: String,
+    pub effect: Effect,
     pub subscription: String,
     pub location: String,
     pub start: jiff::Timestamp,
@@ -163,6 +178,7 @@ pub enum ResolveError {
 pub enum Action {
     ComputeRead,
     ComputeWrite,
+    ComputeDelete,
     IdentityRead,
     IdentityAssign,
     SecretsRead,
@@ -173,6 +189,8 @@ impl Action {
         match (self, kind) {
             (Self::ComputeWrite, ResourceType::VirtualMachine) => "Microsoft.Compute/virtualMachines/write",
             (Self::ComputeWrite, _) => "Microsoft.Compute/virtualMachineScaleSets/write",
+            (Self::ComputeDelete, ResourceType::VirtualMachine) => "Microsoft.Compute/virtualMachines/delete",
+            (Self::ComputeDelete, _) => "Microsoft.Compute/virtualMachineScaleSets/delete",
             (Self::ComputeRead, ResourceType::VirtualMachine) => "Microsoft.Compute/virtualMachines/read",
             (Self::ComputeRead, _) => "Microsoft.Compute/virtualMachineScaleSets/read",
             (Self::IdentityRead, _) => "Microsoft.ManagedIdentity/userAssignedIdentities/read",
@@ -187,7 +205,10 @@ fn role_allows(role: &str, action: Action) -> bool {
     match role.as_str() {
         "owner" | "contributor" => action != Action::SecretsRead,
         "reader" => matches!(action, Action::ComputeRead | Action::IdentityRead),
-        "virtual machine contributor" => matches!(action, Action::ComputeRead | Action::ComputeWrite),
+        "virtual machine contributor" => matches!(
+            action,
+            Action::ComputeRead | Action::ComputeWrite | Action::ComputeDelete
+        ),
         "managed identity operator" => matches!(action, Action::IdentityRead | Action::IdentityAssign),
         "key vault secrets user" | "key vault secrets officer" | "key vault administrator" => {
             action == Action::SecretsRead
@@ -510,15 +531,31 @@ impl State {
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            if let Some(op) = self.operations.get_mut(&key) {
-                op.status = OperationStatus::Succeeded;
-                op.end = Some(jiff::Timestamp::now());
-                if let Some(c) = self.compute.get_mut(&op.resource_key)
-                    && c.pending_operation.as_deref() == Some(key.as_str())
-                {
-                    c.effective = c.model.clone();
-                    c.provisioning = Provisioning::Succeeded;
-                    c.pending_operation = None;
+            let Some(op) = self.operations.get_mut(&key) else {
+                continue;
+            };
+            op.status = OperationStatus::Succeeded;
+            op.end = Some(jiff::Timestamp::now());
+            let (resource, effect) = (op.resource_key.clone(), op.effect.clone());
+            match effect {
+                Effect::DeleteInstances(ids) => {
+                    if let Some(c) = self.compute.get_mut(&resource) {
+                        c.instances.retain(|i| !ids.contains(&i.instance_id));
+                    }
+                }
+                _ if self
+                    .compute
+                    .get(&resource)
+                    .is_none_or(|c| c.pending_operation.as_deref() != Some(key.as_str())) => {}
+                Effect::Delete => {
+                    self.compute.remove(&resource);
+                }
+                Effect::Update => {
+                    if let Some(c) = self.compute.get_mut(&resource) {
+                        c.effective = c.model.clone();
+                        c.provisioning = Provisioning::Succeeded;
+                        c.pending_operation = None;
+                    }
                 }
             }
         }
@@ -571,6 +608,7 @@ impl State {
         let op = Operation {
             name: name.clone(),
             resource_key: key.to_owned(),
+            effect: Effect::Update,
             subscription: c.id.subscription.clone(),
             location: c.location.clone(),
             start: jiff::Timestamp::now(),
@@ -583,6 +621,73 @@ impl State {
         self.operations.insert(name.clone(), op);
         self.advance(now);
         Some(name)
+    }
+
+    /// Starts deleting a VM or scale set: `Deleting` until the operation is done (at once when `duration`
+    /// is zero), then gone. A delete already running is returned instead of a second one. Returns the
+    /// operation's name, `None` when there is no such resource.
+    pub fn start_delete(&mut self, key: &str, now: Instant, duration: Duration) -> Option<String> {
+        let c = self.compute.get_mut(key)?;
+        if c.provisioning == Provisioning::Deleting
+            && let Some(pending) = &c.pending_operation
+        {
+            return Some(pending.clone());
+        }
+        let name = new_guid();
+        let op = Operation {
+            name: name.clone(),
+            resource_key: key.to_owned(),
+            effect: Effect::Delete,
+            subscription: c.id.subscription.clone(),
+            location: c.location.clone(),
+            start: jiff::Timestamp::now(),
+            end: None,
+            due: now + duration,
+            status: OperationStatus::InProgress,
+        };
+        c.provisioning = Provisioning::Deleting;
+        c.pending_operation = Some(name.clone());
+        c.etag += 1;
+        self.operations.insert(name.clone(), op);
+        self.advance(now);
+        Some(name)
+    }
+
+    /// Starts deleting instances of a scale set (scale-in); they go when the operation is done. `Err`
+    /// names the instance IDs the scale set does not have (then nothing starts).
+    pub fn start_delete_instances(
+        &mut self,
+        key: &str,
+        instance_ids: &[String],
+        now: Instant,
+        duration: Duration,
+    ) -> Result<String, Vec<String>> {
+        let Some(c) = self.compute.get(key) else {
+            return Err(instance_ids.to_vec());
+        };
+        let unknown: Vec<String> = instance_ids
+            .iter()
+            .filter(|id| !c.instances.iter().any(|i| &i.instance_id == *id))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
+        let name = new_guid();
+        let op = Operation {
+            name: name.clone(),
+            resource_key: key.to_owned(),
+            effect: Effect::DeleteInstances(instance_ids.to_vec()),
+            subscription: c.id.subscription.clone(),
+            location: c.location.clone(),
+            start: jiff::Timestamp::now(),
+            end: None,
+            due: now + duration,
+            status: OperationStatus::InProgress,
+        };
+        self.operations.insert(name.clone(), op);
+        self.advance(now);
+        Ok(name)
     }
 
     /// Changes identities behind ARM's back, effective at once (as when a node image upgrade drops them).
@@ -944,5 +1049,47 @@ mod tests {
                 .object_id,
             sys.principal_id
         );
+    }
+
+    #[test]
+    fn a_deleted_machine_is_deleting_until_its_operation_completes_then_gone() {
+        let mut st = State::from_seed(&seed()).unwrap();
+        let key = fold(SS);
+        let now = Instant::now();
+        let op = st.start_delete(&key, now, Duration::from_secs(30)).unwrap();
+        assert_eq!(st.compute[&key].provisioning, Provisioning::Deleting);
+        assert_eq!(
+            st.render_compute(&st.compute[&key])["properties"]["provisioningState"],
+            "Deleting"
+        );
+        assert_eq!(
+            st.start_delete(&key, now, Duration::from_secs(30)).as_deref(),
+            Some(op.as_str()),
+            "a second DELETE joins the running one"
+        );
+        st.advance(now + Duration::from_secs(30));
+        assert!(!st.compute.contains_key(&key));
+        assert_eq!(st.operations[&op].status, OperationStatus::Succeeded);
+        assert_eq!(
+            st.resolve_for_imds(&instance(), &Selector::Default),
+            Err(ResolveError::NotFound)
+        );
+        assert_eq!(st.start_delete(&key, now, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn scale_in_removes_instances_and_keeps_the_scale_set_and_its_identities() {
+        let mut st = State::from_seed(&seed()).unwrap();
+        let key = fold(SS);
+        let identities = st.compute[&key].model.clone();
+        assert_eq!(
+            st.start_delete_instances(&key, &["7".into()], Instant::now(), Duration::ZERO),
+            Err(vec!["7".to_owned()])
+        );
+        st.start_delete_instances(&key, &["0".into()], Instant::now(), Duration::ZERO)
+            .unwrap();
+        assert!(st.compute[&key].instances.is_empty());
+        assert_eq!(st.compute[&key].model, identities);
+        assert_eq!(st.compute[&key].provisioning, Provisioning::Succeeded);
     }
 }

@@ -520,16 +520,18 @@ async fn if_match_guards_against_lost_updates_and_other_verbs_are_405() {
     )
     .await;
     assert_eq!((stale.status, stale.code()), (412, "PreconditionFailed"));
-    let del = answer(
+    // Creating or replacing a machine is not modelled.
+    let put = answer(
         client(&em)
-            .delete(url(&em, &vmss_id(), V))
+            .put(url(&em, &vmss_id(), V))
             .bearer_auth(&tok)
+            .json(&json!({"location": "westeurope"}))
             .send()
             .await
             .unwrap(),
     )
     .await;
-    assert_eq!((del.status, del.code()), (405, "MethodNotAllowed"));
+    assert_eq!((put.status, put.code()), (405, "MethodNotAllowed"));
 }
 
 #[tokio::test]
@@ -667,4 +669,125 @@ async fn deleted_identity_still_listed_shows_null_ids() {
         a.body["identity"]["userAssignedIdentities"][uami("id-a")]["clientId"],
         Value::Null
     );
+}
+
+async fn delete(em: &Emulator, token: &str, id: &str) -> Answer {
+    answer(
+        client(em)
+            .delete(url(em, id, V))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Polls an operation by its Retry-After until it is no longer running.
+async fn finish(em: &Emulator, token: &str, accepted: &Answer) -> Answer {
+    let op_url = accepted.header("azure-asyncoperation").unwrap().to_owned();
+    loop {
+        let op = answer(client(em).get(&op_url).bearer_auth(token).send().await.unwrap()).await;
+        if op.body["status"] != "InProgress" {
+            return op;
+        }
+        let secs: u64 = op.header("retry-after").unwrap_or("1").parse().unwrap();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_machine_reads_deleting_refuses_changes_then_is_not_found() {
+    // Long enough that a loaded machine still sees the deletion running.
+    let em = start_with(|c| c.settings.lro_duration_ms = 3000).await;
+    let tok = ctl_token(&em).await;
+    for id in [vm_id(), vmss_id()] {
+        let accepted = delete(&em, &tok, &id).await;
+        assert_eq!(accepted.status, 202, "{}", accepted.text);
+        assert!(accepted.text.is_empty());
+        let deleting = get(&em, &tok, &id).await;
+        assert_eq!(deleting.status, 200);
+        assert_eq!(deleting.body["properties"]["provisioningState"], "Deleting");
+        let refused = patch(&em, &tok, &id, &adds(&[uami("id-b")])).await;
+        assert_eq!((refused.status, refused.code()), (409, "OperationNotAllowed"));
+        assert!(
+            refused.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("marked for deletion")
+        );
+        assert_eq!(finish(&em, &tok, &accepted).await.body["status"], "Succeeded");
+        let gone = get(&em, &tok, &id).await;
+        assert_eq!(
+            (gone.status, gone.code()),
+            (404, "ResourceNotFound"),
+            "{}",
+            gone.text
+        );
+        let gone = patch(&em, &tok, &id, &adds(&[uami("id-b")])).await;
+        assert_eq!((gone.status, gone.code()), (404, "ResourceNotFound"));
+        // DELETE is idempotent: nothing left to delete.
+        assert_eq!(delete(&em, &tok, &id).await.status, 204);
+    }
+    // The scale set's instances went with it.
+    let imds = plain_client()
+        .get(format!(
+            "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net&client_id={}",
+            em.imds_url(0).unwrap(),
+            client_of("id-a")
+        ))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(imds.status(), 200);
+}
+
+#[tokio::test]
+async fn scale_in_removes_instances_and_keeps_the_scale_set_and_its_identities() {
+    let em = start().await;
+    let tok = ctl_token(&em).await;
+    let unknown = answer(
+        client(&em)
+            .post(format!("{}{}/delete?api-version={V}", em.azure_url(), vmss_id()))
+            .bearer_auth(&tok)
+            .json(&json!({"instanceIds": ["7"]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((unknown.status, unknown.code()), (400, "InvalidParameter"));
+    let batch = answer(
+        client(&em)
+            .post(format!("{}{}/delete?api-version={V}", em.azure_url(), vmss_id()))
+            .bearer_auth(&tok)
+            .json(&json!({"instanceIds": ["1"]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(batch.status, 202, "{}", batch.text);
+    let one = delete(&em, &tok, &instance_id(0)).await;
+    assert_eq!(one.status, 202, "{}", one.text);
+    let set = get(&em, &tok, &vmss_id()).await;
+    assert_eq!(set.body["sku"]["capacity"], 0);
+    assert_eq!(set.body["properties"]["provisioningState"], "Succeeded");
+    assert!(set.body["identity"]["userAssignedIdentities"][uami("id-a")].is_object());
+}
+
+#[tokio::test]
+async fn deleting_needs_the_delete_permission() {
+    let em = start().await;
+    let reader = entra_token(&em, READER_CLIENT, SECRET, "https://management.azure.com/").await;
+    let refused = delete(&em, &reader, &vmss_id()).await;
+    assert_eq!((refused.status, refused.code()), (403, "AuthorizationFailed"));
+    assert!(
+        refused
+            .text
+            .contains("Microsoft.Compute/virtualMachineScaleSets/delete")
+    );
+    let tok = ctl_token(&em).await;
+    assert_eq!(get(&em, &tok, &vmss_id()).await.status, 200, "still there");
 }

@@ -215,3 +215,52 @@ async fn python_keyvault_reads_a_secret_with_a_managed_identity_token() {
         "challenge, then the secret"
     );
 }
+
+#[tokio::test]
+async fn python_mgmt_compute_deletes_a_vm_scale_set_instances_and_the_scale_set() {
+    let em = start_with(|c| c.settings.lro_duration_ms = 300).await;
+    let ca = ca_file(&em);
+    let out = run(
+        "mgmt_compute_delete.py",
+        &[
+            ("AZURE_URL", em.azure_url()),
+            ("TENANT_ID", TENANT.into()),
+            ("CLIENT_ID", CTL_CLIENT.into()),
+            ("CLIENT_SECRET", CTL_SECRET.into()),
+            ("SUBSCRIPTION_ID", SUB.into()),
+            ("RESOURCE_GROUP", RG.into()),
+            ("VMSS_NAME", VMSS.into()),
+            ("VM_NAME", VM.into()),
+            ("REQUESTS_CA_BUNDLE", ca.path().display().to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(out["vm_while_deleting"], "Deleting", "{out}");
+    assert_eq!(out["vm_poller"], "Succeeded", "{out}");
+    assert_eq!(out["vm_after"]["status"], 404, "{out}");
+    assert_eq!(out["vm_after"]["code"], "ResourceNotFound", "{out}");
+    assert_eq!(out["capacity_after_scale_in"], 0, "{out}");
+    assert_eq!(
+        out["identities_after_scale_in"],
+        serde_json::json!([uami("id-a")]),
+        "scale-in leaves the scale set's identities: {out}"
+    );
+    assert_eq!(out["vmss_after"]["code"], "ResourceNotFound", "{out}");
+    let arm = em.requests(&LogFilter {
+        service: Some(Service::Arm),
+        ..LogFilter::default()
+    });
+    assert_eq!(
+        arm.iter().filter(|r| r.method == "DELETE").count(),
+        3,
+        "VM, instance, scale set"
+    );
+    assert!(
+        arm.iter()
+            .any(|r| r.method == "POST" && r.path.ends_with("/delete"))
+    );
+    assert!(
+        arm.iter().any(|r| r.path.contains("/operations/")),
+        "the SDK polled Azure-AsyncOperation"
+    );
+}

@@ -3,11 +3,14 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use pod_identity_api::{
     AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
-    AzurePodIdentityExceptionSpec, SecretReference, matching::PodView, naming::assigned_identity_name,
+    AzurePodIdentityExceptionSpec, SecretReference,
+    answer::AssignedView,
+    naming::assigned_identity_name,
+    pod::{Containers, PodView},
 };
 
 use super::*;
-use crate::world::{AssignedRecord, Synced};
+use crate::world::Synced;
 
 pub(crate) const CLIENT_A: &str = "11111111-1111-1111-1111-111111111111";
 pub(crate) const CLIENT_B: &str = "22222222-2222-2222-2222-222222222222";
@@ -83,10 +86,11 @@ pub(crate) fn pod(namespace: &str, name: &str, selector: Option<&str>) -> PodRec
             labels,
             node_name: Some("node-a".into()),
             phase: Some("Running".into()),
-            terminating: false,
+            deleting: false,
+            containers: Containers::Running,
+            host_network: false,
+            ips: vec!["10.244.0.2".parse().unwrap()],
         },
-        ips: vec!["10.244.0.2".parse().unwrap()],
-        host_network: false,
         created: None,
     }
 }
@@ -106,7 +110,7 @@ pub(crate) fn synced_world() -> World {
 pub(crate) fn assign(world: &mut World, pod: &PodRecord, identity: &AzureIdentity, status: &str) {
     let name = identity.metadata.name.clone().unwrap();
     let namespace = identity.metadata.namespace.clone().unwrap();
-    world.upsert_assigned(AssignedRecord {
+    world.upsert_assigned(AssignedView {
         key: ObjectKey::new(
             namespace,
             assigned_identity_name(&pod.view.key.name, &pod.view.key.namespace, &name),
@@ -190,7 +194,7 @@ fn cross_namespace_scope_lets_it_through() {
     world.identities.push(identity("other", "id-a", CLIENT_A));
     world.bindings.push(binding("other", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
-    world.upsert_assigned(AssignedRecord {
+    world.upsert_assigned(AssignedView {
         key: ObjectKey::new("default", assigned_identity_name("web", "ns", "id-a")),
         pod: web.view.key.clone(),
         client_id: Some(CLIENT_A.into()),
@@ -285,7 +289,7 @@ fn an_assignment_for_another_pod_of_the_same_name_is_not_ours() {
     world.identities.push(id.clone());
     world.bindings.push(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
-    world.upsert_assigned(AssignedRecord {
+    world.upsert_assigned(AssignedView {
         key: ObjectKey::new("ns", assigned_identity_name("web", "ns", "id-a")),
         pod: ObjectKey::new("ns-web", ""),
         client_id: Some(CLIENT_A.into()),
@@ -503,4 +507,71 @@ fn only_identities_live_pods_may_use_stay_authorized() {
     assert!(auth.principals.is_empty(), "the binding went away");
     world.synced.pods = false;
     assert_eq!(authorized(&world, standard()), None);
+}
+
+#[test]
+fn a_pod_being_deleted_is_served_and_its_tokens_stay_cached_until_its_containers_stop() {
+    let mut world = synced_world();
+    let a = identity("ns", "id-a", CLIENT_A);
+    world.identities.push(a.clone());
+    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
+    let mut web = pod("ns", "web", Some("web"));
+    web.view.deleting = true;
+    world.upsert_pod(web.clone());
+    assign(&mut world, &web, &a, "Assigned");
+    assert_eq!(
+        served_client(&resolve(&world, standard(), &web, &Selector::Default, &())).as_deref(),
+        Some(CLIENT_A),
+        "SIGTERM handlers get their tokens through the grace period"
+    );
+    let managed_a = Principal::Managed {
+        client_id: CLIENT_A.into(),
+    };
+    assert!(authorized(&world, standard()).unwrap().allows(&managed_a));
+
+    web.view.containers = Containers::NoneRunning;
+    world.upsert_pod(web.clone());
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Deny(why) if why.contains("every container stopped")
+    ));
+    assert!(!authorized(&world, standard()).unwrap().allows(&managed_a));
+}
+
+#[test]
+fn callers_not_known_yet_wait_and_every_such_wait_is_about_the_caller() {
+    let mut world = synced_world();
+    let mut old = pod("ns", "old", Some("web"));
+    old.view.deleting = true;
+    world.upsert_pod(old.clone());
+    let ip = old.view.ips[0];
+    assert_eq!(calling_pod(&world, ip).unwrap().view.key.name, "old");
+    let mut starting = pod("ns", "new", Some("db"));
+    starting.view.ips.clear();
+    starting.view.phase = Some("Pending".into());
+    world.upsert_pod(starting);
+    let unsettled = calling_pod(&world, ip).unwrap_err();
+    assert_eq!(unsettled, Pending::UnsettledCaller(ObjectKey::new("ns", "old")));
+    let unknown = calling_pod(&world, "10.244.9.9".parse().unwrap()).unwrap_err();
+    assert_eq!(unknown, Pending::UnknownCaller);
+    for pending in [unsettled, unknown, Pending::AmbiguousCaller(vec![])] {
+        assert!(pending.is_about_the_caller(), "{pending}");
+    }
+    assert!(!Pending::NotSynced.is_about_the_caller());
+}
+
+#[test]
+fn a_pod_named_by_a_node_local_caller_is_found_while_it_may_run_whatever_its_network() {
+    let mut world = synced_world();
+    let mut host = pod("ns", "csi", Some("web"));
+    host.view.host_network = true;
+    world.upsert_pod(host);
+    let mut done = pod("ns", "job", Some("web"));
+    done.view.phase = Some("Succeeded".into());
+    world.upsert_pod(done);
+    assert!(named_pod(&world, &ObjectKey::new("ns", "csi")).is_ok());
+    assert_eq!(
+        named_pod(&world, &ObjectKey::new("ns", "job")).unwrap_err(),
+        Pending::UnknownCaller
+    );
 }

@@ -278,10 +278,9 @@ async fn path_variants_are_refused_and_never_reach_upstream() {
 #[tokio::test]
 async fn an_unbound_pod_is_refused_at_once_with_the_reason() {
     let mut world = bound_world("Assigned");
-    world.upsert_pod(crate::world::PodRecord {
-        ips: vec!["10.244.0.3".parse().unwrap()],
-        ..pod("ns", "lonely", None)
-    });
+    let mut lonely = pod("ns", "lonely", None);
+    lonely.view.ips = vec!["10.244.0.3".parse().unwrap()];
+    world.upsert_pod(lonely);
     let f = fixture(world, config(), FakeUpstream::default());
     let (status, _, body) = call(&f.state, "10.244.0.3", TOKEN, &[META]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -307,10 +306,12 @@ async fn someone_elses_client_id_is_refused_without_asking_upstream() {
 }
 
 #[tokio::test]
-async fn an_unknown_caller_is_refused_after_a_short_wait() {
+async fn an_unknown_caller_gets_503_with_retry_after_after_a_short_wait() {
+    // Its IP may not be reported yet (an init container asking at once): SDKs retry a 503, not a 403.
     let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
-    let (status, _, body) = call(&f.state, "10.244.0.99", TOKEN, &[META]).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, headers, body) = call(&f.state, "10.244.0.99", TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "7");
     assert!(
         body["error_description"]
             .as_str()
@@ -318,6 +319,53 @@ async fn an_unknown_caller_is_refused_after_a_short_wait() {
             .contains("no pod of this node"),
         "{body}"
     );
+    assert!(
+        f.state
+            .metrics
+            .render()
+            .contains("pod_identity_token_decisions_total{result=\"unknown_caller\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn a_caller_whose_ip_is_reported_while_it_waits_is_served() {
+    let config = ServerConfig {
+        pod_wait: Duration::from_secs(3600),
+        ..config()
+    };
+    let f = fixture(bound_world("Assigned"), config, FakeUpstream::default());
+    let shared = f.state.shared.clone();
+    let mut starting = pod("ns", "web", Some("web"));
+    starting.view.ips.clear();
+    starting.view.phase = Some("Pending".into());
+    shared.update(|w| w.upsert_pod(starting));
+    let waiter = tokio::spawn({
+        let state = f.state.clone();
+        async move { call(&state, POD_IP, TOKEN, &[META]).await }
+    });
+    // One thread: the request runs until it waits on the world.
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished(), "the request waits for its pod's IP");
+    shared.update(|w| w.upsert_pod(pod("ns", "web", Some("web"))));
+    let (status, _, body) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_pod_being_deleted_is_served_through_its_grace_period() {
+    let mut world = bound_world("Assigned");
+    let mut leaving = pod("ns", "web", Some("web"));
+    leaving.view.deleting = true;
+    world.upsert_pod(leaving.clone());
+    let f = fixture(world, config(), FakeUpstream::default());
+    let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["client_id"], CLIENT_A);
+    // Its containers stopped: the address is nobody's until another pod reports it.
+    leaving.view.containers = pod_identity_api::pod::Containers::NoneRunning;
+    f.state.shared.update(|w| w.upsert_pod(leaving));
+    let (status, _, _) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use kube::api::ObjectMeta;
 
 use super::*;
-use crate::{AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityExceptionSpec};
+use crate::{
+    AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityExceptionSpec, POD_LABEL, pod::Containers,
+};
 
 const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
 
@@ -56,7 +58,8 @@ fn pod(namespace: &str, name: &str, selector: &str, node: &str) -> PodView {
         labels: BTreeMap::from([(POD_LABEL.to_owned(), selector.to_owned())]),
         node_name: Some(node.into()),
         phase: Some("Running".into()),
-        terminating: false,
+        containers: Containers::Running,
+        ..PodView::default()
     }
 }
 
@@ -178,15 +181,41 @@ fn pod_without_node_gets_nothing_until_scheduled() {
 }
 
 #[test]
-fn terminating_pod_releases_its_identities() {
+fn a_pod_being_deleted_keeps_its_identities_until_its_containers_stop() {
     let fx = Fixture::new(
         vec![identity("shop", "payments")],
         vec![binding("shop", "b", "payments", "pay")],
     );
-    let mut leaving = pod("shop", "web", "pay", "n");
-    leaving.terminating = true;
-    assert!(fx.names(std::slice::from_ref(&leaving)).is_empty());
-    assert_eq!(fx.decide(&leaving).skipped, Some(PodSkip::Terminating));
+    // SIGTERM handlers run through the grace period and need their tokens.
+    for containers in [Containers::Running, Containers::Unreported] {
+        let mut leaving = pod("shop", "web", "pay", "n");
+        leaving.deleting = true;
+        leaving.containers = containers;
+        assert_eq!(
+            fx.names(std::slice::from_ref(&leaving)).len(),
+            1,
+            "{containers:?}"
+        );
+        assert_eq!(fx.decide(&leaving).skipped, None);
+    }
+    let mut gone = pod("shop", "web", "pay", "n");
+    gone.deleting = true;
+    gone.containers = Containers::NoneRunning;
+    assert!(fx.names(std::slice::from_ref(&gone)).is_empty());
+    assert_eq!(fx.decide(&gone).skipped, Some(PodSkip::Finished(Ending::Stopped)));
+}
+
+#[test]
+fn host_network_pods_are_matched_like_any_other() {
+    // They reach IMDS directly (their traffic is not intercepted), so their identity must be on the
+    // machine as for any pod; only the agent's lookup by address leaves them out.
+    let fx = Fixture::new(
+        vec![identity("shop", "payments")],
+        vec![binding("shop", "b", "payments", "pay")],
+    );
+    let mut host = pod("shop", "csi", "pay", "n");
+    host.host_network = true;
+    assert_eq!(fx.names(&[host]).len(), 1);
 }
 
 #[test]
@@ -199,7 +228,15 @@ fn finished_pods_release_their_identities() {
         let mut done = pod("shop", "job", "pay", "n");
         done.phase = Some(phase.into());
         assert!(fx.names(std::slice::from_ref(&done)).is_empty());
-        assert_eq!(fx.decide(&done).skipped, Some(PodSkip::Finished(phase.into())));
+        let ending = if phase == "Succeeded" {
+            Ending::Succeeded
+        } else {
+            Ending::Failed
+        };
+        assert_eq!(fx.decide(&done).skipped, Some(PodSkip::Finished(ending)));
+        // Being deleted changes nothing for a pod that finished.
+        done.deleting = true;
+        assert!(fx.names(std::slice::from_ref(&done)).is_empty());
     }
     for phase in ["Pending", "Running", "Unknown"] {
         let mut live = pod("shop", "job", "pay", "n");
@@ -541,40 +578,4 @@ fn ambiguous_names_of_different_pods_are_reported_as_collisions() {
         "deterministic: pods ordered by key"
     );
     assert_eq!(desired.collisions[0].1.pod, ObjectKey::new("c", "a-b"));
-}
-
-#[test]
-fn pod_view_reads_a_kubernetes_pod() {
-    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    let mut p = Pod {
-        metadata: ObjectMeta {
-            namespace: Some("shop".into()),
-            name: Some("web".into()),
-            uid: Some("u1".into()),
-            labels: Some(BTreeMap::from([(POD_LABEL.into(), "pay".into())])),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-1".into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            ..Default::default()
-        }),
-    };
-    let view = PodView::from_pod(&p);
-    assert_eq!(view.key, ObjectKey::new("shop", "web"));
-    assert_eq!(view.binding_selector(), Some("pay"));
-    assert_eq!(view.node_name.as_deref(), Some("node-1"));
-    assert!(!view.terminating);
-    p.metadata.deletion_timestamp = Some(Time(Default::default()));
-    p.spec = Some(PodSpec {
-        node_name: Some(String::new()),
-        ..Default::default()
-    });
-    let view = PodView::from_pod(&p);
-    assert!(view.terminating);
-    assert_eq!(view.node_name, None, "an empty nodeName is not a node");
 }

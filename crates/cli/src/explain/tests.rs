@@ -19,7 +19,7 @@ fn assigned_identity_is_served() {
     let mut state = state();
     state
         .assignments
-        .push(assignment("shop", "web-shop-payments", "Assigned"));
+        .push(assignment("shop", "web", "payments", "Assigned"));
     let e = explained(&state, "web");
     assert_eq!(e.agent.verdict, Verdict::Serve);
     assert_eq!(e.verdict, "shop/web gets identity shop/payments.");
@@ -34,7 +34,7 @@ fn identity_being_assigned_makes_requests_wait() {
     let mut state = state();
     state
         .assignments
-        .push(assignment("shop", "web-shop-payments", "Created"));
+        .push(assignment("shop", "web", "payments", "Created"));
     let e = explained(&state, "web");
     assert_eq!(e.agent.verdict, Verdict::Wait);
     assert!(
@@ -143,7 +143,7 @@ fn finished_pod_is_not_served() {
     assert_eq!(e.agent.verdict, Verdict::Refuse);
     assert_eq!(
         e.verdict,
-        "shop/web gets no identity: it has finished (Succeeded)."
+        "shop/web gets no identity: it has finished (phase Succeeded)."
     );
 }
 
@@ -151,4 +151,105 @@ fn finished_pod_is_not_served() {
 fn unknown_pod_is_an_error() {
     let err = explain(&state(), "shop", "ghost", Scope::Namespaced, Mode::Standard).unwrap_err();
     assert_eq!(err.to_string(), "pod shop/ghost not found");
+}
+
+fn deleted(pod: &mut k8s_openapi::api::core::v1::Pod, containers: &str) {
+    use k8s_openapi::{
+        api::core::v1::{ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus},
+        apimachinery::pkg::apis::meta::v1::Time,
+    };
+    pod.metadata.deletion_timestamp = Some(Time(Default::default()));
+    pod.status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
+        name: "app".into(),
+        state: Some(ContainerState {
+            running: (containers == "running").then(ContainerStateRunning::default),
+            terminated: (containers == "stopped").then(ContainerStateTerminated::default),
+            waiting: None,
+        }),
+        ..ContainerStatus::default()
+    }]);
+}
+
+#[test]
+fn a_pod_being_deleted_is_served_until_its_containers_stop() {
+    let mut state = state();
+    state
+        .assignments
+        .push(assignment("shop", "web", "payments", "Assigned"));
+    deleted(&mut state.pods[0], "running");
+    let e = explained(&state, "web");
+    assert_eq!(e.life, Life::Terminating);
+    assert_eq!(e.agent.verdict, Verdict::Serve);
+    assert!(
+        e.agent.detail.contains("served until its containers stop"),
+        "{}",
+        e.agent.detail
+    );
+    assert!(e.to_human().contains("being deleted"));
+
+    deleted(&mut state.pods[0], "stopped");
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Refuse);
+    assert_eq!(
+        e.verdict,
+        "shop/web gets no identity: it has finished (deleted, every container stopped)."
+    );
+}
+
+#[test]
+fn a_pod_whose_ip_is_not_reported_yet_waits_instead_of_being_refused() {
+    let mut state = state();
+    state.pods[0].status.as_mut().unwrap().pod_ip = None;
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Wait);
+    assert!(
+        e.agent.detail.contains("503 with Retry-After"),
+        "{}",
+        e.agent.detail
+    );
+}
+
+#[test]
+fn a_new_pod_with_the_ip_of_a_pod_being_deleted_is_the_caller_not_the_old_one() {
+    let mut state = state();
+    state
+        .assignments
+        .push(assignment("shop", "web", "payments", "Assigned"));
+    deleted(&mut state.pods[0], "running");
+    // `plain` got the same address: the old pod's sandbox is gone whatever its status says.
+    let web_ip = state.pods[0].status.as_ref().unwrap().pod_ip.clone();
+    state.pods[1].status.as_mut().unwrap().pod_ip = web_ip;
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Refuse, "{}", e.agent.detail);
+    assert!(
+        e.agent.detail.contains("shop/plain now has the pod's IP"),
+        "{}",
+        e.agent.detail
+    );
+    let e = explained(&state, "plain");
+    assert_eq!(e.agent.verdict, Verdict::Refuse);
+    assert!(
+        e.agent.detail.contains("has no label aadpodidbinding"),
+        "{}",
+        e.agent.detail
+    );
+
+    // A pod starting on the node whose address is not reported yet may hold it: requests wait.
+    state.pods[1].status.as_mut().unwrap().pod_ip = None;
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Wait, "{}", e.agent.detail);
+}
+
+#[test]
+fn a_host_network_pod_reaches_the_metadata_service_directly() {
+    let mut state = state();
+    state.pods[0].spec.as_mut().unwrap().host_network = Some(true);
+    let e = explained(&state, "web");
+    assert_eq!(e.agent.verdict, Verdict::Direct);
+    assert!(e.agent.detail.contains("not intercepted"));
+    assert_eq!(
+        e.assignments.len(),
+        1,
+        "its identity is still assigned to the node"
+    );
 }

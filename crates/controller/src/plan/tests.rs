@@ -44,6 +44,7 @@ fn observed(names: &[&str]) -> Observed {
         system_assigned: true,
         provisioning_state: Some("Succeeded".into()),
         etag: Some("\"1\"".into()),
+        absent: None,
     }
 }
 
@@ -339,6 +340,71 @@ fn a_machine_being_deleted_is_left_alone() {
     let plan = run(&input, Some(&state));
     assert!(plan.deferred);
     assert!(plan.writes.is_empty() && plan.delta.is_empty());
+}
+
+#[test]
+fn a_machine_that_does_not_exist_holds_nothing_and_its_records_say_so() {
+    let arm = machine().arm_id();
+    let gone = wanted("web-0", "node-1", "payments", 1);
+    let staying = wanted("api-0", "node-1", "orders", 2);
+    let fresh = wanted("job-0", "node-1", "reports", 3);
+    let mut input = input(
+        vec![staying.clone(), fresh.clone()],
+        vec![
+            recorded(&gone, AssignmentStatus::Assigned, Origin::Added, Some(&arm)),
+            recorded(&staying, AssignmentStatus::Assigned, Origin::Added, Some(&arm)),
+        ],
+    );
+    let mut absent =
+        Observed::absent("The Resource 'Microsoft.Compute/virtualMachineScaleSets/pool' was not found.");
+    let plan = run(&input, Some(&absent));
+    assert!(
+        plan.delta.is_empty(),
+        "nothing to add to or remove from a machine that is not there"
+    );
+    assert!(plan.quarantined.is_empty(), "no identity is to blame");
+    assert!(
+        plan.writes
+            .iter()
+            .any(|w| matches!(w, Write::Release { key, .. } if key.name == "web-0-ns-payments")),
+        "a record no pod needs goes without any ARM call: {:?}",
+        plan.writes
+    );
+    apply_writes(&mut input, &plan);
+    for name in ["api-0-ns-orders", "job-0-ns-reports"] {
+        assert_eq!(status_of(&input, name), AssignmentStatus::Created, "{name}");
+        let record = input.recorded.iter().find(|r| r.key.name == name).unwrap();
+        assert!(
+            record
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("does not exist")),
+            "{name}: {:?}",
+            record.error
+        );
+    }
+    assert!(
+        plan.writes.iter().any(|w| matches!(
+            w,
+            Write::Patch {
+                transition: Some(Transition::Quarantined { .. }),
+                ..
+            }
+        )),
+        "the pod is told"
+    );
+    assert!(run(&input, Some(&absent)).is_idle(), "settled");
+
+    // The machine is back under the same name, empty: its identities are added again.
+    absent = observed(&[]);
+    let deltas = round(&mut input, &mut absent, &Protection::default());
+    assert_eq!(deltas.len(), 1);
+    assert_eq!(deltas[0].add.len(), 2);
+    for name in ["api-0-ns-orders", "job-0-ns-reports"] {
+        assert_eq!(status_of(&input, name), AssignmentStatus::Assigned, "{name}");
+        let record = input.recorded.iter().find(|r| r.key.name == name).unwrap();
+        assert_eq!(record.error, None);
+    }
 }
 
 #[test]

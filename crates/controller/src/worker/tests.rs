@@ -23,6 +23,10 @@ struct ArmState {
     missing: HashSet<String>,
     /// Whether ARM's message names the missing identity.
     names_missing: bool,
+    /// Whether the machine does not exist (deleted, or never there).
+    gone: bool,
+    /// Whether the machine goes away between the next read and the next PATCH.
+    deleted_before_patch: bool,
 }
 
 #[derive(Default)]
@@ -47,6 +51,7 @@ impl FakeArm {
             system_assigned: true,
             provisioning_state: Some("Succeeded".into()),
             etag: None,
+            absent: None,
         }
     }
 }
@@ -56,6 +61,15 @@ impl ComputeApi for FakeArm {
         Box::pin(async move {
             let mut state = lock(&self.0);
             state.gets += 1;
+            if state.gone {
+                return Err(not_found());
+            }
+            if std::mem::take(&mut state.deleted_before_patch) {
+                let observed = Self::observed(&state);
+                state.gone = true;
+                state.identities.clear();
+                return Ok(observed);
+            }
             Ok(Self::observed(&state))
         })
     }
@@ -71,6 +85,9 @@ impl ComputeApi for FakeArm {
             assert!(delta.add.len() + delta.remove.len() <= MAX_IDENTITIES_PER_REQUEST);
             assert!(delta.keep_system_assigned, "SystemAssigned is kept");
             state.patches.push(delta.clone());
+            if state.gone {
+                return Err(not_found());
+            }
             if let Some(err) = state.script.pop_front() {
                 return Err(err);
             }
@@ -100,6 +117,13 @@ impl ComputeApi for FakeArm {
             }
             Ok(Self::observed(&state))
         })
+    }
+}
+
+fn not_found() -> ArmError {
+    ArmError::MachineNotFound {
+        message: "The Resource 'Microsoft.Compute/virtualMachineScaleSets/pool' under resource group 'rg' was not found."
+            .into(),
     }
 }
 
@@ -459,4 +483,134 @@ fn the_overlay_hides_lagging_watch_state_until_it_catches_up() {
     caught_up.recorded.push(ours);
     overlay.apply(&mut caught_up, now);
     assert!(overlay.entries.is_empty(), "forgotten once the watch shows it");
+}
+
+/// Records of `wanted` as the watch shows them after an earlier round made them `Assigned` on the pool.
+fn assigned_records(wanted: &[crate::record::Wanted], kube: &FakeKube) -> Vec<Recorded> {
+    wanted
+        .iter()
+        .map(|w| {
+            let recorded = crate::record::fixtures::recorded(
+                w,
+                AssignmentStatus::Assigned,
+                Origin::Added,
+                Some(&pool().arm_id()),
+            );
+            lock(&kube.objects).insert(recorded.key.clone(), (*recorded.object).clone());
+            recorded
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn records_of_a_machine_that_no_longer_exists_are_released_after_one_read() {
+    let h = harness(Leadership::always());
+    let gone_pod = wanted("web-0", "node-0", "payments", 1);
+    let mut input = input(Vec::new());
+    input.recorded = assigned_records(&[gone_pod], &h.kube);
+    lock(&h.arm.0).gone = true;
+    let mut worker = Worker::new(Target::Azure(pool()), h.shared.clone());
+    assert_eq!(worker.round(&mut input, false).await, Outcome::Settled);
+    assert!(
+        lock(&h.kube.objects).is_empty(),
+        "released: finalizer gone with the object"
+    );
+    assert!(input.recorded.is_empty());
+    {
+        let arm = lock(&h.arm.0);
+        assert_eq!((arm.gets, arm.patches.len()), (1, 0));
+    }
+    assert!(
+        h.shared
+            .metrics
+            .render()
+            .contains("operation=\"vmss_get\",status=\"not_found\"} 1")
+    );
+    // Nothing is left to do: no further ARM call, however often the worker is woken.
+    assert_eq!(worker.round(&mut input, false).await, Outcome::Settled);
+    assert_eq!(lock(&h.arm.0).gets, 1);
+}
+
+#[tokio::test]
+async fn pods_still_on_a_missing_machine_keep_records_that_say_why_until_it_is_back() {
+    let h = harness(Leadership::always());
+    let on_it = wanted("web-0", "node-0", "payments", 1);
+    let mut input = input(vec![on_it.clone()]);
+    input.recorded = assigned_records(std::slice::from_ref(&on_it), &h.kube);
+    lock(&h.arm.0).gone = true;
+    let mut worker = Worker::new(Target::Azure(pool()), h.shared.clone());
+    // The drift check is what reads a machine nothing else needs read.
+    assert_eq!(worker.round(&mut input, true).await, Outcome::Settled);
+    assert_eq!(
+        h.kube.status("web-0-ns-payments"),
+        Some(AssignmentStatus::Created),
+        "an identity on no machine is not usable"
+    );
+    let error = h.kube.object("web-0-ns-payments").metadata.annotations.unwrap()[ERROR_ANNOTATION].clone();
+    assert!(error.contains("does not exist"), "{error}");
+    assert_eq!(lock(&h.arm.0).patches.len(), 0);
+
+    // Re-created under the same name, without our identity: the next read puts it back.
+    lock(&h.arm.0).gone = false;
+    assert_eq!(worker.round(&mut input, true).await, Outcome::Settled);
+    assert_eq!(
+        h.kube.status("web-0-ns-payments"),
+        Some(AssignmentStatus::Assigned)
+    );
+    let annotations = h.kube.object("web-0-ns-payments").metadata.annotations.unwrap();
+    assert!(!annotations.contains_key(ERROR_ANNOTATION), "{annotations:?}");
+    assert_eq!(lock(&h.arm.0).identities.len(), 1);
+}
+
+#[tokio::test]
+async fn a_machine_deleted_between_read_and_patch_is_settled_in_the_same_round() {
+    let h = harness(Leadership::always());
+    let leaving = wanted("web-0", "node-0", "payments", 1);
+    let mut input = input(vec![wanted("api-0", "node-0", "orders", 2)]);
+    input.recorded = assigned_records(&[leaving], &h.kube);
+    lock(&h.arm.0).deleted_before_patch = true;
+    let mut worker = Worker::new(Target::Azure(pool()), h.shared.clone());
+    assert_eq!(worker.round(&mut input, false).await, Outcome::Settled);
+    assert_eq!(h.kube.status("web-0-ns-payments"), None, "released");
+    assert_eq!(h.kube.status("api-0-ns-orders"), Some(AssignmentStatus::Created));
+    let arm = lock(&h.arm.0);
+    assert_eq!((arm.gets, arm.patches.len()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_worker_whose_machine_vanished_settles_and_retires_when_its_input_goes() {
+    let h = harness(Leadership::always());
+    let mut first = input(Vec::new());
+    first.recorded = assigned_records(&[wanted("web-0", "node-0", "payments", 1)], &h.kube);
+    lock(&h.arm.0).gone = true;
+    let (tx, rx) = watch::channel(first);
+    let task = tokio::spawn(Worker::new(Target::Azure(pool()), h.shared.clone()).run(rx));
+    pod_identity_test_support::eventually(|| async {
+        match lock(&h.kube.objects).len() {
+            0 => Ok(()),
+            n => Err(format!("{n} records left")),
+        }
+    })
+    .await
+    .unwrap();
+    pod_identity_test_support::eventually(|| async {
+        let metrics = h.shared.metrics.render();
+        if metrics.contains("pod_identity_work_queue_depth 0") {
+            Ok(())
+        } else {
+            Err(metrics)
+        }
+    })
+    .await
+    .unwrap();
+    // The planner drops the sender once the machine has nothing wanted or recorded.
+    drop(tx);
+    task.await.unwrap();
+    assert_eq!(lock(&h.arm.0).gets, 1, "the missing machine was read once");
+    assert!(
+        h.shared
+            .metrics
+            .render()
+            .contains("pod_identity_work_queue_depth 0")
+    );
 }

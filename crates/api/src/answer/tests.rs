@@ -1,0 +1,202 @@
+//! The agent's answer to a pod, one test per rule; the agent's own tests add what requests name.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kube::api::ObjectMeta;
+
+use super::*;
+use crate::{
+    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
+    AzurePodIdentityExceptionSpec, SecretReference,
+    matching::{Scope, World},
+    naming::assigned_identity_name,
+    pod::Containers,
+};
+
+const CLIENT_A: &str = "11111111-1111-1111-1111-111111111111";
+
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+fn identity(name: &str, type_: i64) -> AzureIdentity {
+    AzureIdentity {
+        metadata: meta("ns", name),
+        spec: AzureIdentitySpec {
+            type_: Some(type_),
+            resource_id: (type_ == 0).then(|| {
+                format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}")
+            }),
+            client_id: Some(CLIENT_A.into()),
+            tenant_id: (type_ != 0).then(|| "tenant".to_owned()),
+            client_password: (type_ != 0).then(|| SecretReference {
+                name: Some("secret".into()),
+                namespace: Some("ns".into()),
+            }),
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+fn binding(name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
+    AzureIdentityBinding {
+        metadata: meta("ns", name),
+        spec: AzureIdentityBindingSpec {
+            azure_identity: Some(identity.into()),
+            selector: Some(selector.into()),
+            weight: None,
+        },
+        status: None,
+    }
+}
+
+fn pod(selector: Option<&str>) -> PodView {
+    PodView {
+        key: ObjectKey::new("ns", "web"),
+        labels: selector
+            .map(|s| BTreeMap::from([(POD_LABEL.to_owned(), s.to_owned())]))
+            .unwrap_or_default(),
+        node_name: Some("node".into()),
+        phase: Some("Running".into()),
+        containers: Containers::Running,
+        ..PodView::default()
+    }
+}
+
+struct Fixture {
+    identities: Vec<AzureIdentity>,
+    bindings: Vec<AzureIdentityBinding>,
+    exceptions: Vec<AzurePodIdentityException>,
+    assigned: HashMap<ObjectKey, AssignedView>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            identities: vec![identity("id-a", 0), identity("sp", 1)],
+            bindings: vec![binding("ba", "id-a", "web"), binding("bsp", "sp", "robot")],
+            exceptions: Vec::new(),
+            assigned: HashMap::new(),
+        }
+    }
+
+    fn assign(&mut self, pod: &str, identity: &str, status: Option<&str>) {
+        let key = ObjectKey::new("ns", assigned_identity_name(pod, "ns", identity));
+        self.assigned.insert(
+            key.clone(),
+            AssignedView {
+                key,
+                pod: ObjectKey::new("ns", pod),
+                client_id: Some(CLIENT_A.into()),
+                status: AssignmentStatus::parse(status),
+            },
+        );
+    }
+
+    fn answer(&self, pod: &PodView, mode: Mode) -> String {
+        let index = Index::new(World {
+            bindings: &self.bindings,
+            identities: &self.identities,
+            exceptions: &self.exceptions,
+            scope: Scope::Namespaced,
+        });
+        match answer(&index, pod, mode, &self.assigned) {
+            Answer::Excepted => "excepted".into(),
+            Answer::Refused(refusal) => format!("refused: {refusal}"),
+            Answer::Identities(ids) => ids
+                .iter()
+                .map(|i| match &i.pending {
+                    None => format!("{} ready", i.assignment.identity.name),
+                    Some(p) => format!("{} pending {:?}", i.assignment.identity.name, p.status),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+#[test]
+fn an_assigned_identity_is_ready_and_anything_short_of_it_is_pending() {
+    let mut fx = Fixture::new();
+    let web = pod(Some("web"));
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a pending None");
+    fx.assign("web", "id-a", Some("Created"));
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a pending Some(Created)");
+    fx.assign("web", "id-a", Some("Assigned"));
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a ready");
+    // The original's records without status count as assigned.
+    fx.assign("web", "id-a", None);
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a ready");
+    // Managed mode has no records to wait for.
+    assert_eq!(Fixture::new().answer(&web, Mode::Managed), "id-a ready");
+}
+
+#[test]
+fn a_record_of_another_client_id_is_pending_until_reassigned() {
+    let mut fx = Fixture::new();
+    fx.assign("web", "id-a", Some("Assigned"));
+    fx.identities[0].spec.client_id = Some("22222222-2222-2222-2222-222222222222".into());
+    assert_eq!(
+        fx.answer(&pod(Some("web")), Mode::Standard),
+        "id-a pending Some(Assigned)"
+    );
+}
+
+#[test]
+fn service_principals_never_wait_for_a_record() {
+    let fx = Fixture::new();
+    assert_eq!(fx.answer(&pod(Some("robot")), Mode::Standard), "sp ready");
+}
+
+#[test]
+fn a_pod_being_deleted_is_answered_until_its_containers_stop() {
+    let mut fx = Fixture::new();
+    fx.assign("web", "id-a", Some("Assigned"));
+    let mut leaving = pod(Some("web"));
+    leaving.deleting = true;
+    assert_eq!(fx.answer(&leaving, Mode::Standard), "id-a ready");
+    leaving.containers = Containers::NoneRunning;
+    assert_eq!(
+        fx.answer(&leaving, Mode::Standard),
+        "refused: pod ns/web takes no identities any more (deleted, every container stopped)"
+    );
+    let mut done = pod(Some("web"));
+    done.phase = Some("Succeeded".into());
+    assert!(fx.answer(&done, Mode::Standard).contains("phase Succeeded"));
+}
+
+#[test]
+fn refusals_say_what_would_have_to_change() {
+    let mut fx = Fixture::new();
+    assert!(
+        fx.answer(&pod(None), Mode::Standard)
+            .contains("has no label aadpodidbinding")
+    );
+    assert!(
+        fx.answer(&pod(Some("nothing")), Mode::Standard)
+            .contains("no AzureIdentityBinding has selector 'nothing'")
+    );
+    fx.bindings.push(binding("ghost", "missing", "haunted"));
+    assert!(
+        fx.answer(&pod(Some("haunted")), Mode::Standard)
+            .contains("names identity ns/missing, which does not exist")
+    );
+}
+
+#[test]
+fn an_excepted_pod_goes_to_the_node() {
+    let mut fx = Fixture::new();
+    fx.exceptions.push(AzurePodIdentityException {
+        metadata: meta("ns", "exc"),
+        spec: AzurePodIdentityExceptionSpec {
+            pod_labels: BTreeMap::from([(POD_LABEL.to_owned(), "web".to_owned())]),
+        },
+        status: None,
+    });
+    assert_eq!(fx.answer(&pod(Some("web")), Mode::Standard), "excepted");
+}
