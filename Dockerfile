@@ -33,12 +33,20 @@ ENTRYPOINT ["/usr/local/bin/pod-identity-controller"]
 
 # The agent manages iptables rules and conntrack entries in the node's network namespace, which takes
 # root with NET_ADMIN and NET_RAW; the chart drops every other capability and mounts the root
-# filesystem read-only. Both iptables backends are installed: the agent uses the one the node uses.
-FROM debian:${DEBIAN_RELEASE}-slim AS agent
+# filesystem read-only. Its image holds the agent and what it runs, nothing else: iptables (both
+# backends, so that it can use the node's, with the extensions every listed rule may load), conntrack,
+# the libraries they load and the CA bundle; no shell, no package manager. tools/images/rootfs.sh picks
+# the files, for this image and for the images the tests pack.
+FROM debian:${DEBIAN_RELEASE}-slim AS agent-rootfs
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables conntrack ca-certificates \
- && rm -rf /var/lib/apt/lists/* /var/log/* /var/cache/ldconfig/aux-cache
-COPY --from=build /out/pod-identity-agent /usr/local/bin/pod-identity-agent
+ && rm -rf /var/lib/apt/lists/*
+COPY tools/images/rootfs.sh /usr/local/bin/rootfs.sh
+COPY --from=build /out/pod-identity-agent /tmp/pod-identity-agent
+RUN sh /usr/local/bin/rootfs.sh agent /rootfs /tmp/pod-identity-agent
+
+FROM scratch AS agent
+COPY --from=agent-rootfs /rootfs/ /
 ENTRYPOINT ["/usr/local/bin/pod-identity-agent"]
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS emulator

@@ -336,6 +336,11 @@ impl RealNode {
 
     /// Tears the node down now and waits until nothing of it is left; also what dropping it does.
     pub fn shutdown(mut self) -> Result<Duration> {
+        self.tear_down()
+    }
+
+    /// The same, for a node that is not owned (it stays torn down; dropping it does nothing more).
+    pub fn tear_down(&mut self) -> Result<Duration> {
         let started = Instant::now();
         self.teardown()?;
         Ok(started.elapsed())
