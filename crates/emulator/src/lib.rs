@@ -15,13 +15,17 @@
 
 mod admin;
 mod arm;
+mod arm_federated_credentials;
 mod assertion;
 mod entra;
 pub mod faults;
+pub mod federated_credentials;
+pub mod federation;
 pub mod http;
 pub mod identity_merge;
 pub mod ids;
 mod imds;
+mod issuer;
 mod keyvault;
 pub mod observe;
 pub mod seed;
@@ -198,6 +202,7 @@ impl Emulator {
             log: Mutex::new(RequestLog::new(config.log_capacity)),
             signer: tokens::Signer::generate()?,
             imds_cache: Mutex::default(),
+            issuers: issuer::IssuerCache::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let handler: Handler = {
@@ -326,11 +331,12 @@ impl Emulator {
         lock(&self.shared.state).to_seed()
     }
 
-    /// Replaces the whole state; IMDS forgets the tokens it cached.
+    /// Replaces the whole state; IMDS forgets the tokens it cached and Entra the issuer keys it fetched.
     pub fn replace_state(&self, seed: &Seed) -> Result<(), seed::SeedError> {
         let st = State::from_seed(seed)?;
         *lock(&self.shared.state) = st;
         lock(&self.shared.imds_cache).clear();
+        self.shared.issuers.clear();
         Ok(())
     }
 
