@@ -1,8 +1,9 @@
 //! A local Azure that the official SDKs cannot tell from the real one, for tests of everything that talks to
 //! Azure: the Instance Metadata Service (plain HTTP, one listener per VM or scale-set instance), and over one
 //! TLS listener Azure Resource Manager (VM and scale-set identities, long-running operations, throttling,
-//! user-assigned identities), Entra ID (client credentials, v2 and v1) and Key Vault (secrets behind the 401
-//! challenge). A generated CA signs the TLS certificate; clients trust its PEM.
+//! user-assigned identities and their federated identity credentials), Entra ID (client credentials with a
+//! secret, a certificate or a federated token from an external issuer, v2 and v1) and Key Vault (secrets
+//! behind the 401 challenge). A generated CA signs the TLS certificate; clients trust its PEM.
 //!
 //! Tests start it in-process with [`Emulator::start`], or run the `pod-identity-emulator` binary (for network
 //! namespaces) and drive it over its admin API. Both give: the bound addresses, the CA, the request log and
