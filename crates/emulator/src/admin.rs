@@ -147,6 +147,7 @@ async fn put_state(State(c): Ctx, body: axum::body::Bytes) -> Response {
         Ok(st) => {
             *lock(&c.shared.state) = st;
             lock(&c.shared.imds_cache).clear();
+            c.shared.issuers.clear();
             StatusCode::NO_CONTENT.into_response()
         }
         Err(e) => bad(e.to_string()),

@@ -10,6 +10,7 @@ use axum::response::Response;
 use http::{HeaderMap, Method, Request, StatusCode};
 use serde_json::{Value, json};
 
+use crate::arm_federated_credentials::{self, CredentialPath};
 use crate::http::{
     BodyError, Conn, Tag, base_url, header_str, json as json_resp, param, query_pairs, read_body, tagged,
     with_header,
@@ -64,6 +65,9 @@ pub const MSI_API_VERSIONS: &[&str] = &[
     "2023-07-31-preview",
     "2024-11-30",
     "2025-01-31-preview",
+    "2025-05-31-preview",
+    "2026-04-30",
+    "2026-05-31",
 ];
 
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -120,9 +124,13 @@ enum Route {
         namespace: Option<String>,
         kind: Option<String>,
     },
+    FederatedCredentials(CredentialPath),
 }
 
 fn route(path: &str) -> Route {
+    if let Some(p) = CredentialPath::parse(path) {
+        return Route::FederatedCredentials(p);
+    }
     if let Some(id) = ResourceId::parse(path) {
         return match id.kind {
             ResourceType::VirtualMachine | ResourceType::VirtualMachineScaleSet => Route::Compute(id),
@@ -159,6 +167,22 @@ fn route(path: &str) -> Route {
         namespace: providers.and_then(|p| segs.get(p + 1)).map(|s| (*s).to_owned()),
         kind: providers.and_then(|p| segs.get(p + 2)).map(|s| (*s).to_owned()),
     }
+}
+
+fn route_key(rt: &Route) -> Option<String> {
+    match rt {
+        Route::Compute(id) | Route::Identity(id) => Some(id.key()),
+        Route::Instance(id) | Route::DeleteInstances(id) => Some(id.parent().key()),
+        Route::Operation { name } => Some(fold(name)),
+        Route::Unknown { .. } => None,
+        Route::FederatedCredentials(p) => Some(p.key()),
+    }
+}
+
+/// The case-folded resource an ARM path names, as the request log records it (also for requests a fault
+/// answered before ARM saw them).
+pub fn resource_key(path: &str) -> Option<String> {
+    route_key(&route(path))
 }
 
 fn subscription_of(path: &str) -> Option<String> {
@@ -270,12 +294,7 @@ pub async fn handle(sh: &Shared, conn: &Conn, req: Request<Body>) -> Response {
         Err(resp) => return resource_tag(resp, None),
     };
     let rt = route(&path);
-    let res_key = match &rt {
-        Route::Compute(id) | Route::Identity(id) => Some(id.key()),
-        Route::Instance(id) | Route::DeleteInstances(id) => Some(id.parent().key()),
-        Route::Operation { name } => Some(fold(name)),
-        Route::Unknown { .. } => None,
-    };
+    let res_key = route_key(&rt);
     let resp = dispatch(
         sh,
         conn,
@@ -411,6 +430,20 @@ async fn dispatch(
             Method::GET => get_operation(sh, &sub_display, &name, claims),
             _ => method_not_allowed(method),
         },
+        Route::FederatedCredentials(p) => {
+            arm_federated_credentials::handle(
+                sh,
+                conn,
+                method,
+                headers,
+                &p,
+                &api_version,
+                pairs,
+                claims,
+                body,
+            )
+            .await
+        }
         Route::Unknown { namespace, kind } => match (namespace, kind) {
             (Some(ns), Some(kind))
                 if ns.eq_ignore_ascii_case("Microsoft.Compute")
@@ -440,7 +473,7 @@ async fn dispatch(
     }
 }
 
-fn method_not_allowed(method: &Method) -> Response {
+pub(crate) fn method_not_allowed(method: &Method) -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
         "MethodNotAllowed",
@@ -448,7 +481,7 @@ fn method_not_allowed(method: &Method) -> Response {
     )
 }
 
-fn authorization_failed(claims: &Claims, action: &str, scope: &str) -> Response {
+pub(crate) fn authorization_failed(claims: &Claims, action: &str, scope: &str) -> Response {
     error(
         StatusCode::FORBIDDEN,
         "AuthorizationFailed",
@@ -460,7 +493,7 @@ fn authorization_failed(claims: &Claims, action: &str, scope: &str) -> Response 
 }
 
 /// Checks the buckets; `Err` is the 429 to send, `Ok` the headers for the response.
-fn throttle(
+pub(crate) fn throttle(
     sh: &Shared,
     claims: &Claims,
     sub: &str,
@@ -526,7 +559,7 @@ fn throttle(
     }
 }
 
-fn with_headers(mut resp: Response, headers: Vec<(&'static str, String)>) -> Response {
+pub(crate) fn with_headers(mut resp: Response, headers: Vec<(&'static str, String)>) -> Response {
     for (k, v) in headers {
         resp = with_header(resp, k, &v);
     }
@@ -557,7 +590,7 @@ fn group_or_resource_missing(st: &State, id: &ResourceId) -> Response {
     }
 }
 
-fn unsupported_version(kind: &str, version: &str, supported: &[&str], location: &str) -> Response {
+pub(crate) fn unsupported_version(kind: &str, version: &str, supported: &[&str], location: &str) -> Response {
     error(
         StatusCode::BAD_REQUEST,
         "NoRegisteredProviderFound",
@@ -665,7 +698,7 @@ fn get_operation(sh: &Shared, sub: &str, name: &str, claims: &Claims) -> Respons
     }
 }
 
-fn invalid_content(message: &str) -> Response {
+pub(crate) fn invalid_content(message: &str) -> Response {
     error(
         StatusCode::BAD_REQUEST,
         "InvalidRequestContent",

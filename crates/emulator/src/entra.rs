@@ -1,6 +1,11 @@
 //! Microsoft Entra ID: the client-credentials grant on the v2 (`/oauth2/v2.0/token`, scopes, numeric
 //! `expires_in`) and v1 (`/oauth2/token`, resource, string numbers) endpoints, the OpenID configuration MSAL
 //! reads before its first token, and the signing keys. Errors carry Entra's AADSTS body.
+//!
+//! A client proves itself with a secret, with a certificate assertion (`assertion`: a JWT it signed itself,
+//! issuer and subject its client ID), or with a federated assertion (`federation`: a token an external
+//! issuer signed, matched against the federated credentials of the app registration or of the
+//! user-assigned identity whose client ID it names).
 
 use axum::body::Body;
 use axum::response::Response;
@@ -8,31 +13,48 @@ use base64::Engine;
 use http::{HeaderMap, Method, Request, StatusCode};
 use serde_json::{Value, json};
 
+use std::time::{Duration, Instant};
+
 use crate::assertion;
+use crate::federation::{self, Assertion, Rejection, Trusted};
 use crate::http::{
     BodyError, Conn, Tag, base_url, header_str, json as json_resp, query_pairs, read_body, tagged,
 };
+use crate::issuer::FetchPolicy;
 use crate::seed::ApplicationSeed;
 use crate::shared::{Shared, lock, now_secs, read};
+use crate::state::Uami;
 use crate::tokens::Claims;
 
 fn aad_error(status: StatusCode, error: &str, code: u32, message: &str) -> Response {
+    aad_body(status, error, code, message, true)
+}
+
+/// Entra's error body. The trace trailer is set off by single spaces as in bodies recorded since 2024
+/// (earlier ones used `\r\n`); `error_uri` is absent from some (observed 90061, 900612).
+fn aad_body(status: StatusCode, error: &str, code: u32, message: &str, error_uri: bool) -> Response {
     let now = jiff::Timestamp::now();
     let trace = uuid::Uuid::new_v4();
     let correlation = uuid::Uuid::new_v4();
     let stamp = now.strftime("%Y-%m-%d %H:%M:%SZ").to_string();
-    json_resp(
-        status,
-        &json!({
-            "error": error,
-            "error_description": format!("AADSTS{code}: {message}\r\nTrace ID: {trace}\r\nCorrelation ID: {correlation}\r\nTimestamp: {stamp}"),
-            "error_codes": [code],
-            "timestamp": stamp,
-            "trace_id": trace.to_string(),
-            "correlation_id": correlation.to_string(),
-            "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
-        }),
-    )
+    let mut body = json!({
+        "error": error,
+        "error_description": format!("AADSTS{code}: {message} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {stamp}"),
+        "error_codes": [code],
+        "timestamp": stamp,
+        "trace_id": trace.to_string(),
+        "correlation_id": correlation.to_string(),
+    });
+    if error_uri {
+        body["error_uri"] = json!(format!("https://login.microsoftonline.com/error?code={code}"));
+    }
+    json_resp(status, &body)
+}
+
+fn federation_error(r: &Rejection) -> Response {
+    let a = r.aadsts();
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_REQUEST);
+    aad_body(status, a.error, a.code, &a.message, a.error_uri)
 }
 
 fn missing(param: &str) -> Response {
@@ -89,16 +111,17 @@ pub async fn handle(sh: &Shared, conn: &Conn, req: Request<Body>) -> Response {
         .map(|r| r.join("/").to_ascii_lowercase())
         .unwrap_or_default();
     let base = base_url(&parts.headers, conn, true);
-    let tag = |resp: Response| {
+    let tag = |resp: Response, identity: Option<String>| {
         tagged(
             resp,
             Tag {
                 resource: Some(tenant.to_ascii_lowercase()),
-                identity: None,
+                identity,
             },
         )
     };
     let known_tenant = lock(&sh.state).tenant_exists(&tenant);
+    let mut client = None;
     let resp = match (parts.method.clone(), rest.as_str()) {
         (Method::GET, "v2.0/.well-known/openid-configuration") if known_tenant => {
             json_resp(StatusCode::OK, &openid_configuration(&base, &tenant, true))
@@ -118,10 +141,10 @@ pub async fn handle(sh: &Shared, conn: &Conn, req: Request<Body>) -> Response {
             }),
         ),
         (Method::POST, "oauth2/v2.0/token") if known_tenant => {
-            token(sh, &parts.headers, &tenant, &base, body, true).await
+            token(sh, &parts.headers, &tenant, &base, body, true, &mut client).await
         }
         (Method::POST, "oauth2/token") if known_tenant => {
-            token(sh, &parts.headers, &tenant, &base, body, false).await
+            token(sh, &parts.headers, &tenant, &base, body, false, &mut client).await
         }
         (
             _,
@@ -143,7 +166,7 @@ pub async fn handle(sh: &Shared, conn: &Conn, req: Request<Body>) -> Response {
             "The requested endpoint does not exist.",
         ),
     };
-    tag(resp)
+    tag(resp, client)
 }
 
 fn host_of(base: &str) -> String {
@@ -198,7 +221,83 @@ enum Proof {
     Assertion(String),
 }
 
-async fn token(sh: &Shared, headers: &HeaderMap, tenant: &str, base: &str, body: Body, v2: bool) -> Response {
+/// Who the `client_id` of a token request names.
+enum Client {
+    Application(ApplicationSeed),
+    ManagedIdentity(Uami),
+}
+
+impl Client {
+    /// Its federated credentials as Entra matches them at `now`.
+    fn trusted(&self, now: Instant) -> Vec<Trusted> {
+        match self {
+            Self::Application(app) => app
+                .federated_identity_credentials
+                .iter()
+                .map(|c| Trusted {
+                    name: c.name.clone(),
+                    issuer: c.issuer.clone(),
+                    subject: c.subject.clone(),
+                    audiences: c.audiences.clone(),
+                    propagated: true,
+                })
+                .collect(),
+            Self::ManagedIdentity(u) => u
+                .federated_credentials
+                .iter()
+                .map(|c| Trusted {
+                    name: c.name.clone(),
+                    issuer: c.issuer.clone(),
+                    subject: c.subject.clone(),
+                    audiences: c.audiences.clone(),
+                    propagated: c.propagated(now),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Checks a federated assertion for `client` in Entra's order: trust, algorithm, the issuer's keys (fetched
+/// only for a trusted issuer), signature, time window.
+async fn federate(sh: &Shared, client: &Client, jwt: &str) -> Result<String, Rejection> {
+    let a = Assertion::parse(jwt)?;
+    let trusted = client.trusted(Instant::now());
+    let credential = federation::match_trust(&a, &trusted)?.name.clone();
+    let (policy, algorithms) = {
+        let s = read(&sh.settings);
+        let f = &s.federation;
+        (
+            FetchPolicy {
+                ca_pems: f.issuer_ca_pems.clone(),
+                timeout: Duration::from_millis(f.issuer_fetch_timeout_ms),
+                max_age: Duration::from_secs(f.issuer_cache_secs),
+                refetch_after: Duration::from_secs(f.issuer_refetch_secs),
+            },
+            f.signing_algorithms.clone(),
+        )
+    };
+    federation::check_algorithm(&a, &algorithms)?;
+    let keys = sh.issuers.keys(&a.iss, a.kid.as_deref(), &policy).await?;
+    federation::verify_signature(&a, &keys, &a.iss)?;
+    federation::check_lifetime(&a, now_secs())?;
+    Ok(credential)
+}
+
+/// Whether a client assertion is the client's own (certificate credential: issuer is the client ID) rather
+/// than an external issuer's.
+fn self_issued(jwt: &str, client_id: &str) -> bool {
+    Assertion::parse(jwt).is_ok_and(|a| a.iss.eq_ignore_ascii_case(client_id))
+}
+
+async fn token(
+    sh: &Shared,
+    headers: &HeaderMap,
+    tenant: &str,
+    base: &str,
+    body: Body,
+    v2: bool,
+    client_seen: &mut Option<String>,
+) -> Response {
     let limit = read(&sh.settings).max_body_bytes;
     let is_form = header_str(headers, "content-type").is_some_and(|ct| {
         ct.to_ascii_lowercase()
@@ -247,6 +346,7 @@ async fn token(sh: &Shared, headers: &HeaderMap, tenant: &str, base: &str, body:
     let Some(client_id) = get("client_id").or_else(|| basic.as_ref().map(|b| b.0.clone())) else {
         return missing("client_id");
     };
+    *client_seen = Some(client_id.clone());
     let resource = if v2 {
         let Some(scope) = get("scope") else {
             return missing("scope");
@@ -308,8 +408,19 @@ async fn token(sh: &Shared, headers: &HeaderMap, tenant: &str, base: &str, body:
             );
         }
     };
-    let app: ApplicationSeed = match lock(&sh.state).application(tenant, &client_id) {
-        Some(a) => a.clone(),
+    let client = {
+        let st = lock(&sh.state);
+        st.application(tenant, &client_id)
+            .cloned()
+            .map(Client::Application)
+            .or_else(|| {
+                st.uami_by_client_id(tenant, &client_id)
+                    .cloned()
+                    .map(Client::ManagedIdentity)
+            })
+    };
+    let client = match client {
+        Some(c) => c,
         None => {
             return aad_error(
                 StatusCode::BAD_REQUEST,
@@ -321,10 +432,14 @@ async fn token(sh: &Shared, headers: &HeaderMap, tenant: &str, base: &str, body:
             );
         }
     };
-    let now = now_secs();
-    let acr = match proof {
-        Proof::Secret(s) => {
-            if !app.secrets.contains(&s) {
+    let acr = match (proof, &client) {
+        (Proof::Secret(s), client) => {
+            let known = match client {
+                Client::Application(app) => app.secrets.contains(&s),
+                // A managed identity has no secrets.
+                Client::ManagedIdentity(_) => false,
+            };
+            if !known {
                 return aad_error(
                     StatusCode::UNAUTHORIZED,
                     "invalid_client",
@@ -336,23 +451,39 @@ async fn token(sh: &Shared, headers: &HeaderMap, tenant: &str, base: &str, body:
             }
             "1"
         }
-        Proof::Assertion(a) => {
+        (Proof::Assertion(a), Client::Application(app)) if self_issued(&a, &client_id) => {
+            let now = now_secs();
             let audiences = [
                 format!("{base}/{tenant}/oauth2/v2.0/token"),
                 format!("{base}/{tenant}/oauth2/token"),
                 format!("{base}/{tenant}/v2.0"),
                 format!("{base}/{tenant}"),
             ];
-            if let Err(e) = assertion::verify(&a, &app, &audiences, now) {
+            if let Err(e) = assertion::verify(&a, app, &audiences, now) {
                 let (code, message) = e.aadsts();
                 return aad_error(StatusCode::UNAUTHORIZED, "invalid_client", code, &message);
             }
             "2"
         }
+        (Proof::Assertion(a), client) => match federate(sh, client, &a).await {
+            Ok(credential) => {
+                tracing::debug!(client_id, credential, "federated assertion accepted");
+                "2"
+            }
+            Err(r) => {
+                tracing::debug!(client_id, rejection = %r, "federated assertion refused");
+                return federation_error(&r);
+            }
+        },
     };
     let (known, lifetime) = {
         let s = read(&sh.settings);
-        (s.resource_known(&resource), s.entra_token_lifetime_secs)
+        let lifetime = match client {
+            // A managed identity's tokens live as long through Entra as through IMDS (about 24 h: azwi PR #630).
+            Client::ManagedIdentity(_) => s.imds_token_lifetime_secs,
+            Client::Application(_) => s.entra_token_lifetime_secs,
+        };
+        (s.resource_known(&resource), lifetime)
     };
     if !known {
         return aad_error(
@@ -364,15 +495,30 @@ async fn token(sh: &Shared, headers: &HeaderMap, tenant: &str, base: &str, body:
             ),
         );
     }
-    let claims = Claims::app(
-        &resource,
-        tenant,
-        &app.object_id,
-        &app.client_id,
-        acr,
-        now,
-        lifetime,
-    );
+    let now = now_secs();
+    let claims = match &client {
+        Client::Application(app) => Claims::app(
+            &resource,
+            tenant,
+            &app.object_id,
+            &app.client_id,
+            acr,
+            now,
+            lifetime,
+        ),
+        Client::ManagedIdentity(u) => Claims {
+            xms_mirid: Some(u.id.to_string()),
+            ..Claims::app(
+                &resource,
+                tenant,
+                &u.principal_id,
+                &u.client_id,
+                acr,
+                now,
+                lifetime,
+            )
+        },
+    };
     let access_token = sh.signer.sign(&claims);
     let body = if v2 {
         json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": access_token})

@@ -1,8 +1,9 @@
 //! A local Azure that the official SDKs cannot tell from the real one, for tests of everything that talks to
 //! Azure: the Instance Metadata Service (plain HTTP, one listener per VM or scale-set instance), and over one
 //! TLS listener Azure Resource Manager (VM and scale-set identities, long-running operations, throttling,
-//! user-assigned identities), Entra ID (client credentials, v2 and v1) and Key Vault (secrets behind the 401
-//! challenge). A generated CA signs the TLS certificate; clients trust its PEM.
+//! user-assigned identities and their federated identity credentials), Entra ID (client credentials with a
+//! secret, a certificate or a federated token from an external issuer, v2 and v1) and Key Vault (secrets
+//! behind the 401 challenge). A generated CA signs the TLS certificate; clients trust its PEM.
 //!
 //! Tests start it in-process with [`Emulator::start`], or run the `pod-identity-emulator` binary (for network
 //! namespaces) and drive it over its admin API. Both give: the bound addresses, the CA, the request log and
@@ -15,13 +16,17 @@
 
 mod admin;
 mod arm;
+mod arm_federated_credentials;
 mod assertion;
 mod entra;
 pub mod faults;
+pub mod federated_credentials;
+pub mod federation;
 pub mod http;
 pub mod identity_merge;
 pub mod ids;
 mod imds;
+mod issuer;
 mod keyvault;
 pub mod observe;
 pub mod seed;
@@ -198,6 +203,7 @@ impl Emulator {
             log: Mutex::new(RequestLog::new(config.log_capacity)),
             signer: tokens::Signer::generate()?,
             imds_cache: Mutex::default(),
+            issuers: issuer::IssuerCache::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let handler: Handler = {
@@ -326,11 +332,12 @@ impl Emulator {
         lock(&self.shared.state).to_seed()
     }
 
-    /// Replaces the whole state; IMDS forgets the tokens it cached.
+    /// Replaces the whole state; IMDS forgets the tokens it cached and Entra the issuer keys it fetched.
     pub fn replace_state(&self, seed: &Seed) -> Result<(), seed::SeedError> {
         let st = State::from_seed(seed)?;
         *lock(&self.shared.state) = st;
         lock(&self.shared.imds_cache).clear();
+        self.shared.issuers.clear();
         Ok(())
     }
 

@@ -57,6 +57,11 @@ struct Args {
     #[arg(long)]
     no_throttling: bool,
 
+    /// A PEM file of CA certificates Entra trusts when it fetches a federated credential issuer's OpenID
+    /// configuration and keys (e.g. a test cluster's API server CA). Repeat for several.
+    #[arg(long = "issuer-ca", value_name = "FILE")]
+    issuer_cas: Vec<PathBuf>,
+
     /// How many requests the log keeps.
     #[arg(long, default_value_t = 100_000)]
     log_capacity: usize,
@@ -107,6 +112,11 @@ async fn main() -> Result<()> {
     }
     if args.no_throttling {
         settings.throttling.enabled = false;
+    }
+    for path in &args.issuer_cas {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --issuer-ca {}", path.display()))?;
+        settings.federation.issuer_ca_pems.push(pem);
     }
     let config = Config {
         imds: args.imds.iter().map(|s| parse_imds(s)).collect::<Result<_>>()?,

@@ -27,7 +27,8 @@ pub struct RequestRecord {
     /// The case-folded resource the request was about: an ARM resource ID, `vault/secret`, a tenant, or for
     /// IMDS the instance the listener stands for.
     pub resource: Option<String>,
-    /// For IMDS token requests, the client ID of the identity a token was issued for.
+    /// For IMDS token requests, the client ID of the identity a token was issued for; for Entra token
+    /// requests, the `client_id` the request named (granted or not).
     pub identity: Option<String>,
     /// The fault rule that answered or delayed the request.
     pub fault: Option<u64>,

@@ -33,6 +33,23 @@ pub struct ApplicationSeed {
     pub secrets: Vec<String>,
     /// PEM certificates whose keys may sign client assertions.
     pub certificates: Vec<String>,
+    /// External identities (issuer, subject, audience) whose tokens Entra accepts as client assertions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub federated_identity_credentials: Vec<FederatedCredentialSeed>,
+}
+
+/// A federated identity credential: Entra accepts a token from `issuer` about `subject` with one of
+/// `audiences` as proof of the identity it is on. The rules (name, 20 per identity, unique issuer and
+/// subject, exactly one audience) are ARM's; see `federated_credentials`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FederatedCredentialSeed {
+    /// 3 to 120 characters: letters, digits, `-` and `_`, the first a letter or digit.
+    pub name: String,
+    pub issuer: String,
+    pub subject: String,
+    /// Exactly one, usually `api://AzureADTokenExchange`.
+    pub audiences: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -64,6 +81,8 @@ pub struct UserAssignedIdentitySeed {
     /// Defaults to the resource group's location.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub federated_identity_credentials: Vec<FederatedCredentialSeed>,
 }
 
 /// The identities a VM or scale set has.

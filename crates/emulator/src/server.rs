@@ -103,7 +103,7 @@ pub async fn serve_request(sh: Arc<Shared>, req: Request<Body>, conn: Conn) -> R
     let tag = resp.extensions_mut().remove::<Tag>().unwrap_or_else(|| Tag {
         resource: match service {
             Service::Imds => conn.instance.as_deref().map(ResourceId::key),
-            Service::Arm => ResourceId::parse(&path).map(|r| r.key()),
+            Service::Arm => arm::resource_key(&path),
             _ => None,
         },
         identity: None,

@@ -25,6 +25,49 @@ pub struct Settings {
     /// Token audiences (resources) Entra and IMDS issue tokens for, besides the Azure ones built in.
     pub extra_resources: Vec<String>,
     pub throttling: ThrottleConfig,
+    pub federation: FederationSettings,
+}
+
+/// How Entra treats federated credentials and the issuers behind them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FederationSettings {
+    /// PEM CA certificates Entra trusts when it fetches an issuer's OpenID configuration and keys (a test
+    /// cluster's API server CA, say). Nothing else is trusted: no request leaves the machine.
+    pub issuer_ca_pems: Vec<String>,
+    /// The JWS algorithms Entra accepts on a federated assertion. Entra documents RS256 and refuses ES256
+    /// with AADSTS5002738 (AzureAD/microsoft-identity-web#3467, which also reports RS384/512 and PS256/384/512
+    /// accepted); ES256/ES384 may be added for an issuer that signs with an EC key.
+    pub signing_algorithms: Vec<String>,
+    /// How long fetched issuer metadata and keys are reused.
+    pub issuer_cache_secs: u64,
+    /// An assertion naming a key the cached set lacks refetches the keys, at most this often per issuer.
+    pub issuer_refetch_secs: u64,
+    /// The longest one fetch (discovery document and keys together) may take before Entra answers
+    /// AADSTS90061.
+    pub issuer_fetch_timeout_ms: u64,
+    /// How long after an ARM write a user-assigned identity's federated credential reaches Entra; until
+    /// then a token request it alone would allow gets AADSTS70021, as during real propagation.
+    pub credential_propagation_ms: u64,
+    /// How long an ARM write of a federated credential runs. Another write under the same identity in that
+    /// time gets 409 `ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity`.
+    pub credential_write_ms: u64,
+}
+
+impl Default for FederationSettings {
+    fn default() -> Self {
+        Self {
+            issuer_ca_pems: Vec::new(),
+            signing_algorithms: ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+                .map(str::to_owned)
+                .to_vec(),
+            issuer_cache_secs: 3600,
+            issuer_refetch_secs: 10,
+            issuer_fetch_timeout_ms: 5000,
+            credential_propagation_ms: 0,
+            credential_write_ms: 0,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -39,6 +82,7 @@ impl Default for Settings {
             max_body_bytes: 4 * 1024 * 1024,
             extra_resources: Vec::new(),
             throttling: ThrottleConfig::default(),
+            federation: FederationSettings::default(),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::faults::Faults;
+use crate::issuer::IssuerCache;
 use crate::observe::RequestLog;
 use crate::settings::Settings;
 use crate::state::State;
@@ -29,6 +30,8 @@ pub struct Shared {
     pub signer: Signer,
     /// Keyed by (identity object ID, folded resource).
     pub imds_cache: Mutex<HashMap<(String, String), CachedToken>>,
+    /// Federated credential issuers' signing keys, as Entra caches them.
+    pub issuers: IssuerCache,
 }
 
 /// Locks a mutex; a panic in another holder does not make the data unusable for an emulator.

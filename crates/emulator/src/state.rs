@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::federated_credentials::{self, FederatedCredential};
 use crate::identity_merge::{CurrentIdentity, IdentityType, Merged};
 use crate::ids::{ResourceId, ResourceType, fold};
 use crate::seed::{
@@ -83,6 +84,10 @@ pub struct Uami {
     pub client_id: String,
     pub principal_id: String,
     pub tenant_id: String,
+    pub federated_credentials: Vec<FederatedCredential>,
+    /// A federated credential write on this identity runs until then; another one meanwhile is refused
+    /// with 409, as the resource provider refuses concurrent writes under one identity.
+    pub credential_write_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +186,9 @@ pub enum Action {
     ComputeDelete,
     IdentityRead,
     IdentityAssign,
+    FederatedCredentialRead,
+    FederatedCredentialWrite,
+    FederatedCredentialDelete,
     SecretsRead,
 }
 
@@ -195,6 +203,15 @@ impl Action {
             (Self::ComputeRead, _) => "Microsoft.Compute/virtualMachineScaleSets/read",
             (Self::IdentityRead, _) => "Microsoft.ManagedIdentity/userAssignedIdentities/read",
             (Self::IdentityAssign, _) => "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action",
+            (Self::FederatedCredentialRead, _) => {
+                "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/read"
+            }
+            (Self::FederatedCredentialWrite, _) => {
+                "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/write"
+            }
+            (Self::FederatedCredentialDelete, _) => {
+                "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/delete"
+            }
             (Self::SecretsRead, _) => "Microsoft.KeyVault/vaults/secrets/getSecret/action",
         }
     }
@@ -204,12 +221,19 @@ fn role_allows(role: &str, action: Action) -> bool {
     let role = role.to_ascii_lowercase();
     match role.as_str() {
         "owner" | "contributor" => action != Action::SecretsRead,
-        "reader" => matches!(action, Action::ComputeRead | Action::IdentityRead),
+        "reader" => matches!(
+            action,
+            Action::ComputeRead | Action::IdentityRead | Action::FederatedCredentialRead
+        ),
         "virtual machine contributor" => matches!(
             action,
             Action::ComputeRead | Action::ComputeWrite | Action::ComputeDelete
         ),
-        "managed identity operator" => matches!(action, Action::IdentityRead | Action::IdentityAssign),
+        // Its `userAssignedIdentities/*/read` covers the credentials below an identity.
+        "managed identity operator" => matches!(
+            action,
+            Action::IdentityRead | Action::IdentityAssign | Action::FederatedCredentialRead
+        ),
         "key vault secrets user" | "key vault secrets officer" | "key vault administrator" => {
             action == Action::SecretsRead
         }
@@ -252,6 +276,14 @@ impl State {
         for t in &seed.tenants {
             if t.id.is_empty() {
                 return Err(SeedError::Invalid("a tenant has no id".into()));
+            }
+            for app in &t.applications {
+                federated_credentials::from_seeds(&app.federated_identity_credentials).map_err(|e| {
+                    SeedError::Invalid(format!(
+                        "application {}: federated identity credentials: {e}",
+                        app.client_id
+                    ))
+                })?;
             }
             st.tenants.insert(fold(&t.id), t.clone());
         }
@@ -299,6 +331,8 @@ impl State {
         let loc = |l: &Option<String>| l.clone().unwrap_or_else(|| rg.location.clone());
         for u in &rg.user_assigned_identities {
             let id = ResourceId::new(&sub.id, &rg.name, ResourceType::UserAssignedIdentity, &u.name);
+            let federated_credentials = federated_credentials::from_seeds(&u.federated_identity_credentials)
+                .map_err(|e| SeedError::Invalid(format!("{id}: federated identity credentials: {e}")))?;
             self.identities.insert(
                 id.key(),
                 Uami {
@@ -307,6 +341,8 @@ impl State {
                     client_id: or_guid(&u.client_id),
                     principal_id: or_guid(&u.principal_id),
                     tenant_id: sub.tenant_id.clone(),
+                    federated_credentials,
+                    credential_write_until: None,
                 },
             );
         }
@@ -450,6 +486,11 @@ impl State {
                             client_id: u.client_id.clone(),
                             principal_id: u.principal_id.clone(),
                             location: location(&u.location),
+                            federated_identity_credentials: u
+                                .federated_credentials
+                                .iter()
+                                .map(FederatedCredential::to_seed)
+                                .collect(),
                         })
                         .collect(),
                     virtual_machine_scale_sets: self
@@ -579,6 +620,18 @@ impl State {
 
     pub fn uami(&self, id: &str) -> Option<&Uami> {
         self.identities.get(&fold(id))
+    }
+
+    pub fn uami_mut(&mut self, id: &str) -> Option<&mut Uami> {
+        self.identities.get_mut(&fold(id))
+    }
+
+    /// The user-assigned identity of `tenant` whose client ID is `client_id` (what Entra's token endpoint
+    /// is given for a managed identity that presents a federated credential).
+    pub fn uami_by_client_id(&self, tenant: &str, client_id: &str) -> Option<&Uami> {
+        self.identities
+            .values()
+            .find(|u| u.client_id.eq_ignore_ascii_case(client_id) && u.tenant_id.eq_ignore_ascii_case(tenant))
     }
 
     /// Applies an accepted PATCH: the model changes now, the instances follow when the operation is done
@@ -924,6 +977,46 @@ mod tests {
                 .name,
             "ss_0"
         );
+    }
+
+    #[test]
+    fn federated_credentials_round_trip_and_bad_ones_are_refused() {
+        let fic = |name: &str, subject: &str| crate::seed::FederatedCredentialSeed {
+            name: name.into(),
+            issuer: "https://issuer".into(),
+            subject: subject.into(),
+            audiences: vec!["api://AzureADTokenExchange".into()],
+        };
+        let mut s = seed();
+        s.subscriptions[0].resource_groups[0].user_assigned_identities[0].federated_identity_credentials =
+            vec![fic("one", "a"), fic("two", "b")];
+        let st = State::from_seed(&s).unwrap();
+        assert_eq!(st.uami(&uami("a")).unwrap().federated_credentials.len(), 2);
+        assert_eq!(
+            st.uami_by_client_id("T", "CA").map(|u| u.principal_id.as_str()),
+            Some("pa")
+        );
+        assert_eq!(st.uami_by_client_id("other-tenant", "ca").map(|u| &u.id), None);
+        assert_eq!(State::from_seed(&st.to_seed()).unwrap().to_seed(), st.to_seed());
+        assert_eq!(
+            st.to_seed().subscriptions[0].resource_groups[0].user_assigned_identities[0]
+                .federated_identity_credentials,
+            s.subscriptions[0].resource_groups[0].user_assigned_identities[0].federated_identity_credentials
+        );
+        let mut dup = s.clone();
+        dup.subscriptions[0].resource_groups[0].user_assigned_identities[0].federated_identity_credentials =
+            vec![fic("one", "a"), fic("two", "a")];
+        assert!(matches!(State::from_seed(&dup), Err(SeedError::Invalid(m)) if m.contains("already exists")));
+        let mut app = s;
+        app.tenants = vec![TenantSeed {
+            id: "t".into(),
+            applications: vec![ApplicationSeed {
+                client_id: "app".into(),
+                federated_identity_credentials: vec![fic("x", "a")],
+                ..ApplicationSeed::default()
+            }],
+        }];
+        assert!(matches!(State::from_seed(&app), Err(SeedError::Invalid(m)) if m.contains("'x' is invalid")));
     }
 
     #[test]
