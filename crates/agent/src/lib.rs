@@ -17,6 +17,7 @@ pub mod config;
 pub mod credentials;
 pub mod events;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod netfilter;
 pub mod proxy;

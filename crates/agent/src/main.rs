@@ -23,7 +23,9 @@ fn main() -> Result<()> {
             .flatten_event(true)
             .with_current_span(false)
             .init(),
-        LogFormat::Text => subscriber.init(),
+        LogFormat::Text => subscriber
+            .fmt_fields(pod_identity_agent::logging::EscapedFields)
+            .init(),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

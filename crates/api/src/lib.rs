@@ -17,6 +17,7 @@ pub mod identity;
 pub mod matching;
 pub mod naming;
 pub use naming::ObjectKey;
+pub mod text;
 pub mod validation;
 
 pub use assigned::{
