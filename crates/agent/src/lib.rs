@@ -14,6 +14,7 @@ pub mod azure;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod credentials;
 pub mod events;
 pub mod health;

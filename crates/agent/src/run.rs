@@ -13,6 +13,7 @@ use crate::{
     azure::HttpUpstream,
     cache::TokenCache,
     config::Args,
+    connections,
     events::Events,
     health::{self, AdminState, Health},
     metrics::Metrics,
@@ -260,19 +261,17 @@ pub async fn start(
     }));
 
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let app = server::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = server::router(state);
     health.set_serving(true);
     let serve_health = health.clone();
+    let limits = args.limits.limits();
+    let serve_metrics = metrics.clone();
     let serve = tokio::spawn(async move {
-        let result = axum::serve(imds, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            })
-            .await;
+        connections::serve(imds, app, limits, serve_metrics, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await;
         serve_health.set_serving(false);
-        if let Err(error) = result {
-            tracing::error!(%error, "the endpoint stopped");
-        }
     });
     tracing::info!(node = %args.node, imds = %imds_addr, admin = %admin_addr, mode = ?policy.mode, scope = ?policy.scope, "agent started");
     Ok(Agent {
