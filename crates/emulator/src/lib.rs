@@ -29,6 +29,7 @@ mod server;
 pub mod settings;
 mod shared;
 pub mod state;
+mod subscriptions;
 pub mod throttle;
 mod tls;
 pub mod tokens;
