@@ -250,6 +250,24 @@ async fn path_variants_and_header_attacks_are_rejected_and_never_forwarded() {
             format!("/metadata/identity/oauth2/token{q}&client_id={CLIENT_A}&object_id=x"),
             vec!["-H", "Metadata: true"],
         ),
+        // IMDS wants the value in lower case.
+        (
+            format!("/metadata/identity/oauth2/token{q}"),
+            vec!["-H", "Metadata: True"],
+        ),
+        // Parameters that are no identifiers never go upstream, and cannot forge a log line.
+        (
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=%00".to_owned(),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x%0A2026-11-30T00:00:00Z%20INFO%20forged%20line".to_owned(),
+            vec!["-H", "Metadata: true"],
+        ),
+        (
+            format!("/metadata/identity/oauth2/token{q}&client_id=x%0A2026-11-30T00:00:00Z%20INFO%20forged%20line"),
+            vec!["-H", "Metadata: true"],
+        ),
     ];
     for (path, headers) in &attacks {
         let url = format!("http://169.254.169.254{path}");
@@ -263,6 +281,11 @@ async fn path_variants_and_header_attacks_are_rejected_and_never_forwarded() {
         h.imds_requests(since).is_empty(),
         "an attack reached IMDS: {:?}",
         h.imds_requests(since)
+    );
+    let log = h.agent_log_text();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-11-30T00:00:00Z")),
+        "a forged line in the agent's log:\n{log}"
     );
     // A clean instance path is forwarded when allowed, without X-Forwarded-For (IMDS would refuse it).
     let (status, body) = curl(
@@ -491,6 +514,98 @@ token = credential.get_token("https://vault.azure.net/.default")
 secret = SecretClient(vault_url="https://testvault.vault.azure.net", credential=credential).get_secret("db-password")
 print(json.dumps({"token": token.token, "secret": secret.value}))
 "#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn az_login_identity_in_a_bound_pod_gets_its_token_through_the_agent() {
+    let h = Harness::start(&[]).await;
+    let web = h.pod("web", Some("web")).await;
+    h.bind("id-a", "web").await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    let since = h.emulator.last_seq();
+    // ARM is the emulator on the node; the identity holds no role, hence --allow-no-subscriptions.
+    h.set_pod_hosts(&web, &[(web.gateway, "management.azure.com")]);
+    let config = tempfile::tempdir().unwrap();
+    let accounts = az(
+        &h,
+        &web,
+        config.path(),
+        &["login", "--identity", "--allow-no-subscriptions"],
+    );
+    assert_eq!(accounts.as_array().map(Vec::len), Some(1), "{accounts}");
+    assert_eq!(accounts[0]["tenantId"], netns_harness::TENANT, "{accounts}");
+    assert_eq!(accounts[0]["name"], "N/A(tenant level account)");
+    let token = az(&h, &web, config.path(), &["account", "get-access-token"]);
+    let claims = netns_harness::claims(token["accessToken"].as_str().unwrap());
+    assert_eq!(claims["appid"], CLIENT_A, "the pod's identity: {claims}");
+    assert_eq!(claims["aud"], "https://management.core.windows.net/");
+
+    for record in h.imds_requests(since) {
+        assert!(
+            h.is_node_address(&record.source),
+            "a pod reached IMDS directly: {record:?}"
+        );
+    }
+    let listed = h.emulator.requests(&LogFilter {
+        service: Some(Service::Arm),
+        since: Some(since),
+        ..LogFilter::default()
+    });
+    assert!(
+        listed
+            .iter()
+            .any(|r| r.path == "/subscriptions" && r.status == 200),
+        "az listed the subscriptions: {listed:?}"
+    );
+    h.stop_agent();
+}
+
+/// The `az` of the pinned Azure CLI venv (`POD_IDENTITY_AZ`, or the one `tools/setup-python.sh
+/// tools/azure-cli-requirements.txt` builds or finds cached).
+fn az_binary() -> String {
+    if let Ok(az) = std::env::var("POD_IDENTITY_AZ") {
+        return az;
+    }
+    let root = netns_harness::repo_root();
+    let output = Command::new("bash")
+        .arg(root.join("tools/setup-python.sh"))
+        .arg(root.join("tools/azure-cli-requirements.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "tools/setup-python.sh tools/azure-cli-requirements.txt failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    format!("{}/bin/az", String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Runs `az args… --output json` in a pod with its own configuration directory, trusting the
+/// emulator's CA; IMDS is not named anywhere: the CLI calls 169.254.169.254 as on Azure.
+fn az(h: &Harness, pod: &PodNet, config: &std::path::Path, args: &[&str]) -> Value {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, &az_binary()])
+        .args(args)
+        .args(["--output", "json"])
+        .env("AZURE_CONFIG_DIR", config)
+        .env("AZURE_CORE_COLLECT_TELEMETRY", "false")
+        .env("AZURE_CORE_SURVEY_MESSAGE", "false")
+        .env("REQUESTS_CA_BUNDLE", &h.ca_file)
+        .env_remove("AZURE_POD_IDENTITY_AUTHORITY_HOST")
+        .env_remove("IDENTITY_ENDPOINT")
+        .env_remove("MSI_ENDPOINT")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "az {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
 
 /// The Python interpreter of the SDK venv: `POD_IDENTITY_PYTHON`, or the one `tools/setup-python.sh`
 /// builds (or finds cached).

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Creates, or reuses, a Python venv holding the pinned Azure SDKs of tools/python-requirements.txt, for the
-# fidelity tests under tests/python. The venv lives under a key derived from that file and this script, so a
-# change of pins builds a fresh one and a warm run only checks the cache. Concurrent callers (test binaries
-# running side by side) wait on a lock instead of building twice.
+# Creates, or reuses, a Python venv holding the pinned packages of a requirements file: by default the Azure
+# SDKs of tools/python-requirements.txt, for the fidelity tests under tests/python; with an argument, that
+# file (tools/azure-cli-requirements.txt: the Azure CLI, whose pins conflict with the SDKs'). The venv lives
+# under a key derived from that file and this script, so a change of pins builds a fresh one and a warm run
+# only checks the cache. Concurrent callers (test binaries running side by side) wait on a lock instead of
+# building twice.
 # Prints the venv directory on stdout; its interpreter is <dir>/bin/python.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-req="$here/python-requirements.txt"
+req=${1:-"$here/python-requirements.txt"}
 python=${PYTHON:-python3}
 key=$(cat "$req" "$0" | sha256sum | cut -c1-16)
 root=${POD_IDENTITY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pod-identity}
-venv="$root/venv-$key"
+name=$(basename "$req" .txt)
+name=${name%-requirements}
+if [[ $name == python ]]; then venv="$root/venv-$key"; else venv="$root/venv-$name-$key"; fi
 mkdir -p "$root"
 exec 9>"$venv.lock"
 flock 9

@@ -90,7 +90,11 @@ async fn demo(root: &Path, slot: &mut Option<Cluster>) -> Result<()> {
         "agent and controller ready after {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    detail(&session.node.kubectl_ok(&["get", "pods", "-n", INSTALL_NAMESPACE, "-o", "wide"])?);
+    detail(
+        &session
+            .node
+            .kubectl_ok(&["get", "pods", "-n", INSTALL_NAMESPACE, "-o", "wide"])?,
+    );
     let rules = session
         .node
         .in_node_ok(&["iptables", "-t", "nat", "-S", "POD-IDENTITY"])?;
@@ -100,13 +104,19 @@ async fn demo(root: &Path, slot: &mut Option<Cluster>) -> Result<()> {
     say("Applying an AzureIdentity and an AzureIdentityBinding, written as for aad-pod-identity");
     session.namespace(NAMESPACE).await?;
     apply_examples(root, &session).await?;
-    detail(&format!("AzureIdentity demo-identity: type 0, clientID {CLIENT_A}"));
+    detail(&format!(
+        "AzureIdentity demo-identity: type 0, clientID {CLIENT_A}"
+    ));
     detail("AzureIdentityBinding demo-identity-binding: selector demo");
 
     say("Creating two pods (containers): `web` labelled aadpodidbinding=demo, `other` without a label");
     let web = session.pod(NAMESPACE, "web", Some("demo")).await?;
     let other = session.pod(NAMESPACE, "other", None).await?;
-    detail(&session.node.kubectl_ok(&["get", "pods", "-n", NAMESPACE, "-o", "wide", "--show-labels"])?);
+    detail(
+        &session
+            .node
+            .kubectl_ok(&["get", "pods", "-n", NAMESPACE, "-o", "wide", "--show-labels"])?,
+    );
 
     say("The controller records the assignment and adds the identity to the scale set");
     let assignments = Api::<AzureAssignedIdentity>::namespaced(session.client.clone(), NAMESPACE);
@@ -119,12 +129,20 @@ async fn demo(root: &Path, slot: &mut Option<Cluster>) -> Result<()> {
     })
     .await
     .with_context(|| session.diagnose("controller"))?;
-    detail(&session.node.kubectl_ok(&["get", "azureassignedidentities", "-n", NAMESPACE])?);
+    detail(
+        &session
+            .node
+            .kubectl_ok(&["get", "azureassignedidentities", "-n", NAMESPACE])?,
+    );
 
     say("`web` asks the metadata address for a Key Vault token, as any Azure SDK would (plain curl)");
     let (status, body) = eventually(|| async {
         let (status, body) = session.token(&web)?;
-        if status == 200 { Ok((status, body)) } else { bail!("{status}: {body}") }
+        if status == 200 {
+            Ok((status, body))
+        } else {
+            bail!("{status}: {body}")
+        }
     })
     .await?;
     let token: Value = serde_json::from_str(&body)?;

@@ -105,12 +105,24 @@ fn tools(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
             "POD_IDENTITY_PYTHON",
             cached_build(root, "setup-python.sh")?.join("bin").join("python"),
         ),
+        (
+            "POD_IDENTITY_AZ",
+            cached_build_with(root, "setup-python.sh", &["azure-cli-requirements.txt"])?
+                .join("bin")
+                .join("az"),
+        ),
     ])
 }
 
 /// Runs a build script of `tools/`, which prints the path of what it built (or found cached).
 fn cached_build(root: &Path, script: &str) -> Result<PathBuf> {
+    cached_build_with(root, script, &[])
+}
+
+/// The same with arguments naming files of `tools/`.
+fn cached_build_with(root: &Path, script: &str, tool_files: &[&str]) -> Result<PathBuf> {
     let output = Command::new(root.join("tools").join(script))
+        .args(tool_files.iter().map(|f| root.join("tools").join(f)))
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running tools/{script}"))?;

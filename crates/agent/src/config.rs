@@ -229,6 +229,10 @@ pub struct Args {
     #[arg(long, env = "SHUTDOWN_GRACE_SEC", default_value_t = 5)]
     pub shutdown_grace_sec: u64,
 
+    /// What callers may hold of the endpoint.
+    #[command(flatten)]
+    pub limits: crate::connections::LimitArgs,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,

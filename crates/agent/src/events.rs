@@ -96,12 +96,10 @@ impl Events {
                     uid: notice.uid.clone(),
                     ..Default::default()
                 };
-                let mut note = notice.message.clone();
-                note.truncate(1000);
                 let event = Event {
                     type_: EventType::Warning,
                     reason: notice.reason.as_str().into(),
-                    note: Some(note),
+                    note: Some(note_of(&notice.message)),
                     action: "GetToken".into(),
                     secondary: None,
                 };
@@ -130,5 +128,32 @@ impl Events {
                 .get_or_create(&ResultLabels { result: "dropped" })
                 .inc();
         }
+    }
+}
+
+/// The Event note for what a pod was told: cut to the API's limit on a character boundary (the message
+/// carries text from the pod's request and from upstream errors, in any script).
+pub fn note_of(message: &str) -> String {
+    pod_identity_api::text::truncate(message, pod_identity_api::text::EVENT_NOTE_MAX_BYTES).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_whose_limit_falls_inside_a_character_is_cut_before_it() {
+        // A deny message quoting a client_id of 990 ASCII characters followed by multi-byte ones: byte
+        // 1000 falls inside a character, where `String::truncate` panicked and took the task down.
+        let message = format!(
+            "client_id {}{} is not an identity of this pod",
+            "a".repeat(981),
+            "é".repeat(30)
+        );
+        assert!(!message.is_char_boundary(1000));
+        let note = note_of(&message);
+        assert!(note.len() <= 1000, "{}", note.len());
+        assert!(note.ends_with('…'));
+        assert_eq!(note_of("short"), "short");
     }
 }

@@ -5,6 +5,13 @@ use clap::Parser;
 use pod_identity_agent::{Args, config::LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than glibc's malloc: the agent's memory follows what pods hold of it, and glibc kept
+/// the buffers of closed connections (RSS stayed at its peak after a flood closed, in
+/// `benches/agent_flood.rs`) where jemalloc's background threads give unused pages back to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> Result<()> {
     // One TLS provider for the whole process: kube and reqwest both build on the process default.
     rustls::crypto::ring::default_provider()
@@ -23,7 +30,9 @@ fn main() -> Result<()> {
             .flatten_event(true)
             .with_current_span(false)
             .init(),
-        LogFormat::Text => subscriber.init(),
+        LogFormat::Text => subscriber
+            .fmt_fields(pod_identity_agent::logging::EscapedFields)
+            .init(),
     }
     if args.remove_interception {
         pod_identity_agent::run::remove_interception(&args).context("removing the interception")?;

@@ -47,6 +47,13 @@ pub struct UpstreamOnly {
     pub upstream: &'static str,
 }
 
+/// Why something was shed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `per_source` or `total`.
+    pub reason: &'static str,
+}
+
 /// Object kind label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -86,6 +93,10 @@ pub struct Metrics {
     pub objects: Family<KindLabels, Gauge>,
     /// Kubernetes Events emitted, by result.
     pub events: Family<ResultLabels, Counter>,
+    /// Connections shed at accept, by reason (`per_source`, `total`).
+    pub connections_shed: Family<ReasonLabels, Counter>,
+    /// Connections open to the endpoint.
+    pub open_connections: Gauge,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -189,6 +200,19 @@ impl Metrics {
             "Kubernetes Events emitted about refused pods, by result (sent, suppressed, failed)",
             events.clone(),
         );
+        let connections_shed = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_shed",
+            "Connections to the endpoint closed at once with 503 because a limit was reached, by reason \
+             (per_source: the source address holds its share; total: all callers do)",
+            connections_shed.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Connections open to the endpoint",
+            open_connections.clone(),
+        );
         Self {
             registry,
             requests,
@@ -205,6 +229,8 @@ impl Metrics {
             ready,
             objects,
             events,
+            connections_shed,
+            open_connections,
         }
     }
 

@@ -13,6 +13,12 @@ use std::net::IpAddr;
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 /// The endpoint host-network callers name a pod on (behind a flag).
 pub const HOST_TOKEN_PATH: &str = "/host/token";
+/// The spellings of [`HOST_TOKEN_PATH`] that are served. The Key Vault CSI driver's provider in
+/// pod-identity mode (and the FlexVolume before it) calls `http://localhost:2579/host/token/?resource=…`,
+/// which the original's `PathPrefix("/host/token")` served; the path is never forwarded anywhere, so a
+/// trailing slash is a client's spelling, not an attack. Other spellings (case, encoding, doubled or dot
+/// segments, suffixes) are still refused: no client sends them.
+pub const HOST_TOKEN_SPELLINGS: [&str; 2] = [HOST_TOKEN_PATH, "/host/token/"];
 
 /// Where a request goes, decided by its path alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,10 +66,10 @@ pub fn classify(raw_path: &str) -> Route {
         };
     }
     if canonical == HOST_TOKEN_PATH {
-        return if raw_path == HOST_TOKEN_PATH {
+        return if HOST_TOKEN_SPELLINGS.contains(&raw_path) {
             Route::HostToken
         } else {
-            Route::Variant("a spelling of /host/token other than the exact one")
+            Route::Variant("a spelling of /host/token other than /host/token or /host/token/")
         };
     }
     // Anything naming identity or token endpoints, however spelt, is never forwarded: IMDS answers more
@@ -181,21 +187,56 @@ pub struct TokenQuery {
     pub selector: Selector,
 }
 
-/// Why a token request is refused before any lookup, with the IMDS error it gets (always 400).
+/// Longest `resource` accepted, in bytes. App ID URIs are short (Entra caps identifier URIs at a few
+/// hundred characters); anything longer is not one, and would only fill logs and Events.
+pub const MAX_RESOURCE_BYTES: usize = 1024;
+/// Longest `msi_res_id`/`mi_res_id` accepted, in bytes (an ARM ID of a user-assigned identity is about
+/// 300).
+pub const MAX_RESOURCE_ID_BYTES: usize = 1024;
+
+/// Why a token request is refused before any lookup, with the IMDS error it gets (always 400, which no
+/// SDK retries: asking again with the same parameters cannot succeed).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
     /// No `resource`, or an empty one.
     #[error("Required query variable 'resource' is missing")]
     MissingResource,
+    /// A `resource` that is neither an App ID URI nor an application ID (control characters, spaces,
+    /// no scheme, too long). IMDS passes such a value to Entra, which refuses it as `invalid_resource`.
+    #[error(
+        "AADSTS500011: The resource principal named in the request was not found: 'resource' must be an \
+         App ID URI (such as https://vault.azure.net) or an application ID"
+    )]
+    InvalidResource,
     /// A parameter given twice; IMDS refuses those, and two values invite two interpretations.
     #[error("Query parameter '{0}' is specified more than once")]
     Duplicate(String),
     /// More than one of `client_id`, `object_id`, `msi_res_id`/`mi_res_id`.
     #[error("Only one of client_id, object_id or msi_res_id may be specified in the token request")]
     SeveralIdentities,
+    /// A `client_id` or `object_id` that is not a GUID, or a `msi_res_id` that is not an ARM ID: no
+    /// identity has it, which is what IMDS answers.
+    #[error("Identity not found")]
+    InvalidIdentity,
+    /// An `api-version` that is not a date (`2018-02-01`, optionally `-preview`).
+    #[error("Invalid api-version; use a supported version such as 2018-02-01")]
+    InvalidApiVersion,
 }
 
-/// Parses the query of a token request.
+impl QueryError {
+    /// The `error` code of IMDS's answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidResource => "invalid_resource",
+            _ => "invalid_request",
+        }
+    }
+}
+
+/// Parses and validates the query of a token request. Nothing in it reaches IMDS, Entra, a log or an
+/// Event before it passed here: `resource` is an App ID URI or a GUID of printable characters,
+/// identity selectors are GUIDs or an ARM ID, `api-version` (optional, as the original ignored it) is
+/// a date. Unknown parameters are ignored and never forwarded.
 pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -212,30 +253,104 @@ pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
         pairs
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.trim())
+            .map(|(_, value)| value.as_str())
             .filter(|value| !value.is_empty())
     };
-    let resource = get("resource").ok_or(QueryError::MissingResource)?.to_owned();
+    if let Some(version) = get("api-version")
+        && !is_api_version(version)
+    {
+        return Err(QueryError::InvalidApiVersion);
+    }
+    let resource = get("resource").ok_or(QueryError::MissingResource)?;
+    if !is_resource(resource) {
+        return Err(QueryError::InvalidResource);
+    }
     let mut selectors = Vec::new();
     if let Some(id) = get("client_id") {
-        selectors.push(Selector::ClientId(id.to_owned()));
+        selectors.push(Selector::ClientId(guid(id)?));
     }
     if let Some(id) = get("object_id") {
-        selectors.push(Selector::ObjectId(id.to_owned()));
+        selectors.push(Selector::ObjectId(guid(id)?));
     }
     // `mi_res_id` is the App Service spelling; the original accepted it as a fallback.
-    if let Some(id) = get("msi_res_id").or_else(|| get("mi_res_id")) {
-        selectors.push(Selector::ResourceId(id.to_owned()));
-    }
-    if get("msi_res_id").is_some() && get("mi_res_id").is_some_and(|mi| Some(mi) != get("msi_res_id")) {
+    let msi = get("msi_res_id").map(arm_id).transpose()?;
+    let mi = get("mi_res_id").map(arm_id).transpose()?;
+    if let (Some(msi), Some(mi)) = (&msi, &mi)
+        && !msi.eq_ignore_ascii_case(mi)
+    {
         return Err(QueryError::SeveralIdentities);
+    }
+    if let Some(id) = msi.or(mi) {
+        selectors.push(Selector::ResourceId(id));
     }
     let selector = match selectors.len() {
         0 => Selector::Default,
         1 => selectors.remove(0),
         _ => return Err(QueryError::SeveralIdentities),
     };
-    Ok(TokenQuery { resource, selector })
+    Ok(TokenQuery {
+        resource: resource.to_owned(),
+        selector,
+    })
+}
+
+/// `YYYY-MM-DD`, optionally followed by `-preview`.
+fn is_api_version(version: &str) -> bool {
+    let date = version.strip_suffix("-preview").unwrap_or(version).as_bytes();
+    date.len() == 10
+        && date.iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        })
+}
+
+fn guid(text: &str) -> Result<String, QueryError> {
+    if pod_identity_api::validation::is_guid(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(QueryError::InvalidIdentity)
+    }
+}
+
+/// Characters no identifier carries: controls (line breaks that would forge log lines, `\0`) and
+/// whitespace.
+fn has_stray_characters(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+fn arm_id(text: &str) -> Result<String, QueryError> {
+    let prefix = "/subscriptions/";
+    let ok = text.len() <= MAX_RESOURCE_ID_BYTES
+        && text
+            .get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        && !has_stray_characters(text);
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(QueryError::InvalidIdentity)
+    }
+}
+
+/// An App ID URI (`scheme:rest`, such as `https://vault.azure.net` or `api://app`) or an application
+/// ID (a GUID), of at most [`MAX_RESOURCE_BYTES`] without controls or whitespace.
+pub fn is_resource(resource: &str) -> bool {
+    if resource.len() > MAX_RESOURCE_BYTES || has_stray_characters(resource) {
+        return false;
+    }
+    if pod_identity_api::validation::is_guid(resource) {
+        return true;
+    }
+    let Some((scheme, rest)) = resource.split_once(':') else {
+        return false;
+    };
+    let mut scheme_chars = scheme.chars();
+    scheme_chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme_chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
 }
 
 /// Why a request is refused by its headers.
@@ -249,8 +364,10 @@ pub enum HeaderError {
     MissingMetadata,
 }
 
-/// The header checks of every request: forwarding headers refused; `Metadata: true` (name and value
-/// case-insensitive, as SDKs differ) when required.
+/// The header checks of every request: forwarding headers refused; `Metadata: true` when required, the
+/// name in any case (HTTP header names are case-insensitive, and the Rust SDK sends `metadata`), the
+/// value exactly `true` as IMDS requires ("must be set to `true`, in all lower case"; IMDS answers
+/// `Metadata: True` with 400, as open-telemetry-collector-contrib #46281 found on AKS nodes).
 pub fn check_headers(headers: &http::HeaderMap, metadata_required: bool) -> Result<(), HeaderError> {
     if headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED) {
         return Err(HeaderError::Forwarded);
@@ -258,9 +375,7 @@ pub fn check_headers(headers: &http::HeaderMap, metadata_required: bool) -> Resu
     if metadata_required {
         let mut values = headers.get_all("metadata").iter();
         let ok = match (values.next(), values.next()) {
-            (Some(value), None) => value
-                .to_str()
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")),
+            (Some(value), None) => value.to_str().is_ok_and(|v| v.trim() == "true"),
             _ => false,
         };
         if !ok {
@@ -268,6 +383,35 @@ pub fn check_headers(headers: &http::HeaderMap, metadata_required: bool) -> Resu
         }
     }
     Ok(())
+}
+
+/// The pod a `/host/token` caller names with the headers `podns` and `podname`, if both are there and
+/// are Kubernetes object names (a namespace is a DNS label, a pod name a DNS subdomain): anything else
+/// names no pod, and is not worth a lookup, a log line or an echo.
+pub fn host_token_pod(headers: &http::HeaderMap) -> Option<pod_identity_api::ObjectKey> {
+    let header = |name: &str| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => value.to_str().ok().map(str::trim),
+            _ => None,
+        }
+    };
+    let namespace = header("podns").filter(|n| is_dns_name(n, 63, false))?;
+    let name = header("podname").filter(|n| is_dns_name(n, pod_identity_api::naming::MAX_NAME_LEN, true))?;
+    Some(pod_identity_api::ObjectKey::new(namespace, name))
+}
+
+/// Lower-case alphanumerics and `-` (and `.` between labels when `dots`), starting and ending with an
+/// alphanumeric, at most `max` bytes.
+fn is_dns_name(text: &str, max: usize, dots: bool) -> bool {
+    let bytes = text.as_bytes();
+    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    bytes.len() <= max
+        && edge(bytes.first())
+        && edge(bytes.last())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || (dots && *b == b'.'))
 }
 
 /// Whether the peer is the node itself, the only caller `/host/token` accepts.
@@ -364,10 +508,33 @@ mod tests {
     }
 
     #[test]
-    fn host_token_needs_its_exact_path() {
+    fn host_token_is_served_as_its_clients_spell_it_and_no_other_way() {
         assert_eq!(classify("/host/token"), Route::HostToken);
-        assert!(matches!(classify("/HOST/token"), Route::Variant(_)));
-        assert!(matches!(classify("/host%2Ftoken"), Route::Variant(_)));
+        // The Key Vault CSI driver's provider in pod-identity mode.
+        assert_eq!(classify("/host/token/"), Route::HostToken);
+        for path in [
+            "/HOST/token",
+            "/host/TOKEN/",
+            "/host%2Ftoken",
+            "/host/token%2F",
+            "/host/token//",
+            "//host/token/",
+            "/host//token",
+            "/host/./token/",
+            "/host/token/.",
+            "/host\\token",
+            "/host/token\\",
+            "/host/x/../token/",
+            "/host/token/x",
+            "/host/tokenx",
+        ] {
+            assert!(
+                matches!(classify(path), Route::Variant(_) | Route::NotFound),
+                "{path}: {:?}",
+                classify(path)
+            );
+            assert_ne!(classify(path), Route::HostToken, "{path}");
+        }
     }
 
     #[test]
@@ -387,39 +554,51 @@ mod tests {
         assert_eq!(parse_token_query("resource="), Err(QueryError::MissingResource));
     }
 
+    const R: &str = "https://vault.azure.net";
+    const G1: &str = "aaaaaaaa-1111-4111-8111-111111111111";
+    const G2: &str = "bbbbbbbb-2222-4222-8222-222222222222";
+    const ID_X: &str =
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x";
+
     #[test]
     fn query_names_at_most_one_identity() {
-        let q = parse_token_query("resource=https%3A%2F%2Fvault.azure.net&client_id=abc").unwrap();
+        let q = parse_token_query(&format!("resource=https%3A%2F%2Fvault.azure.net&client_id={G1}")).unwrap();
         assert_eq!(q.resource, "https://vault.azure.net");
-        assert_eq!(q.selector, Selector::ClientId("abc".into()));
+        assert_eq!(q.selector, Selector::ClientId(G1.into()));
         assert_eq!(
-            parse_token_query("resource=r&object_id=o").unwrap().selector,
-            Selector::ObjectId("o".into())
-        );
-        assert_eq!(
-            parse_token_query("resource=r&mi_res_id=/x").unwrap().selector,
-            Selector::ResourceId("/x".into())
-        );
-        assert_eq!(
-            parse_token_query("resource=r&msi_res_id=/x&mi_res_id=/x")
+            parse_token_query(&format!("resource={R}&object_id={G2}"))
                 .unwrap()
                 .selector,
-            Selector::ResourceId("/x".into())
+            Selector::ObjectId(G2.into())
         );
         assert_eq!(
-            parse_token_query("resource=r&client_id=a&object_id=b"),
+            parse_token_query(&format!("resource={R}&mi_res_id={ID_X}"))
+                .unwrap()
+                .selector,
+            Selector::ResourceId(ID_X.into())
+        );
+        assert_eq!(
+            parse_token_query(&format!("resource={R}&msi_res_id={ID_X}&mi_res_id={ID_X}"))
+                .unwrap()
+                .selector,
+            Selector::ResourceId(ID_X.into())
+        );
+        assert_eq!(
+            parse_token_query(&format!("resource={R}&client_id={G1}&object_id={G2}")),
             Err(QueryError::SeveralIdentities)
         );
         assert_eq!(
-            parse_token_query("resource=r&msi_res_id=/x&mi_res_id=/y"),
+            parse_token_query(&format!("resource={R}&msi_res_id={ID_X}&mi_res_id={ID_X}y")),
             Err(QueryError::SeveralIdentities)
         );
         assert_eq!(
-            parse_token_query("resource=r").unwrap().selector,
+            parse_token_query(&format!("resource={R}")).unwrap().selector,
             Selector::Default
         );
         assert_eq!(
-            parse_token_query("resource=r&client_id=").unwrap().selector,
+            parse_token_query(&format!("resource={R}&client_id="))
+                .unwrap()
+                .selector,
             Selector::Default
         );
     }
@@ -427,9 +606,102 @@ mod tests {
     #[test]
     fn duplicate_parameters_are_refused() {
         assert_eq!(
-            parse_token_query("resource=a&client_id=x&CLIENT_ID=y"),
+            parse_token_query("resource=https://a&client_id=x&CLIENT_ID=y"),
             Err(QueryError::Duplicate("CLIENT_ID".into()))
         );
+    }
+
+    #[test]
+    fn resources_are_app_id_uris_or_application_ids() {
+        for resource in [
+            "https://vault.azure.net",
+            "https://management.azure.com/",
+            "https://management.core.windows.net/",
+            "api://my-app",
+            "urn:example:app",
+            "00000003-0000-0000-c000-000000000000",
+            "https://storage.azure.com/.default-ignored?x=1",
+        ] {
+            let query = format!(
+                "resource={}",
+                form_urlencoded::byte_serialize(resource.as_bytes()).collect::<String>()
+            );
+            assert_eq!(
+                parse_token_query(&query).map(|q| q.resource),
+                Ok(resource.to_owned()),
+                "{resource}"
+            );
+        }
+    }
+
+    #[test]
+    fn resources_that_are_no_identifier_are_refused_before_anything_goes_upstream() {
+        for query in [
+            // The examples: a NUL, and a line break that forged a log line through the echoed error.
+            "resource=%00",
+            "resource=x%0A2026-11-30T00:00:00Z%20INFO%20forged%20line",
+            "resource=https://vault.azure.net%0D%0AX-Injected:%201",
+            "resource=https://vault.azure.net%09",
+            "resource=https://vault%20.azure.net",
+            "resource=vault.azure.net",
+            "resource=:nothing",
+            "resource=1https://x",
+            "resource=https:",
+            "resource=https://x%E2%80%A8y",
+            "resource=https://x%C2%85y",
+        ] {
+            let error = parse_token_query(query).unwrap_err();
+            assert_eq!(error, QueryError::InvalidResource, "{query}");
+            assert_eq!(error.code(), "invalid_resource");
+        }
+        let long = format!("resource=https://{}", "a".repeat(MAX_RESOURCE_BYTES));
+        assert_eq!(parse_token_query(&long), Err(QueryError::InvalidResource));
+    }
+
+    #[test]
+    fn identity_selectors_and_the_api_version_are_checked_too() {
+        // The example of the Events panic: 990 ASCII characters then multi-byte ones.
+        let long = format!("{}{}", "a".repeat(990), "é".repeat(20));
+        for query in [
+            format!("resource={R}&client_id={long}"),
+            format!("resource={R}&client_id=abc"),
+            format!("resource={R}&client_id={G1}%0Ax"),
+            format!("resource={R}&object_id=not-a-guid"),
+            format!("resource={R}&object_id={}", "g".repeat(36)),
+            format!("resource={R}&msi_res_id=/resourceGroups/rg"),
+            format!("resource={R}&msi_res_id={ID_X}%0A"),
+            format!("resource={R}&mi_res_id={ID_X}%20x"),
+            format!(
+                "resource={R}&msi_res_id=/subscriptions/{}",
+                "s".repeat(MAX_RESOURCE_ID_BYTES)
+            ),
+        ] {
+            assert_eq!(
+                parse_token_query(&query),
+                Err(QueryError::InvalidIdentity),
+                "{query}"
+            );
+        }
+        for version in ["2018-02-01", "2019-08-01", "2023-07-01", "2021-12-13-preview"] {
+            assert!(
+                parse_token_query(&format!("api-version={version}&resource={R}")).is_ok(),
+                "{version}"
+            );
+        }
+        for version in [
+            "latest",
+            "2018-2-01",
+            "2018-02-01%0A",
+            "20180201xx",
+            "2018-02-01-beta",
+        ] {
+            assert_eq!(
+                parse_token_query(&format!("api-version={version}&resource={R}")),
+                Err(QueryError::InvalidApiVersion),
+                "{version}"
+            );
+        }
+        assert!(parse_token_query(&format!("resource={R}&authority=x%0Ay&other=%00")).is_ok());
     }
 
     fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
@@ -444,9 +716,17 @@ mod tests {
     }
 
     #[test]
-    fn metadata_header_is_required_in_any_case() {
+    fn metadata_header_name_in_any_case_value_exactly_true() {
         assert_eq!(check_headers(&headers(&[("Metadata", "true")]), true), Ok(()));
-        assert_eq!(check_headers(&headers(&[("metadata", "True")]), true), Ok(()));
+        assert_eq!(check_headers(&headers(&[("metadata", "true")]), true), Ok(()));
+        assert_eq!(check_headers(&headers(&[("METADATA", "true")]), true), Ok(()));
+        for value in ["True", "TRUE", "tRue", "1", "true, true", "\"true\""] {
+            assert_eq!(
+                check_headers(&headers(&[("Metadata", value)]), true),
+                Err(HeaderError::MissingMetadata),
+                "{value}"
+            );
+        }
         assert_eq!(
             check_headers(&headers(&[]), true),
             Err(HeaderError::MissingMetadata)
@@ -469,6 +749,29 @@ mod tests {
                 check_headers(&headers(&[("Metadata", "true"), (name, "10.0.0.1")]), false),
                 Err(HeaderError::Forwarded)
             );
+        }
+    }
+
+    #[test]
+    fn host_token_callers_name_a_pod_with_kubernetes_names() {
+        let key = host_token_pod(&headers(&[("podns", "default"), ("podname", "web-7d4b9.x")])).unwrap();
+        assert_eq!(key, pod_identity_api::ObjectKey::new("default", "web-7d4b9.x"));
+        // Go's client canonicalises the names to Podns/Podname.
+        assert!(host_token_pod(&headers(&[("Podns", "ns"), ("Podname", "p")])).is_some());
+        let long = "a".repeat(254);
+        for pairs in [
+            vec![("podns", "ns")],
+            vec![("podname", "p")],
+            vec![("podns", "ns"), ("podname", "")],
+            vec![("podns", "NS"), ("podname", "p")],
+            vec![("podns", "ns"), ("podname", "p_q")],
+            vec![("podns", "ns"), ("podname", "p q")],
+            vec![("podns", "a.b"), ("podname", "p")],
+            vec![("podns", "ns"), ("podname", "-p")],
+            vec![("podns", "ns"), ("podname", long.as_str())],
+            vec![("podns", "ns"), ("podname", "p"), ("podname", "q")],
+        ] {
+            assert_eq!(host_token_pod(&headers(&pairs)), None, "{pairs:?}");
         }
     }
 

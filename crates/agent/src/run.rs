@@ -13,6 +13,7 @@ use crate::{
     azure::HttpUpstream,
     cache::TokenCache,
     config::Args,
+    connections,
     events::Events,
     health::{self, AdminState, Health},
     metrics::Metrics,
@@ -166,7 +167,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 pub async fn start(
     args: &Args,
     parts: Parts,
-    imds: TcpListener,
+    imds: Vec<TcpListener>,
     admin: TcpListener,
     metrics_only: Option<TcpListener>,
 ) -> Result<Agent, StartError> {
@@ -226,10 +227,17 @@ pub async fn start(
         metrics.clone(),
         events,
     ));
-    let imds_addr = imds.local_addr().map_err(|source| StartError::Bind {
-        addr: args.listen_addr(),
-        source,
-    })?;
+    let imds_addr = imds
+        .first()
+        .ok_or_else(|| StartError::Bind {
+            addr: args.listen_addr(),
+            source: std::io::Error::other("no listener for intercepted traffic"),
+        })?
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: args.listen_addr(),
+            source,
+        })?;
     let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
         addr: SocketAddr::new(args.admin_address, args.http_probe_port),
         source,
@@ -256,20 +264,27 @@ pub async fn start(
         }
     }));
 
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let app = server::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let app = server::router(state);
     health.set_serving(true);
     let serve_health = health.clone();
+    let limits = args.limits.limits();
+    let serve_metrics = metrics.clone();
     let serve = tokio::spawn(async move {
-        let result = axum::serve(imds, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            })
-            .await;
+        let serves = imds.into_iter().map(|listener| {
+            let mut stopped = stopped.clone();
+            connections::serve(
+                listener,
+                app.clone(),
+                limits.clone(),
+                serve_metrics.clone(),
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            )
+        });
+        futures::future::join_all(serves).await;
         serve_health.set_serving(false);
-        if let Err(error) = result {
-            tracing::error!(%error, "the endpoint stopped");
-        }
     });
     tracing::info!(node = %args.node, imds = %imds_addr, admin = %admin_addr, mode = ?policy.mode, scope = ?policy.scope, "agent started");
     Ok(Agent {
@@ -344,6 +359,14 @@ pub fn remove_interception(args: &Args) -> Result<netfilter::RemovalReport, Star
     Ok(report)
 }
 
+/// `/host/token` callers (the Key Vault CSI driver's provider) dial `localhost:<port>`, where the
+/// original listened; when the endpoint listens at the redirect address instead, it also listens there.
+fn host_token_listener(args: &Args) -> Option<SocketAddr> {
+    let listen = args.listen_addr();
+    let wanted = args.enable_host_token && !listen.ip().is_loopback() && !listen.ip().is_unspecified();
+    wanted.then(|| SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, listen.port())))
+}
+
 /// Runs the agent from its arguments until `shutdown` resolves.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     if !args.allow_network_plugin_kubenet
@@ -354,7 +377,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     }
     let parts = Parts::from_args(&args).await?;
     prepare_redirect(&args)?;
-    let imds = bind(args.listen_addr()).await?;
+    let mut imds = vec![bind(args.listen_addr()).await?];
+    if let Some(loopback) = host_token_listener(&args) {
+        imds.push(bind(loopback).await?);
+    }
     let admin = bind(SocketAddr::new(args.admin_address, args.http_probe_port)).await?;
     let metrics_only = if args.prometheus_port != args.http_probe_port && args.prometheus_port != 0 {
         Some(bind(SocketAddr::new(args.admin_address, args.prometheus_port)).await?)
@@ -366,4 +392,33 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
     tracing::info!("shutting down");
     agent.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(["pod-identity-agent", "--node", "n"].iter().chain(extra)).unwrap()
+    }
+
+    #[test]
+    fn host_token_callers_still_find_the_endpoint_on_localhost() {
+        assert_eq!(
+            host_token_listener(&args(&["--enable-host-token"])),
+            Some(SocketAddr::from(([127, 0, 0, 1], 2579)))
+        );
+        assert_eq!(
+            host_token_listener(&args(&[])),
+            None,
+            "off unless /host/token is served"
+        );
+        assert_eq!(
+            host_token_listener(&args(&["--enable-host-token", "--nmi-listen-address=0.0.0.0"])),
+            None,
+            "the endpoint listens on localhost already"
+        );
+    }
 }

@@ -19,7 +19,6 @@ use axum::{
     response::Response,
 };
 use http::{Method, Request, StatusCode, request::Parts};
-use pod_identity_api::ObjectKey;
 use serde_json::json;
 
 use crate::{
@@ -123,7 +122,7 @@ async fn handle(
             forward(&state, peer, Request::from_parts(parts, body)).await
         }
         Route::Variant(reason) => {
-            tracing::warn!(peer = %peer.ip(), path = %parts.uri.path(), reason, decision = "refused", "refused a path variant");
+            tracing::warn!(peer = %peer.ip(), path = %logged_path(&parts), reason, decision = "refused", "refused a path variant");
             response::bad_request(&format!("Invalid request: {reason} is not served"))
         }
         Route::NotFound => response::not_found("Not found"),
@@ -145,11 +144,19 @@ async fn handle(
     response
 }
 
+/// Longest request path written to a log line, in bytes: a pod sending long refused paths in a loop
+/// must not turn the node's log into its own.
+const MAX_LOGGED_PATH_BYTES: usize = 256;
+
+fn logged_path(req: &Parts) -> std::borrow::Cow<'_, str> {
+    pod_identity_api::text::truncate(req.uri.path(), MAX_LOGGED_PATH_BYTES)
+}
+
 fn blocked(state: &AppState, peer: SocketAddr, req: &Parts, why: &str) -> Response {
     if let Err(error) = request::check_headers(&req.headers, state.config.metadata_header_required) {
         return response::bad_request(&error.to_string());
     }
-    tracing::info!(peer = %peer.ip(), path = %req.uri.path(), decision = "blocked", "blocked a metadata request");
+    tracing::info!(peer = %peer.ip(), path = %logged_path(req), decision = "blocked", "blocked a metadata request");
     response::forbidden(why)
 }
 
@@ -164,7 +171,7 @@ async fn forward(state: &AppState, peer: SocketAddr, req: Request<Body>) -> Resp
     if let Err(error) = request::check_headers(req.headers(), state.config.metadata_header_required) {
         return response::bad_request(&error.to_string());
     }
-    tracing::debug!(peer = %peer.ip(), path = %req.uri().path(), decision = "forwarded", "forwarding a metadata request");
+    tracing::debug!(peer = %peer.ip(), path = %pod_identity_api::text::truncate(req.uri().path(), MAX_LOGGED_PATH_BYTES), decision = "forwarded", "forwarding a metadata request");
     state.proxy.forward(req).await
 }
 
@@ -184,11 +191,11 @@ async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         );
     }
     if let Err(error) = request::check_headers(&req.headers, state.config.metadata_header_required) {
-        return invalid(state, peer, &error.to_string());
+        return invalid(state, peer, "invalid_request", &error.to_string());
     }
     let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
         Ok(query) => query,
-        Err(error) => return invalid(state, peer, &error.to_string()),
+        Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
     };
     let ip = request::caller_ip(peer);
     let resolved = resolve_waiting(state, &query, |world| resolve::calling_pod(world, ip).cloned()).await;
@@ -205,22 +212,18 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
     if let Err(request::HeaderError::Forwarded) = request::check_headers(&req.headers, false) {
         return response::bad_request(&request::HeaderError::Forwarded.to_string());
     }
-    let header = |name: &str| {
-        req.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-    };
-    let (Some(namespace), Some(name)) = (header("podns"), header("podname")) else {
-        return response::bad_request("the headers podns and podname are required");
+    let Some(key) = request::host_token_pod(&req.headers) else {
+        return invalid(
+            state,
+            peer,
+            "invalid_request",
+            "the headers podns and podname must name a pod (a namespace and a pod name)",
+        );
     };
     let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
         Ok(query) => query,
-        Err(error) => return response::bad_request(&error.to_string()),
+        Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
     };
-    let key = ObjectKey::new(namespace, name);
     let resolved = resolve_waiting(state, &query, |world| resolve::named_pod(world, &key).cloned()).await;
     let not_found = matches!(
         resolved.resolution,
@@ -233,25 +236,34 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         };
         return response::not_found(&why);
     }
+    // The CSI driver refuses an answer without `clientid`; IMDS answers without `client_id` exist
+    // (older api-versions), so the identity's own client ID stands in, as the original answered.
+    let identity_client_id = match &resolved.resolution {
+        Resolution::Serve(grant) => grant.object.spec.client_id.clone(),
+        _ => None,
+    };
     answer(state, &query, resolved, |tokens, resource, now| {
         let first = tokens.first().map(|t| response::token_json(t, resource, now));
         let client_id = tokens
             .first()
             .and_then(|t| t.client_id.clone())
+            .or(identity_client_id)
             .unwrap_or_default();
         response::json_response(StatusCode::OK, &json!({"token": first, "clientid": client_id}))
     })
     .await
 }
 
-fn invalid(state: &AppState, peer: IpAddr, why: &str) -> Response {
+/// 400 in IMDS's shape for a request refused by its headers or query. Only the agent's own description
+/// is logged, never the offending value.
+fn invalid(state: &AppState, peer: IpAddr, code: &str, why: &str) -> Response {
     state
         .metrics
         .decisions
         .get_or_create(&ResultLabels { result: "invalid" })
         .inc();
     tracing::info!(peer = %peer, decision = "invalid", reason = why, "refused a malformed token request");
-    response::bad_request(why)
+    response::error(StatusCode::BAD_REQUEST, code, why)
 }
 
 /// Resolves the request, waiting on the world while the answer may still change.

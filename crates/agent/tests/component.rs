@@ -88,7 +88,7 @@ async fn setup(mode: &str) -> Setup {
     let parts = Parts::from_args(&args).await.unwrap();
     let listener = run::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let admin = run::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let agent = pod_identity_agent::start(&args, parts, listener, admin, None)
+    let agent = pod_identity_agent::start(&args, parts, vec![listener], admin, None)
         .await
         .unwrap();
     Setup {

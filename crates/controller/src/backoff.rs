@@ -48,6 +48,10 @@ impl Backoff {
     }
 }
 
+/// Longest quarantine reason kept, in bytes. The reason quotes ARM's error message and is written into
+/// an annotation of every assignment it concerns and into Events; ARM's messages are unbounded.
+pub const MAX_REASON_BYTES: usize = pod_identity_api::text::EVENT_NOTE_MAX_BYTES;
+
 #[derive(Clone, Debug)]
 struct Entry {
     until: Instant,
@@ -87,7 +91,7 @@ impl Quarantine {
             Entry {
                 until: now + period,
                 strikes,
-                reason: reason.to_owned(),
+                reason: pod_identity_api::text::truncate(reason, MAX_REASON_BYTES).into_owned(),
             },
         );
         (fresh, period)
@@ -198,6 +202,24 @@ mod tests {
         );
         assert!(q.clear("x"));
         assert_eq!(q.reason("x", later), None);
+    }
+
+    #[test]
+    fn a_long_reason_is_kept_cut_on_a_character_boundary() {
+        let now = Instant::now();
+        let mut q = Quarantine::new(Duration::from_secs(60), Duration::from_secs(600));
+        let reason = format!(
+            "LinkedAuthorizationFailed: {}{}",
+            "a".repeat(970),
+            "é".repeat(500)
+        );
+        q.add("x", &reason, now);
+        let kept = q.reason("x", now).unwrap();
+        assert!(
+            kept.len() <= MAX_REASON_BYTES && kept.ends_with('…'),
+            "{}",
+            kept.len()
+        );
     }
 
     #[test]

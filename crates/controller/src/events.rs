@@ -9,7 +9,7 @@ use kube::{
     Client,
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
-use pod_identity_api::ObjectKey;
+use pod_identity_api::{ObjectKey, text};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
@@ -88,7 +88,7 @@ impl Events {
                         EventType::Normal
                     },
                     reason: notice.reason.to_owned(),
-                    note: Some(truncate(&notice.note, 1000)),
+                    note: Some(text::truncate(&notice.note, text::EVENT_NOTE_MAX_BYTES).into_owned()),
                     action: notice.action.to_owned(),
                     secondary: None,
                 };
@@ -121,31 +121,9 @@ impl Events {
     }
 }
 
-/// Cuts a note to the API's limit on a character boundary.
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let ellipsis = '…';
-    let mut end = max.saturating_sub(ellipsis.len_utf8());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{ellipsis}", &text[..end])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn notes_are_cut_to_the_api_limit() {
-        let long = "é".repeat(800);
-        let cut = truncate(&long, 1000);
-        assert!(cut.len() <= 1000);
-        assert!(cut.ends_with('…'));
-        assert_eq!(truncate("short", 1000), "short");
-    }
 
     #[test]
     fn references_name_the_kind_and_group() {

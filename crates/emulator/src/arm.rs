@@ -213,7 +213,7 @@ fn arm_time(secs: i64) -> String {
 }
 
 /// Authenticates the bearer token; the claims on success.
-fn authenticate(sh: &Shared, headers: &HeaderMap) -> Result<Claims, Response> {
+pub(crate) fn authenticate(sh: &Shared, headers: &HeaderMap) -> Result<Claims, Response> {
     let unauthorized = |code: &str, message: &str, desc: &str| {
         let resp = error(StatusCode::UNAUTHORIZED, code, message);
         with_header(

@@ -88,8 +88,11 @@ pub fn fault(status: StatusCode) -> Response {
     identity_error(status, error, description)
 }
 
+/// The header name matches in any case (HTTP), the value only as `true`: the IMDS documentation says it
+/// "must be set to `true`, in all lower case", and IMDS answers `Metadata: True` with 400 (seen on AKS
+/// nodes, open-telemetry-collector-contrib #46281).
 fn metadata_header_ok(headers: &HeaderMap) -> bool {
-    header_str(headers, "metadata").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    header_str(headers, "metadata").is_some_and(|v| v.trim() == "true")
 }
 
 pub async fn handle(sh: &Shared, conn: &Conn, req: Request<Body>) -> Response {

@@ -34,6 +34,7 @@ mod server;
 pub mod settings;
 mod shared;
 pub mod state;
+mod subscriptions;
 pub mod throttle;
 mod tls;
 pub mod tokens;

@@ -23,7 +23,7 @@ use crate::http::{Conn, Service, Tag, with_header};
 use crate::ids::{ResourceId, fold};
 use crate::observe::RequestRecord;
 use crate::shared::{Shared, lock};
-use crate::{arm, entra, imds, keyvault};
+use crate::{arm, entra, imds, keyvault, subscriptions};
 
 /// Which service of the HTTPS listener a path belongs to. Entra paths start with a tenant; everything not
 /// recognised goes to ARM, which answers unknown paths the way ARM does.
@@ -95,7 +95,10 @@ pub async fn serve_request(sh: Arc<Shared>, req: Request<Body>, conn: Conn) -> R
         Some((status, retry_after)) => fault_response(service, status, retry_after),
         None => match service {
             Service::Imds => imds::handle(&sh, &conn, req).await,
-            Service::Arm => arm::handle(&sh, &conn, req).await,
+            Service::Arm => match subscriptions::route(&path) {
+                Some(route) => subscriptions::handle(&sh, &conn, req, route).await,
+                None => arm::handle(&sh, &conn, req).await,
+            },
             Service::Entra => entra::handle(&sh, &conn, req).await,
             Service::KeyVault => keyvault::handle(&sh, &conn, req).await,
         },

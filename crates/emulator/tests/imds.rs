@@ -259,23 +259,30 @@ async fn x_forwarded_for_and_other_verbs_are_refused() {
 }
 
 #[tokio::test]
-async fn metadata_header_name_and_value_match_in_any_case_and_path_prefix_too() {
+async fn metadata_header_name_matches_in_any_case_its_value_only_in_lower_case() {
     let em = start().await;
     let url = format!(
         "{}{}",
         em.imds_url(0).unwrap(),
         token_query("").replace("/metadata/", "/METADATA/")
     );
-    let a = answer(
-        plain_client()
-            .get(&url)
-            .header("metadata", "True")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let send = |name: &'static str, value: &'static str| {
+        let request = plain_client().get(&url).header(name, value);
+        async move { answer(request.send().await.unwrap()).await }
+    };
+    let a = send("metadata", "true").await;
     assert_eq!(a.status, 200, "{}", a.text);
+    let a = send("METADATA", "true").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    for value in ["True", "TRUE"] {
+        let a = send("Metadata", value).await;
+        assert_eq!(a.status, 400, "{value}: {}", a.text);
+        assert_eq!(a.body["error"], "invalid_request");
+        assert_eq!(
+            a.body["error_description"],
+            "Required metadata header not specified"
+        );
+    }
 }
 
 #[tokio::test]

@@ -30,6 +30,15 @@ struct FakeUpstream {
     delay: Option<Duration>,
 }
 
+/// The object ID the fake upstream gives the identity with `client` (a GUID, as real ones are).
+fn oid(client: &str) -> String {
+    if client.len() == 36 {
+        format!("f{}", &client[1..])
+    } else {
+        "f0000000-0000-4000-8000-000000000000".to_owned()
+    }
+}
+
 fn jwt(oid: &str) -> String {
     let payload =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"oid":"{oid}","nbf":1}}"#));
@@ -55,11 +64,11 @@ impl Upstream for FakeUpstream {
                 _ => "node".to_owned(),
             };
             Ok(Token {
-                access_token: jwt(&format!("oid-{client}")),
+                access_token: jwt(&oid(&client)),
                 expires_on: crate::clock::now() + 86_400,
                 not_before: crate::clock::now(),
                 client_id: Some(client.clone()),
-                object_id: Some(format!("oid-{client}")),
+                object_id: Some(oid(&client)),
             })
         })
     }
@@ -493,11 +502,11 @@ async fn host_token_is_off_by_default_and_only_for_the_node_itself() {
 #[tokio::test]
 async fn object_id_is_resolved_from_the_pods_own_tokens() {
     let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
-    let path = format!("{TOKEN}&object_id=oid-{CLIENT_A}");
+    let path = format!("{TOKEN}&object_id={}", oid(CLIENT_A));
     let (status, _, body) = call(&f.state, POD_IP, &path, &[META]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["client_id"], CLIENT_A);
-    let path = format!("{TOKEN}&object_id=oid-{CLIENT_B}");
+    let path = format!("{TOKEN}&object_id={}", oid(CLIENT_B));
     let (status, _, _) = call(&f.state, POD_IP, &path, &[META]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(
@@ -526,5 +535,204 @@ async fn an_upstream_refusal_is_a_403_with_its_reason() {
             .unwrap()
             .contains("Identity not found"),
         "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_key_vault_csi_provider_gets_its_token_from_host_token_with_a_trailing_slash() {
+    let enabled = ServerConfig {
+        host_token: true,
+        ..config()
+    };
+    let f = fixture(bound_world("Assigned"), enabled, FakeUpstream::default());
+    // What the provider sends: `http://localhost:2579/host/token/?resource=<unencoded>`, podns and
+    // podname canonicalised by Go, no Metadata header.
+    let (status, _, body) = call(
+        &f.state,
+        "127.0.0.1",
+        "/host/token/?resource=https://vault.azure.net",
+        &[("Podns", "ns"), ("Podname", "web")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["clientid"], CLIENT_A);
+    assert!(body["token"]["access_token"].is_string(), "{body}");
+    assert_eq!(body["token"]["resource"], "https://vault.azure.net");
+    // Other spellings stay refused, from the node too.
+    for path in ["/host/token//", "/HOST/token/", "/host/token%2F", "/host/token/x"] {
+        let (status, _, _) = call(
+            &f.state,
+            "127.0.0.1",
+            &format!("{path}?resource=https://vault.azure.net"),
+            &[("podns", "ns"), ("podname", "web")],
+        )
+        .await;
+        assert_ne!(status, StatusCode::OK, "{path}");
+    }
+    // Names that name no pod are refused before any lookup.
+    let (status, _, body) = call(
+        &f.state,
+        "127.0.0.1",
+        "/host/token/?resource=https://vault.azure.net",
+        &[("podns", "ns"), ("podname", "Web_x")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn host_token_answers_the_identitys_client_id_when_upstream_leaves_it_out() {
+    struct NoClientId(FakeUpstream);
+    impl Upstream for NoClientId {
+        fn imds_token<'a>(
+            &'a self,
+            selector: &'a Selector,
+            resource: &'a str,
+        ) -> BoxFuture<'a, Result<Token, UpstreamError>> {
+            Box::pin(async move {
+                let mut token = self.0.imds_token(selector, resource).await?;
+                token.client_id = None;
+                Ok(token)
+            })
+        }
+        fn entra_token<'a>(
+            &'a self,
+            principal: &'a ServicePrincipal,
+            tenant_id: &'a str,
+            resource: &'a str,
+        ) -> BoxFuture<'a, Result<Token, UpstreamError>> {
+            self.0.entra_token(principal, tenant_id, resource)
+        }
+    }
+    crate::azure::ensure_crypto_provider();
+    let shared = Shared::new();
+    shared.update(|w| *w = bound_world("Assigned"));
+    let metrics = Arc::new(Metrics::new());
+    let tokens = Arc::new(TokenService::new(
+        TokenCache::new(Freshness::default(), Duration::from_secs(1)),
+        Arc::new(NoClientId(FakeUpstream::default())),
+        Arc::new(NoCredentials),
+        RetryPolicy::default(),
+        metrics.clone(),
+    ));
+    let state = Arc::new(AppState::new(
+        ServerConfig {
+            host_token: true,
+            ..config()
+        },
+        shared,
+        tokens,
+        Proxy::new(reqwest::Client::new(), "http://127.0.0.1:9"),
+        metrics.clone(),
+        Events::disabled(metrics),
+    ));
+    let (status, _, body) = call(
+        &state,
+        "127.0.0.1",
+        "/host/token/?resource=https://vault.azure.net",
+        &[("podns", "ns"), ("podname", "web")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["clientid"], CLIENT_A,
+        "the CSI provider refuses an empty clientid"
+    );
+}
+
+#[tokio::test]
+async fn metadata_true_with_a_capital_t_is_refused_as_imds_refuses_it() {
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    for value in ["True", "TRUE"] {
+        let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[("Metadata", value)]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{value}: {body}");
+        assert_eq!(
+            body["error_description"],
+            "Required metadata header not specified"
+        );
+    }
+    let (status, _, _) = call(&f.state, POD_IP, TOKEN, &[("metadata", "true")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(f.upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn malformed_parameters_get_imds_400s_and_nothing_goes_upstream() {
+    let mut world = bound_world("Assigned");
+    // An excepted pod: its requests go to the node's IMDS as they are, so they must be clean first.
+    world
+        .exceptions
+        .push(pod_identity_api::AzurePodIdentityException {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some("exc".into()),
+                ..Default::default()
+            },
+            spec: pod_identity_api::AzurePodIdentityExceptionSpec {
+                pod_labels: std::collections::BTreeMap::from([("app".to_owned(), "controller".to_owned())]),
+            },
+            status: None,
+        });
+    let mut excepted = pod("ns", "ctl", None);
+    excepted.view.ips = vec!["10.244.0.4".parse().unwrap()];
+    excepted.view.labels.insert("app".into(), "controller".into());
+    world.upsert_pod(excepted);
+    let f = fixture(world, config(), FakeUpstream::default());
+    let long_client_id = format!("{}{}", "a".repeat(990), "%C3%A9".repeat(20));
+    let cases = [
+        ("resource=%00", "invalid_resource"),
+        (
+            "resource=x%0A2026-11-30T00:00:00Z%20INFO%20forged%20line",
+            "invalid_resource",
+        ),
+        ("resource=https://vault.azure.net%0D%0A", "invalid_resource"),
+        ("resource=vault.azure.net", "invalid_resource"),
+        (
+            "resource=https://vault.azure.net&client_id=x%0Ay",
+            "invalid_request",
+        ),
+        (
+            "resource=https://vault.azure.net&object_id=%00",
+            "invalid_request",
+        ),
+        (
+            "resource=https://vault.azure.net&msi_res_id=%0A",
+            "invalid_request",
+        ),
+        (
+            "resource=https://vault.azure.net&api-version=x%0Ay",
+            "invalid_request",
+        ),
+    ];
+    for peer in [POD_IP, "10.244.0.4"] {
+        for (query, code) in &cases {
+            let path = format!("/metadata/identity/oauth2/token?{query}");
+            let (status, _, body) = call(&f.state, peer, &path, &[META]).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{peer} {query}: {body}");
+            assert_eq!(body["error"], *code, "{query}");
+            let description = body["error_description"].as_str().unwrap();
+            assert!(
+                !description.contains('\n') && !description.contains('\0'),
+                "{description}"
+            );
+        }
+        let path = format!(
+            "/metadata/identity/oauth2/token?resource=https://vault.azure.net&client_id={long_client_id}"
+        );
+        let (status, _, body) = call(&f.state, peer, &path, &[META]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error_description"], "Identity not found");
+    }
+    assert_eq!(
+        f.upstream.calls.load(Ordering::SeqCst),
+        0,
+        "nothing went upstream"
+    );
+    assert!(
+        f.state
+            .metrics
+            .render()
+            .contains("pod_identity_token_decisions_total{result=\"invalid\"} 18")
     );
 }
