@@ -14,10 +14,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 recipe=1
+# Bump when a stand-in base image's recipe changes: stand-ins of another recipe are made again.
+base_recipe=2
 targets="controller agent emulator cli"
 rust_version=$(sed -n 's/^ARG RUST_VERSION=//p' "$repo/Dockerfile")
 release=$(sed -n 's/^ARG DEBIAN_RELEASE=//p' "$repo/Dockerfile")
-key=$( (echo "$recipe $targets $rust_version $release"; cat "$0" "$repo/Dockerfile" "$repo/Cargo.lock" \
+# Bump recipe when what this script builds changes (not when only its bookkeeping does).
+key=$( (echo "$recipe $base_recipe $targets $rust_version $release"; cat "$repo/Dockerfile" "$repo/Cargo.lock" \
           "$repo/tools/images/rootfs.sh" "$repo/.dockerignore";
         cd "$repo" && find . -name Cargo.toml -not -path './target/*' | sort | xargs cat) |
       sha256sum | cut -c1-16)
@@ -42,7 +45,9 @@ mkdir -p "$TMPDIR"
 exec 9>"$storage/lock"
 flock 9
 bh() { buildah --root "$storage/root" --runroot "$storage/run" --storage-driver overlay "$@"; }
-has_image() { bh inspect --type image "$1" >/dev/null 2>&1; }
+has_image() {
+  [[ $(bh inspect --type image --format '{{index .ImageAnnotations "pod-identity.base-recipe"}}' "$1" 2>/dev/null) == "$base_recipe" ]]
+}
 ca_bundle=/etc/ssl/certs/ca-certificates.crt
 
 work=$(mktemp -d "$storage/work.XXXXXX")
@@ -56,6 +61,7 @@ commit_rootfs() { # name dir [buildah config args...]
   mount=$(bh mount "$container")
   cp -a "$dir"/. "$mount"/
   bh umount "$container" >/dev/null
+  bh config --annotation "pod-identity.base-recipe=$base_recipe" "$container"
   if (($#)); then bh config "$@" "$container"; fi
   bh commit --quiet "$container" "$name" >/dev/null
   bh rm "$container" >/dev/null
@@ -97,12 +103,14 @@ if ! has_image "$distroless"; then
 fi
 
 if ! has_image "rust:$rust_version-$release"; then
+  # The real image is buildpack-deps (a C toolchain, make, pkg-config, git, curl, the OpenSSL headers)
+  # with rustup's toolchain; crates with C parts (jemalloc, ring) need the toolchain and make.
   echo "making a rust:$rust_version-$release stand-in with this machine's Rust" >&2
   sysroot=$(rustc --print sysroot)
   commit_rootfs localhost/pod-identity-builder-base:tmp "$debian"
   container=$(bh from localhost/pod-identity-builder-base:tmp)
   bh run --network=host "$container" -- sh -c \
-    'apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/*' >&2
+    'apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc g++ libc6-dev make pkg-config git curl libssl-dev ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/*' >&2
   mount=$(bh mount "$container")
   mkdir -p "$mount/usr/local/rust" "$mount/usr/local/cargo/bin" "$mount/etc/ssl/certs"
   for part in bin lib libexec etc; do
@@ -111,7 +119,8 @@ if ! has_image "rust:$rust_version-$release"; then
   for tool in cargo rustc rustdoc; do ln -sf "/usr/local/rust/bin/$tool" "$mount/usr/local/cargo/bin/$tool"; done
   cp "$ca_bundle" "$mount/etc/ssl/certs/ca-certificates.crt"
   bh umount "$container" >/dev/null
-  bh config --env CARGO_HOME=/usr/local/cargo --env RUSTUP_HOME=/usr/local/rustup \
+  bh config --annotation "pod-identity.base-recipe=$base_recipe" \
+    --env CARGO_HOME=/usr/local/cargo --env RUSTUP_HOME=/usr/local/rustup \
     --env PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$container"
   bh commit --quiet "$container" "rust:$rust_version-$release" >/dev/null
   bh rm "$container" >/dev/null
@@ -132,12 +141,15 @@ for target in $targets; do
   mkdir -p "$work/$target"
   tar -C "$work/$target" -xf "$partial/$target.tar"
   : > "$partial/$target.files"
+  uncompressed=0
   for blob in "$work/$target"/blobs/sha256/*; do
-    if tar -tzf "$blob" >/dev/null 2>&1; then tar -tzf "$blob" >> "$partial/$target.files"; fi
+    if tar -tzf "$blob" >/dev/null 2>&1; then
+      tar -tzf "$blob" >> "$partial/$target.files"
+      uncompressed=$((uncompressed + $(gzip -dc "$blob" | wc -c)))
+    fi
   done
   sort -u -o "$partial/$target.files" "$partial/$target.files"
   compressed=$(stat -c %s "$partial/$target.tar")
-  uncompressed=$(bh inspect --type image --format '{{.Size}}' "pod-identity/$target:$key" 2>/dev/null || echo 0)
   printf '%s\t%s\t%s\n' "$target" "$compressed" "$uncompressed" >> "$partial/sizes.tsv.partial"
   rm -rf "$work/$target"
 done

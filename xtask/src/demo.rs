@@ -187,8 +187,12 @@ async fn demo(root: &Path, slot: &mut Option<Cluster>) -> Result<()> {
     }
 
     say("What each part of the node uses (resident memory)");
-    for (command, bytes) in session.node.memory().into_iter().take(12) {
-        detail(&format!("{command:<24} {:>7.1} MiB", bytes as f64 / 1048576.0));
+    for (program, processes, bytes) in session.node.memory().into_iter().take(12) {
+        detail(&format!(
+            "{program:<26} {:>7.1} MiB  ({processes} process{})",
+            bytes as f64 / 1048576.0,
+            if processes == 1 { "" } else { "es" }
+        ));
     }
     Ok(())
 }

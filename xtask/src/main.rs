@@ -25,9 +25,9 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Build (or find in the cache) what the tests run against: kube-apiserver and etcd, Helm, and
-    /// a Python environment with the official Azure SDKs.
-    /// Prints the environment that points the tests at them.
+    /// Build (or find in the cache) what the tests run against: etcd and the Kubernetes binaries,
+    /// Helm, Python environments with the official Azure SDKs and the Azure CLI, and the Dockerfile's
+    /// images. Prints the environment that points the tests at them.
     Tools,
     /// Run the whole system on this machine (as root) and show a bound pod getting a token and an
     /// unbound one refused.
@@ -45,15 +45,15 @@ fn main() -> Result<()> {
     match Args::parse().task {
         Task::GenCrds { check } => gen_crds(&root, check),
         Task::Tools => {
-            for (name, value) in tools(&root)? {
+            for (name, value) in tools(&root, Images::Dockerfile)? {
                 println!("export {name}={}", value.display());
             }
             Ok(())
         }
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo => {
-            // Builds what is missing; the demo then finds the control plane in the cache.
-            tools(&root)?;
+            // Builds what is missing; the demo then finds the binaries in the cache.
+            tools(&root, Images::None)?;
             tokio::runtime::Runtime::new()?.block_on(demo::run(&root))
         }
     }
@@ -93,9 +93,16 @@ fn gen_crds(root: &Path, check: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether [`tools`] builds the Dockerfile's images (long when cold; the demo packs its own).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Images {
+    Dockerfile,
+    None,
+}
+
 /// Builds (or finds in the cache) every tool the tests need, as environment variables for them.
-fn tools(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
-    Ok(vec![
+fn tools(root: &Path, images: Images) -> Result<Vec<(&'static str, PathBuf)>> {
+    let mut tools = vec![
         (
             "POD_IDENTITY_CONTROL_PLANE_BIN",
             cached_build(root, "build-control-plane.sh")?,
@@ -111,7 +118,14 @@ fn tools(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
                 .join("bin")
                 .join("az"),
         ),
-    ])
+    ];
+    if images == Images::Dockerfile {
+        tools.push((
+            "POD_IDENTITY_DOCKERFILE_IMAGES",
+            cached_build(root, "build-dockerfile-images.sh")?,
+        ));
+    }
+    Ok(tools)
 }
 
 /// Runs a build script of `tools/`, which prints the path of what it built (or found cached).
@@ -133,7 +147,7 @@ fn cached_build_with(root: &Path, script: &str, tool_files: &[&str]) -> Result<P
 }
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
-    let tools = tools(root)?;
+    let tools = tools(root, Images::Dockerfile)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // End-to-end tests run the binaries as processes; `cargo test` builds only the binaries of the
     // package under test, so build them all first.

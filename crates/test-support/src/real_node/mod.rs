@@ -305,16 +305,29 @@ impl RealNode {
     }
 
     /// Resident memory of every process of the run (the node's servers, containerd and its shims, and
-    /// every container), summed by command name, in bytes, largest first.
-    pub fn memory(&self) -> Vec<(String, u64)> {
+    /// every container), summed by program name: (program, processes, bytes), largest first.
+    pub fn memory(&self) -> Vec<(String, usize, u64)> {
         let root = self.layout.host.cgroup.join("pids").join(self.layout.cgroup());
-        let mut by_command = std::collections::BTreeMap::<String, u64>::new();
+        let mut by_program = std::collections::BTreeMap::<String, (usize, u64)>::new();
         for pid in pids_under(&root) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            *by_command.entry(comm.trim().to_owned()).or_default() += rss_of(pid);
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            let program = Path::new(&*String::from_utf8_lossy(argv0))
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if program.is_empty() {
+                continue;
+            }
+            let entry = by_program.entry(program).or_default();
+            entry.0 += 1;
+            entry.1 += rss_of(pid);
         }
-        let mut all: Vec<(String, u64)> = by_command.into_iter().filter(|(c, _)| !c.is_empty()).collect();
-        all.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        let mut all: Vec<(String, usize, u64)> = by_program
+            .into_iter()
+            .map(|(p, (n, bytes))| (p, n, bytes))
+            .collect();
+        all.sort_by_key(|entry| std::cmp::Reverse(entry.2));
         all
     }
 
