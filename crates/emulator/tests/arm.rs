@@ -205,7 +205,9 @@ async fn assigning_an_identity_that_does_not_exist_fails_the_identity_operation(
 
 #[tokio::test]
 async fn identity_reaches_imds_only_after_the_operation_completes() {
-    let em = start_with(|c| c.settings.lro_duration_ms = 400).await;
+    // Long enough that the checks below always run while the operation is in progress, however busy
+    // the machine; the operation is then brought due instead of waited out.
+    let em = start_with(|c| c.settings.lro_duration_ms = 600_000).await;
     let tok = ctl_token(&em).await;
     let a = patch(&em, &tok, &vmss_id(), &adds(&[uami("id-b")])).await;
     assert_eq!(a.status, 200);
@@ -236,6 +238,11 @@ async fn identity_reaches_imds_only_after_the_operation_completes() {
         (conflict.status, conflict.code()),
         (409, "AnotherOperationInProgress")
     );
+    em.with_state(|state| {
+        for operation in state.operations.values_mut() {
+            operation.due = std::time::Instant::now();
+        }
+    });
     // Poll as a client would, by the operation's Retry-After.
     let mut done = op;
     while done.body["status"] == "InProgress" {
