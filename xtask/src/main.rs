@@ -40,11 +40,30 @@ enum Task {
     },
 }
 
+/// Debian packages the tests and the demo run: the network tiers' tools, the real node's parts
+/// (containerd, runc, the CNI plugins, nsenter), image packing (umoci; busybox for test pods), and for
+/// the tests alone, buildah and debootstrap to build the Dockerfile.
+const DEMO_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "conntrack",
+    "curl",
+    "util-linux",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "umoci",
+    "busybox-static",
+    "python3-venv",
+];
+const TEST_PACKAGES: &[&str] = &["buildah", "debootstrap"];
+
 fn main() -> Result<()> {
     let root = workspace_root();
     match Args::parse().task {
         Task::GenCrds { check } => gen_crds(&root, check),
         Task::Tools => {
+            ensure_packages(&[DEMO_PACKAGES, TEST_PACKAGES].concat())?;
             for (name, value) in tools(&root, Images::Dockerfile)? {
                 println!("export {name}={}", value.display());
             }
@@ -53,6 +72,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_args } => test(&root, &cargo_args),
         Task::Demo => {
             // Builds what is missing; the demo then finds the binaries in the cache.
+            ensure_packages(DEMO_PACKAGES)?;
             tools(&root, Images::None)?;
             tokio::runtime::Runtime::new()?.block_on(demo::run(&root))
         }
@@ -128,6 +148,60 @@ fn tools(root: &Path, images: Images) -> Result<Vec<(&'static str, PathBuf)>> {
     Ok(tools)
 }
 
+/// Installs the Debian packages of `wanted` that are missing (as root, with apt-get), or says which to
+/// install.
+fn ensure_packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|package| {
+            !Command::new("dpkg")
+                .args(["-s", package])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = Command::new("apt-get")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !root || !apt {
+        bail!(
+            "these Debian packages are needed: apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let update = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get update")?;
+    if !update.success() {
+        bail!("apt-get update failed");
+    }
+    let install = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get install")?;
+    if !install.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
 /// Runs a build script of `tools/`, which prints the path of what it built (or found cached).
 fn cached_build(root: &Path, script: &str) -> Result<PathBuf> {
     cached_build_with(root, script, &[])
@@ -147,6 +221,7 @@ fn cached_build_with(root: &Path, script: &str, tool_files: &[&str]) -> Result<P
 }
 
 fn test(root: &Path, cargo_args: &[String]) -> Result<()> {
+    ensure_packages(&[DEMO_PACKAGES, TEST_PACKAGES].concat())?;
     let tools = tools(root, Images::Dockerfile)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // End-to-end tests run the binaries as processes; `cargo test` builds only the binaries of the
