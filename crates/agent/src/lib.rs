@@ -10,6 +10,7 @@
 //! Decisions are plain functions over plain data ([`rules`], [`request`], [`resolve`], the freshness rules
 //! of [`cache`]); the modules around them only list, watch, fetch and serve.
 
+pub mod attest;
 pub mod azure;
 pub mod cache;
 pub mod clock;
