@@ -310,6 +310,7 @@ impl Args {
             redirect_ip: self.redirect_address,
             agent_port: self.listen_port,
             guard: self.imds_guard,
+            host_mark: None,
         }
     }
 

@@ -405,6 +405,7 @@ mod tests {
             redirect_ip: Ipv4Addr::new(169, 254, 79, 1),
             agent_port: 2579,
             guard: true,
+            host_mark: None,
         }
     }
 

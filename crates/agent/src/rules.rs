@@ -4,7 +4,9 @@
 //! - `nat`: pod traffic for the metadata address and port is DNATed to the agent's redirect address
 //!   ([`crate::redirect`]). A rule in `PREROUTING` only sees traffic that enters the node from outside its
 //!   own network stack, so the agent's own calls to IMDS (and those of every host-network process) go out
-//!   through `OUTPUT` untouched.
+//!   through `OUTPUT` untouched. With callers attested ([`RuleSpec::host_mark`]), `OUTPUT` jumps to the
+//!   chain too, so that host-network pods and node processes reach the agent as well, except connections
+//!   carrying the agent's own socket mark: setting a socket mark takes `CAP_NET_ADMIN`, which pods lack.
 //! - `filter` (the guard): pod traffic that still has the metadata destination after `nat` was skipped,
 //!   because our jump was removed or a connection predates it, is reset instead of reaching IMDS with the
 //!   node's identities. It also drops connections from outside to the agent's port that were not DNATed,
@@ -41,6 +43,9 @@ pub struct RuleSpec {
     pub agent_port: u16,
     /// Whether the `filter` guard is kept.
     pub guard: bool,
+    /// The socket mark (value, mask) of the agent's own connections to IMDS, when host traffic is
+    /// intercepted too (callers attested); `None` intercepts pod-network traffic only.
+    pub host_mark: Option<(u32, u32)>,
 }
 
 /// One table's desired state: our chain with these rules in this order, and a jump to it from each hook.
@@ -68,17 +73,21 @@ impl RuleSpec {
         let port = self.metadata_port;
         let redirect = self.redirect_ip;
         let agent_port = self.agent_port;
+        let (unmarked, hooks) = match self.host_mark {
+            Some((mark, mask)) => (format!(" -m mark ! --mark {mark:#x}/{mask:#x}"), vec!["PREROUTING", "OUTPUT"]),
+            None => (String::new(), vec!["PREROUTING"]),
+        };
         let mut tables = vec![TableRules {
             table: "nat",
             chain: self.chain.clone(),
             rules: vec![
                 format!(
-                    "! -s 127.0.0.1/32 -d {ip}/32 -p tcp -m tcp --dport {port} -m comment --comment pod-identity-agent \
-                     -j DNAT --to-destination {redirect}:{agent_port}"
+                    "! -s 127.0.0.1/32 -d {ip}/32 -p tcp -m tcp --dport {port}{unmarked} -m comment --comment \
+                     pod-identity-agent -j DNAT --to-destination {redirect}:{agent_port}"
                 ),
                 "-j RETURN".to_owned(),
             ],
-            hooks: vec!["PREROUTING"],
+            hooks,
         }];
         if self.guard {
             tables.push(TableRules {
@@ -304,6 +313,7 @@ mod tests {
             redirect_ip: Ipv4Addr::new(169, 254, 79, 1),
             agent_port: 2579,
             guard: true,
+            host_mark: None,
         }
     }
 
@@ -338,6 +348,31 @@ mod tests {
             "! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m comment --comment \
              pod-identity-agent -j DNAT --to-destination 169.254.79.1:2579"
         );
+    }
+
+    #[test]
+    fn attested_callers_on_the_node_are_redirected_too_but_not_the_agents_own_connections() {
+        let spec = RuleSpec {
+            host_mark: Some((0x2000, 0x2000)),
+            ..spec()
+        };
+        let nat = &spec.tables()[0];
+        assert_eq!(nat.hooks, vec!["PREROUTING", "OUTPUT"]);
+        assert_eq!(
+            nat.rules[0],
+            "! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m mark ! --mark 0x2000/0x2000 \
+             -m comment --comment pod-identity-agent -j DNAT --to-destination 169.254.79.1:2579"
+        );
+        // iptables prints the mark as it was given.
+        let mut listed = listed_in_place(nat);
+        listed.chain = Some(vec![
+            "-N POD-IDENTITY".into(),
+            "-A POD-IDENTITY ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m mark ! --mark \
+             0x2000/0x2000 -m comment --comment pod-identity-agent -j DNAT --to-destination 169.254.79.1:2579"
+                .into(),
+            "-A POD-IDENTITY -j RETURN".into(),
+        ]);
+        assert_eq!(plan(nat, &listed), vec![]);
     }
 
     #[test]
