@@ -24,7 +24,7 @@ use pod_identity_api::{
     AzureIdentitySpec, EmbeddedAzureIdentity, EmbeddedAzureIdentityBinding, NODENAME_LABEL, POD_LABEL,
     SecretReference,
 };
-use pod_identity_azure::AzureConfig;
+use pod_identity_azure::{AzureConfig, ResourceId};
 use pod_identity_controller::{
     ControllerConfig,
     azure::{Endpoints, connect},
@@ -32,9 +32,7 @@ use pod_identity_controller::{
     record::{ERROR_ANNOTATION, MACHINE_ANNOTATION, ORIGIN_ANNOTATION},
     worker::WorkerSettings,
 };
-use pod_identity_emulator::{
-    Config, Emulator, FaultSpec, LogFilter, RequestRecord, Seed, Service, ids::ResourceId,
-};
+use pod_identity_emulator::{Config, Emulator, FaultSpec, LogFilter, RequestRecord, Seed, Service};
 use pod_identity_test_support::{
     ControlPlane, TestNamespace, eventually,
     fixtures::{self, PodTemplate},

@@ -273,15 +273,9 @@ pub async fn start(
     let serve = tokio::spawn(async move {
         let serves = imds.into_iter().map(|listener| {
             let mut stopped = stopped.clone();
-            connections::serve(
-                listener,
-                app.clone(),
-                limits.clone(),
-                serve_metrics.clone(),
-                async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                },
-            )
+            connections::serve(listener, app.clone(), limits, serve_metrics.clone(), async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
         });
         futures::future::join_all(serves).await;
         serve_health.set_serving(false);

@@ -9,41 +9,17 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use pod_identity_azure::AzureError;
 
 use crate::{cache::Token, request::Selector};
 
-/// Why upstream gave no token.
+/// Why upstream gave no token: what IMDS or Entra answered, sorted by the Azure model ([`AzureError`]),
+/// or an identity whose credential the agent cannot read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
-    /// 429.
-    #[error("throttled (retry after {retry_after:?}): {message}")]
-    Throttled {
-        /// What the service asked for.
-        retry_after: Option<Duration>,
-        /// Its message.
-        message: String,
-    },
-    /// 5xx, IMDS 404/410, connection failures and timeouts.
-    #[error("transient failure ({status:?}): {message}")]
-    Transient {
-        /// HTTP status, if any.
-        status: Option<u16>,
-        /// What went wrong.
-        message: String,
-    },
-    /// A definite refusal (IMDS 400 "Identity not found", Entra `invalid_client`...).
-    #[error("refused ({status} {error}): {description}")]
-    Refused {
-        /// HTTP status.
-        status: u16,
-        /// The `error` code.
-        error: String,
-        /// The `error_description`.
-        description: String,
-    },
-    /// The service answered something unreadable.
-    #[error("unexpected response: {0}")]
-    Invalid(String),
+    /// IMDS or Entra refused, failed or could not be reached.
+    #[error(transparent)]
+    Azure(#[from] AzureError),
     /// The identity's credential could not be read (Secret missing, bad certificate).
     #[error("credential: {0}")]
     Credential(String),
@@ -52,26 +28,26 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether asking again can help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Throttled { .. } | Self::Transient { .. })
+        matches!(self, Self::Azure(error) if error.is_retryable())
     }
 
     /// How long the service asked callers to wait.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Throttled { retry_after, .. } => *retry_after,
-            _ => None,
+            Self::Azure(error) => error.retry_after(),
+            Self::Credential(_) => None,
         }
     }
 
     /// A bounded label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Throttled { .. } => "throttled",
-            Self::Transient { status: Some(_), .. } => "server_error",
-            Self::Transient { status: None, .. } => "transport_error",
-            Self::Refused { .. } => "refused",
-            Self::Invalid(_) => "invalid_response",
-            Self::Credential(_) => "credential_error",
+            Self::Azure(AzureError::Throttled { .. }) => "throttled",
+            Self::Azure(AzureError::Transient { status: Some(_), .. }) => "server_error",
+            Self::Azure(AzureError::Transient { status: None, .. }) => "transport_error",
+            Self::Azure(AzureError::InvalidResponse(_)) => "invalid_response",
+            Self::Azure(AzureError::Config(_)) | Self::Credential(_) => "credential_error",
+            Self::Azure(_) => "refused",
         }
     }
 }
@@ -229,15 +205,17 @@ mod tests {
     async fn throttling_and_server_errors_are_retried_then_passed_on() {
         let calls = AtomicUsize::new(0);
         let mut retried = 0;
-        let result: Result<(), _> = with_retries(
+        let result: Result<(), UpstreamError> = with_retries(
             RetryPolicy::default(),
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
-                    Err(UpstreamError::Transient {
+                    Err(AzureError::Transient {
                         status: Some(503),
+                        code: String::new(),
                         message: "busy".into(),
-                    })
+                    }
+                    .into())
                 }
             },
             |_| retried += 1,
@@ -251,16 +229,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refusals_are_not_retried() {
         let calls = AtomicUsize::new(0);
-        let result: Result<(), _> = with_retries(
+        let result: Result<(), UpstreamError> = with_retries(
             RetryPolicy::default(),
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
-                    Err(UpstreamError::Refused {
-                        status: 400,
-                        error: "invalid_request".into(),
-                        description: "Identity not found".into(),
-                    })
+                    Err(AzureError::IdentityNotFound {
+                        code: "invalid_request".into(),
+                        message: "Identity not found".into(),
+                    }
+                    .into())
                 }
             },
             |_| {},
@@ -280,10 +258,11 @@ mod tests {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if n == 0 {
-                        Err(UpstreamError::Throttled {
+                        Err(AzureError::Throttled {
                             retry_after: Some(Duration::from_secs(2)),
                             message: String::new(),
-                        })
+                        }
+                        .into())
                     } else {
                         Ok(n)
                     }
@@ -300,10 +279,11 @@ mod tests {
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
-                    Err(UpstreamError::Throttled {
+                    Err(AzureError::Throttled {
                         retry_after: Some(Duration::from_secs(60)),
                         message: String::new(),
-                    })
+                    }
+                    .into())
                 }
             },
             |_| {},

@@ -223,25 +223,13 @@ impl EntraClient {
             .map(str::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         Err(match (status, code.as_str()) {
-            (429, _) => AzureError::Throttled { retry_after, message },
-            (500..=599, _) => AzureError::Transient {
-                status: Some(status),
-                code,
-                message,
-            },
-            (400 | 401, "invalid_client" | "unauthorized_client") | (401 | 403, _) => {
-                AzureError::Unauthorized {
-                    status,
-                    code,
-                    message,
-                    identities: Vec::new(),
-                }
-            }
-            _ => AzureError::Other {
+            // OAuth's word for a bad client secret or assertion, whatever the status.
+            (400, "invalid_client" | "unauthorized_client") => AzureError::Unauthorized {
                 status,
                 code,
                 message,
             },
+            _ => AzureError::from_answer(status, code, message, retry_after),
         })
     }
 }

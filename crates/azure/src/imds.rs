@@ -159,30 +159,16 @@ pub fn interpret(raw: RawResponse) -> Result<ImdsToken, AzureError> {
             })
         }
         400 if description.contains("Identity not found") => Err(AzureError::IdentityNotFound {
-            identities: Vec::new(),
             code: error,
             message: description,
         }),
-        401 | 403 => Err(AzureError::Unauthorized {
-            status: raw.status,
-            code: error,
-            message: description,
-            identities: Vec::new(),
-        }),
-        429 => Err(AzureError::Throttled {
-            retry_after: raw.retry_after,
-            message: description,
-        }),
-        404 | 410 | 500..=599 => Err(AzureError::Transient {
+        // IMDS answers 404 and 410 while it is updating (its documentation says to retry them).
+        404 | 410 => Err(AzureError::Transient {
             status: Some(raw.status),
             code: error,
             message: description,
         }),
-        s => Err(AzureError::Other {
-            status: s,
-            code: error,
-            message: description,
-        }),
+        s => Err(AzureError::from_answer(s, error, description, raw.retry_after)),
     }
 }
 

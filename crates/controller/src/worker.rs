@@ -15,16 +15,17 @@ use std::{
 
 use futures::{StreamExt, future::BoxFuture, stream};
 use pod_identity_api::{AzureAssignedIdentity, ObjectKey};
+use pod_identity_azure::{AzureError, IdentityDelta, Machine, error::named_in, resource_id::fold};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    arm::{ArmError, ComputeApi, MAX_IDENTITIES_PER_REQUEST, Observed, named_in},
+    arm::{ComputeApi, Observed},
     backoff::{Backoff, Quarantine, ReadBudget},
     events::{Events, Notice, Subject},
     leader::Leadership,
-    machine::{Machine, Target, fold},
+    machine::Target,
     metrics::Metrics,
     plan::{Context, MachineInput, Plan, Protection, Transition, Write, plan},
     record::Recorded,
@@ -380,7 +381,7 @@ impl Worker {
                 delta.add.retain(|id| keys.contains(&fold(id)));
                 half
             });
-            for chunk in delta.chunks(MAX_IDENTITIES_PER_REQUEST) {
+            for chunk in delta.requests() {
                 if !self.shared.leadership.is_leader() {
                     return Outcome::NotLeader;
                 }
@@ -407,7 +408,11 @@ impl Worker {
                             }
                         }
                     }
-                    Err(ArmError::IdentitiesRejected { ids, code, message }) => {
+                    Err(AzureError::IdentitiesRejected {
+                        identities: ids,
+                        code,
+                        message,
+                    }) => {
                         let named = if ids.is_empty() {
                             named_in(&message, &chunk.add)
                         } else {
@@ -422,12 +427,12 @@ impl Worker {
                         } else if !chunk.add.is_empty() {
                             suspects = Some(chunk.add.clone());
                         } else {
-                            return self.failed(&ArmError::Other { message: reason });
+                            return self.failed(&AzureError::InvalidResponse(reason));
                         }
                         // The machine is unchanged; plan again without the refused identities.
                         break;
                     }
-                    Err(ArmError::MachineNotFound { message }) => {
+                    Err(AzureError::ResourceNotFound { message, .. }) => {
                         // Deleted since it was read: plan again for a machine that holds nothing.
                         info!(reason = %message, "the machine does not exist any more");
                         observed = Some(Observed::absent(message));
@@ -448,9 +453,9 @@ impl Worker {
 
     /// Reads the machine; a machine ARM says does not exist is observed as holding nothing, so that its
     /// records are released instead of the read being retried for ever.
-    async fn observe(&self, machine: &Machine) -> Result<Observed, ArmError> {
+    async fn observe(&self, machine: &Machine) -> Result<Observed, AzureError> {
         match self.read(machine).await {
-            Err(ArmError::MachineNotFound { message }) => {
+            Err(AzureError::ResourceNotFound { message, .. }) => {
                 info!(reason = %message, "the machine does not exist");
                 Ok(Observed::absent(message))
             }
@@ -458,10 +463,10 @@ impl Worker {
         }
     }
 
-    async fn read(&self, machine: &Machine) -> Result<Observed, ArmError> {
+    async fn read(&self, machine: &Machine) -> Result<Observed, AzureError> {
         let operation = format!("{}_get", machine.kind.label());
         let result = self.shared.compute.get(machine).await;
-        let status = result.as_ref().map_or_else(ArmError::label, |_| "ok");
+        let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
         self.shared.metrics.arm_call(&operation, status);
         result
     }
@@ -469,9 +474,9 @@ impl Worker {
     async fn write(
         &self,
         machine: &Machine,
-        delta: &crate::arm::Delta,
+        delta: &IdentityDelta,
         if_match: Option<&str>,
-    ) -> Result<Observed, ArmError> {
+    ) -> Result<Observed, AzureError> {
         let operation = format!("{}_patch", machine.kind.label());
         info!(
             add = delta.add.len(),
@@ -479,16 +484,16 @@ impl Worker {
             "updating identities"
         );
         let result = self.shared.compute.patch(machine, delta, if_match).await;
-        let status = result.as_ref().map_or_else(ArmError::label, |_| "ok");
+        let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
         self.shared.metrics.arm_call(&operation, status);
         result
     }
 
     /// The wait after a failed ARM call; at least what ARM asked for.
-    fn failed(&mut self, err: &ArmError) -> Outcome {
+    fn failed(&mut self, err: &AzureError) -> Outcome {
         let wait = self.backoff.next(err.retry_after(), fastrand::f64());
         match err {
-            ArmError::Throttled { .. } => info!(wait_ms = wait.as_millis() as u64, "throttled by ARM"),
+            AzureError::Throttled { .. } => info!(wait_ms = wait.as_millis() as u64, "throttled by ARM"),
             _ => warn!(error = %err, wait_ms = wait.as_millis() as u64, "ARM call failed"),
         }
         Outcome::Retry(wait)

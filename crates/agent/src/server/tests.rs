@@ -422,10 +422,10 @@ async fn an_assignment_that_does_not_come_gives_503_with_retry_after() {
 #[tokio::test]
 async fn concurrent_requests_under_throttling_reach_upstream_once_per_attempt() {
     let upstream = FakeUpstream {
-        fail: Mutex::new(Some(UpstreamError::Throttled {
+        fail: Mutex::new(Some(UpstreamError::from(AzureError::Throttled {
             retry_after: None,
             message: "too many requests".into(),
-        })),
+        }))),
         delay: Some(Duration::from_millis(20)),
         ..FakeUpstream::default()
     };
@@ -519,11 +519,10 @@ async fn object_id_is_resolved_from_the_pods_own_tokens() {
 #[tokio::test]
 async fn an_upstream_refusal_is_a_403_with_its_reason() {
     let upstream = FakeUpstream {
-        fail: Mutex::new(Some(UpstreamError::Refused {
-            status: 400,
-            error: "invalid_request".into(),
-            description: "Identity not found".into(),
-        })),
+        fail: Mutex::new(Some(UpstreamError::from(AzureError::IdentityNotFound {
+            code: "invalid_request".into(),
+            message: "Identity not found".into(),
+        }))),
         ..FakeUpstream::default()
     };
     let f = fixture(bound_world("Assigned"), config(), upstream);
