@@ -153,8 +153,11 @@ impl World {
             instance: "controller-0".into(),
             worker: WorkerSettings {
                 batch_window: Duration::from_millis(200),
-                backoff_initial: Duration::from_millis(200),
-                backoff_max: Duration::from_secs(2),
+                retry: pod_identity_azure::RetryPolicy {
+                    initial_delay: Duration::from_millis(200),
+                    max_delay: Duration::from_secs(2),
+                    ..pod_identity_azure::RetryPolicy::default()
+                },
                 drift_interval: Duration::from_secs(3600),
                 write_concurrency: 20,
             },

@@ -14,6 +14,7 @@ use std::{
 
 use clap::{ArgAction, Parser, ValueEnum};
 use pod_identity_api::matching::Scope;
+use pod_identity_azure::RetryPolicy;
 
 use crate::{
     cache::Freshness,
@@ -21,7 +22,7 @@ use crate::{
     resolve::{Mode, Policy},
     rules::RuleSpec,
     server::ServerConfig,
-    upstream::RetryPolicy,
+    upstream,
 };
 
 /// Log output format.
@@ -337,11 +338,11 @@ impl Args {
         }
     }
 
-    /// Upstream retry policy.
+    /// Upstream retry policy: [`upstream::RETRY`] with `--upstream-retries`.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
-            retries: self.upstream_retries,
-            ..RetryPolicy::default()
+            max_retries: self.upstream_retries,
+            ..upstream::RETRY
         }
     }
 

@@ -2,14 +2,17 @@
 //! service principals. [`Upstream`] is the boundary the rest of the agent is tested against; the HTTP
 //! implementation lives in [`crate::azure`].
 //!
-//! Retries happen here, under one fetch of the cache, so they are never multiplied by the number of
-//! callers: 429 and 5xx (and IMDS's 404/410 while it updates) are retried with exponential backoff, a
-//! `Retry-After` is honoured when it fits the budget, anything else is returned at once.
+//! Retries happen under one fetch of the cache ([`crate::tokens`]), so they are never multiplied by the
+//! number of callers: 429 and 5xx (and IMDS's 404/410 while it updates) are retried under the workspace's
+//! retry policy ([`RETRY`]), a `Retry-After` is honoured when it fits the budget, anything else is
+//! returned at once.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use pod_identity_azure::AzureError;
+use pod_identity_azure::{
+    AzureError,
+    retry::{RetryPolicy, RetryableError},
+};
 
 use crate::{cache::Token, request::Selector};
 
@@ -23,6 +26,16 @@ pub enum UpstreamError {
     /// The identity's credential could not be read (Secret missing, bad certificate).
     #[error("credential: {0}")]
     Credential(String),
+}
+
+impl RetryableError for UpstreamError {
+    fn is_retryable(&self) -> bool {
+        UpstreamError::is_retryable(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        UpstreamError::retry_after(self)
+    }
 }
 
 impl UpstreamError {
@@ -94,7 +107,7 @@ pub struct ServicePrincipal {
 /// A boxed future, as trait objects need.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The token services, one attempt per call (retries are [`with_retries`]'s).
+/// The token services, one attempt per call (the caller retries, under [`RETRY`]).
 pub trait Upstream: Send + Sync + 'static {
     /// A token from the node's IMDS for `selector` and `resource`.
     fn imds_token<'a>(
@@ -112,67 +125,15 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Token, UpstreamError>>;
 }
 
-/// How hard to try.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub retries: usize,
-    /// First backoff delay.
-    pub initial_delay: Duration,
-    /// Longest backoff delay.
-    pub max_delay: Duration,
-    /// The longest `Retry-After` waited for; a longer one ends the attempts and is passed on.
-    pub max_retry_after: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            retries: 3,
-            initial_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(4),
-            max_retry_after: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Runs `attempt` until it succeeds, fails for good, or the policy is spent; `on_retry` sees every
-/// failure that is retried.
-pub async fn with_retries<T, F, Fut>(
-    policy: RetryPolicy,
-    mut attempt: F,
-    mut on_retry: impl FnMut(&UpstreamError),
-) -> Result<T, UpstreamError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, UpstreamError>>,
-{
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(policy.initial_delay)
-        .with_max_delay(policy.max_delay)
-        .with_max_times(policy.retries)
-        .with_jitter()
-        .build();
-    loop {
-        let error = match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        if !error.is_retryable() {
-            return Err(error);
-        }
-        let Some(proposed) = backoff.next() else {
-            return Err(error);
-        };
-        let delay = match error.retry_after() {
-            Some(asked) if asked > policy.max_retry_after => return Err(error),
-            Some(asked) => asked,
-            None => proposed,
-        };
-        on_retry(&error);
-        tokio::time::sleep(delay).await;
-    }
-}
+/// How hard the agent tries a token call: 3 retries from 200 ms up to 4 s, waiting out a `Retry-After` of
+/// up to 5 s. A pod's SDK waits for the answer, so the agent keeps its retries short and leaves longer
+/// waits to the SDK, through the `Retry-After` of its 503.
+pub const RETRY: RetryPolicy = RetryPolicy {
+    max_retries: 3,
+    initial_delay: Duration::from_millis(200),
+    max_delay: Duration::from_secs(4),
+    max_retry_after: Duration::from_secs(5),
+};
 
 /// The `oid` and `nbf` claims of a JWT, read without checking its signature: the token came straight
 /// from the token service over the node's own connection, and is only read to learn whose it is.
@@ -198,6 +159,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use base64::Engine;
+    use pod_identity_azure::retry::with_retries;
 
     use super::*;
 
@@ -206,7 +168,7 @@ mod tests {
         let calls = AtomicUsize::new(0);
         let mut retried = 0;
         let result: Result<(), UpstreamError> = with_retries(
-            RetryPolicy::default(),
+            &RETRY,
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
@@ -218,7 +180,7 @@ mod tests {
                     .into())
                 }
             },
-            |_| retried += 1,
+            |_: &UpstreamError, _| retried += 1,
         )
         .await;
         assert!(result.is_err());
@@ -230,7 +192,7 @@ mod tests {
     async fn refusals_are_not_retried() {
         let calls = AtomicUsize::new(0);
         let result: Result<(), UpstreamError> = with_retries(
-            RetryPolicy::default(),
+            &RETRY,
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
@@ -241,7 +203,7 @@ mod tests {
                     .into())
                 }
             },
-            |_| {},
+            |_: &UpstreamError, _| {},
         )
         .await;
         assert!(result.is_err());
@@ -253,7 +215,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let calls = AtomicUsize::new(0);
         let result = with_retries(
-            RetryPolicy::default(),
+            &RETRY,
             || {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move {
@@ -268,14 +230,14 @@ mod tests {
                     }
                 }
             },
-            |_| {},
+            |_: &UpstreamError, _| {},
         )
         .await;
         assert_eq!(result, Ok(1));
         assert!(start.elapsed() >= Duration::from_secs(2));
         let calls = AtomicUsize::new(0);
         let result: Result<(), _> = with_retries(
-            RetryPolicy::default(),
+            &RETRY,
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
@@ -286,7 +248,7 @@ mod tests {
                     .into())
                 }
             },
-            |_| {},
+            |_: &UpstreamError, _| {},
         )
         .await;
         assert_eq!(result.unwrap_err().retry_after(), Some(Duration::from_secs(60)));

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::error::{AzureError, extract_identity_ids};
 use crate::identity::{IdentityDelta, ResourceIdentity};
 use crate::machine::Machine;
-use crate::retry::{RetryPolicy, ThrottleGate, parse_retry_after, with_retries};
+use crate::retry::{RetryPolicy, ThrottleGate, log_retry, parse_retry_after, with_retries};
 use crate::token::TokenSource;
 
 pub const PUBLIC_ENDPOINT: &str = "https://management.azure.com";
@@ -185,9 +185,11 @@ impl ArmClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<Answer, AzureError> {
-        with_retries(&self.cfg.retry, "arm", || {
-            self.attempt(&method, url, body, if_match)
-        })
+        with_retries(
+            &self.cfg.retry,
+            || self.attempt(&method, url, body, if_match),
+            log_retry("arm"),
+        )
         .await
     }
 

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::AzureError;
 use crate::http::int_field;
-use crate::retry::{RetryPolicy, parse_retry_after, with_retries};
+use crate::retry::{RetryPolicy, log_retry, parse_retry_after, with_retries};
 use crate::token::{AccessToken, TokenFuture, TokenSource, now_secs};
 
 pub const PUBLIC_AUTHORITY: &str = "https://login.microsoftonline.com";
@@ -167,7 +167,7 @@ impl EntraClient {
 
     #[tracing::instrument(skip(self), fields(tenant = %self.tenant, client_id = %self.client_id))]
     pub async fn token_for(&self, resource: &str) -> Result<AccessToken, AzureError> {
-        with_retries(&self.retry, "entra token", || self.attempt(resource)).await
+        with_retries(&self.retry, || self.attempt(resource), log_retry("entra token")).await
     }
 
     async fn attempt(&self, resource: &str) -> Result<AccessToken, AzureError> {

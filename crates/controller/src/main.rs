@@ -99,8 +99,11 @@ async fn main() -> Result<()> {
         instance,
         worker: WorkerSettings {
             batch_window: args.batch_window,
-            backoff_initial: args.retry_interval,
-            backoff_max: args.max_retry_interval,
+            retry: pod_identity_azure::RetryPolicy {
+                initial_delay: args.retry_interval,
+                max_delay: args.max_retry_interval,
+                ..pod_identity_azure::RetryPolicy::default()
+            },
             drift_interval: args.reconcile_interval,
             write_concurrency: args.create_delete_batch.max(1),
         },

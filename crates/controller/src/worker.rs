@@ -15,14 +15,16 @@ use std::{
 
 use futures::{StreamExt, future::BoxFuture, stream};
 use pod_identity_api::{AzureAssignedIdentity, ObjectKey};
-use pod_identity_azure::{AzureError, IdentityDelta, Machine, error::named_in, resource_id::fold};
+use pod_identity_azure::{
+    AzureError, IdentityDelta, Machine, RetryPolicy, error::named_in, resource_id::fold, retry::Backoff,
+};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     arm::{ComputeApi, Observed},
-    backoff::{Backoff, Quarantine, ReadBudget},
+    backoff::{Quarantine, ReadBudget},
     events::{Events, Notice, Subject},
     leader::Leadership,
     machine::Target,
@@ -85,10 +87,8 @@ pub trait RecordStore: Send + Sync {
 pub struct WorkerSettings {
     /// How long changes gather before a round.
     pub batch_window: Duration,
-    /// First wait after a failed ARM call.
-    pub backoff_initial: Duration,
-    /// Longest wait after failed ARM calls.
-    pub backoff_max: Duration,
+    /// Waits after failed ARM calls (the retry count does not apply: a worker retries while it runs).
+    pub retry: RetryPolicy,
     /// How often a machine's identities are read to find ones someone removed.
     pub drift_interval: Duration,
     /// How many writes to the Kubernetes API a worker runs at once.
@@ -99,8 +99,11 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             batch_window: Duration::from_secs(1),
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
+            retry: RetryPolicy {
+                initial_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(300),
+                ..RetryPolicy::default()
+            },
             drift_interval: Duration::from_secs(180),
             write_concurrency: 20,
         }
@@ -209,7 +212,7 @@ pub struct Worker {
 impl Worker {
     /// A worker for `target`.
     pub fn new(target: Target, shared: Arc<Shared>) -> Self {
-        let backoff = Backoff::new(shared.settings.backoff_initial, shared.settings.backoff_max);
+        let backoff = shared.settings.retry.backoff();
         Self {
             target,
             shared,
@@ -349,7 +352,7 @@ impl Worker {
             };
             if plan.deferred {
                 info!("the machine is being deleted; leaving it alone");
-                let wait = self.backoff.next(None, fastrand::f64());
+                let wait = self.backoff.next(None);
                 return Outcome::Retry(wait.max(self.shared.settings.drift_interval / 4));
             }
             if plan.needs_observation && observed.is_none() {
@@ -446,7 +449,7 @@ impl Worker {
             }
         }
         if write_failed || !settled {
-            return Outcome::Retry(self.backoff.next(None, fastrand::f64()));
+            return Outcome::Retry(self.backoff.next(None));
         }
         Outcome::Settled
     }
@@ -491,7 +494,7 @@ impl Worker {
 
     /// The wait after a failed ARM call; at least what ARM asked for.
     fn failed(&mut self, err: &AzureError) -> Outcome {
-        let wait = self.backoff.next(err.retry_after(), fastrand::f64());
+        let wait = self.backoff.next(err.retry_after());
         match err {
             AzureError::Throttled { .. } => info!(wait_ms = wait.as_millis() as u64, "throttled by ARM"),
             _ => warn!(error = %err, wait_ms = wait.as_millis() as u64, "ARM call failed"),

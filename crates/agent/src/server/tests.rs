@@ -17,7 +17,7 @@ use crate::{
     request::Selector,
     resolve::tests::{CLIENT_A, CLIENT_B, assign, binding, identity, pod, synced_world},
     tokens::Credentials,
-    upstream::{BoxFuture, RetryPolicy, ServicePrincipal, Upstream},
+    upstream::{BoxFuture, RETRY, ServicePrincipal, Upstream},
     world::World,
 };
 
@@ -132,8 +132,8 @@ fn fixture(world: World, config: ServerConfig, upstream: FakeUpstream) -> Fixtur
         TokenCache::new(Freshness::default(), Duration::from_secs(1)),
         upstream.clone(),
         Arc::new(NoCredentials),
-        RetryPolicy {
-            retries: 2,
+        pod_identity_azure::RetryPolicy {
+            max_retries: 2,
             initial_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
             max_retry_after: Duration::from_millis(10),
@@ -612,7 +612,7 @@ async fn host_token_answers_the_identitys_client_id_when_upstream_leaves_it_out(
         TokenCache::new(Freshness::default(), Duration::from_secs(1)),
         Arc::new(NoClientId(FakeUpstream::default())),
         Arc::new(NoCredentials),
-        RetryPolicy::default(),
+        RETRY,
         metrics.clone(),
     ));
     let state = Arc::new(AppState::new(
