@@ -12,9 +12,10 @@ use std::{
     time::Duration,
 };
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
 use pod_identity_api::matching::Scope;
 use pod_identity_azure::RetryPolicy;
+use pod_identity_runtime::LogFormat;
 
 use crate::{
     cache::Freshness,
@@ -24,16 +25,6 @@ use crate::{
     server::ServerConfig,
     upstream,
 };
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    #[default]
-    Json,
-    /// Human-readable text.
-    Text,
-}
 
 /// The node agent of pod-identity: intercepts pod traffic to the Instance Metadata Service and serves
 /// each pod only the tokens of its own identities.
@@ -234,7 +225,7 @@ pub struct Args {
     #[command(flatten)]
     pub limits: crate::connections::LimitArgs,
 
-    /// Log format.
+    /// Log format: `json`, or `text` (also `plain`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
 
