@@ -24,7 +24,7 @@ use pod_identity_api::{
     AzureIdentitySpec, EmbeddedAzureIdentity, EmbeddedAzureIdentityBinding, NODENAME_LABEL, POD_LABEL,
     SecretReference,
 };
-use pod_identity_azure::AzureConfig;
+use pod_identity_azure::{AzureConfig, ResourceId};
 use pod_identity_controller::{
     ControllerConfig,
     azure::{Endpoints, connect},
@@ -32,9 +32,7 @@ use pod_identity_controller::{
     record::{ERROR_ANNOTATION, MACHINE_ANNOTATION, ORIGIN_ANNOTATION},
     worker::WorkerSettings,
 };
-use pod_identity_emulator::{
-    Config, Emulator, FaultSpec, LogFilter, RequestRecord, Seed, Service, ids::ResourceId,
-};
+use pod_identity_emulator::{Config, Emulator, FaultSpec, LogFilter, RequestRecord, Seed, Service};
 use pod_identity_test_support::{
     ControlPlane, TestNamespace, eventually,
     fixtures::{self, PodTemplate},
@@ -155,8 +153,11 @@ impl World {
             instance: "controller-0".into(),
             worker: WorkerSettings {
                 batch_window: Duration::from_millis(200),
-                backoff_initial: Duration::from_millis(200),
-                backoff_max: Duration::from_secs(2),
+                retry: pod_identity_azure::RetryPolicy {
+                    initial_delay: Duration::from_millis(200),
+                    max_delay: Duration::from_secs(2),
+                    ..pod_identity_azure::RetryPolicy::default()
+                },
                 drift_interval: Duration::from_secs(3600),
                 write_concurrency: 20,
             },

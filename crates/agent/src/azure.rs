@@ -56,12 +56,12 @@ impl HttpUpstream {
             .user_agent(concat!("pod-identity-agent/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = extra_ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| UpstreamError::Invalid(format!("extra CA certificates: {e}")))?;
+                .map_err(|e| AzureError::Config(format!("extra CA certificates: {e}")))?;
             entra = entra.tls_certs_merge(certs);
         }
         let entra = entra
             .build()
-            .map_err(|e| UpstreamError::Invalid(format!("building the Entra client: {e}")))?;
+            .map_err(|e| AzureError::Config(format!("building the Entra client: {e}")))?;
         Ok(Self {
             imds,
             imds_http,
@@ -162,47 +162,6 @@ fn pem(certificate: &[u8], key_pkcs8: &[u8]) -> String {
     )
 }
 
-impl From<AzureError> for UpstreamError {
-    fn from(error: AzureError) -> Self {
-        match error {
-            AzureError::Throttled { retry_after, message } => Self::Throttled { retry_after, message },
-            AzureError::Transient { status, message, .. } => Self::Transient { status, message },
-            AzureError::IdentityNotFound { code, message, .. } => Self::Refused {
-                status: 400,
-                error: code,
-                description: message,
-            },
-            AzureError::Unauthorized {
-                status,
-                code,
-                message,
-                ..
-            }
-            | AzureError::Other {
-                status,
-                code,
-                message,
-            } => Self::Refused {
-                status,
-                error: code,
-                description: message,
-            },
-            AzureError::ResourceNotFound { code, message } => Self::Refused {
-                status: 404,
-                error: code,
-                description: message,
-            },
-            AzureError::OperationFailed { code, message, .. } => Self::Refused {
-                status: 500,
-                error: code,
-                description: message,
-            },
-            AzureError::InvalidResponse(message) => Self::Invalid(message),
-            AzureError::Config(message) => Self::Credential(message),
-        }
-    }
-}
-
 impl Upstream for HttpUpstream {
     fn imds_token<'a>(
         &'a self,
@@ -239,13 +198,16 @@ mod tests {
             message: String::new(),
         });
         assert!(transient.is_retryable());
+        assert_eq!(transient.label(), "server_error");
         let missing = UpstreamError::from(AzureError::IdentityNotFound {
-            identities: Vec::new(),
             code: "invalid_request".into(),
             message: "Identity not found".into(),
         });
         assert!(!missing.is_retryable());
+        assert_eq!(missing.label(), "refused");
         assert!(missing.to_string().contains("Identity not found"));
+        let unreadable = UpstreamError::from(AzureError::Config("client certificate: bad".into()));
+        assert_eq!(unreadable.label(), "credential_error");
     }
 
     #[test]

@@ -16,6 +16,8 @@ use std::{
     time::Duration,
 };
 
+use pod_identity_azure::AzureError;
+
 use crate::{
     resolve::{Authorized, ObjectIds, Principal},
     upstream::UpstreamError,
@@ -290,7 +292,7 @@ impl TokenCache {
                 *entry.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(tokens)
             }
-            Ok(_) => Err(UpstreamError::Invalid("upstream returned no token".into())),
+            Ok(_) => Err(AzureError::InvalidResponse("upstream returned no token".into()).into()),
             Err(error) => {
                 let memory = error.retry_after().unwrap_or(self.failure_memory);
                 let generation = entry.failures.fetch_add(1, Ordering::AcqRel) + 1;
@@ -488,10 +490,10 @@ mod tests {
                     .get(&key("a"), now, || async move {
                         calls.fetch_add(1, Ordering::SeqCst);
                         gate.notified().await;
-                        Err(UpstreamError::Throttled {
+                        Err(UpstreamError::from(AzureError::Throttled {
                             retry_after: Some(Duration::from_secs(30)),
                             message: "slow down".into(),
-                        })
+                        }))
                     })
                     .await
             }));
@@ -519,7 +521,7 @@ mod tests {
         let now = crate::clock::now();
         let (first, _) = cache
             .get(&key("a"), now, || async {
-                Err(UpstreamError::Invalid("bad".into()))
+                Err(AzureError::InvalidResponse("bad".into()).into())
             })
             .await;
         assert!(first.is_err());

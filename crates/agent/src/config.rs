@@ -12,8 +12,10 @@ use std::{
     time::Duration,
 };
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
 use pod_identity_api::matching::Scope;
+use pod_identity_azure::RetryPolicy;
+use pod_identity_runtime::LogFormat;
 
 use crate::{
     cache::Freshness,
@@ -21,18 +23,8 @@ use crate::{
     resolve::{Mode, Policy},
     rules::RuleSpec,
     server::ServerConfig,
-    upstream::RetryPolicy,
+    upstream,
 };
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    #[default]
-    Json,
-    /// Human-readable text.
-    Text,
-}
 
 /// The node agent of pod-identity: intercepts pod traffic to the Instance Metadata Service and serves
 /// each pod only the tokens of its own identities.
@@ -233,7 +225,7 @@ pub struct Args {
     #[command(flatten)]
     pub limits: crate::connections::LimitArgs,
 
-    /// Log format.
+    /// Log format: `json`, or `text` (also `plain`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
 
@@ -338,11 +330,11 @@ impl Args {
         }
     }
 
-    /// Upstream retry policy.
+    /// Upstream retry policy: [`upstream::RETRY`] with `--upstream-retries`.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
-            retries: self.upstream_retries,
-            ..RetryPolicy::default()
+            max_retries: self.upstream_retries,
+            ..upstream::RETRY
         }
     }
 

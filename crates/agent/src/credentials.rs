@@ -137,10 +137,11 @@ pub async fn load(
         kube::Error::Api(status) => {
             UpstreamError::Credential(format!("reading Secret {namespace}/{name}: {}", status.message))
         }
-        other => UpstreamError::Transient {
+        other => UpstreamError::Azure(pod_identity_azure::AzureError::Transient {
             status: None,
+            code: "KubernetesApi".into(),
             message: format!("reading Secret {namespace}/{name}: {other}"),
-        },
+        }),
     })?;
     service_principal(identity, &secret.data.unwrap_or_default())
 }

@@ -19,7 +19,6 @@ pub mod connections;
 pub mod credentials;
 pub mod events;
 pub mod health;
-pub mod logging;
 pub mod metrics;
 pub mod netfilter;
 pub mod proxy;

@@ -7,6 +7,8 @@
 
 use std::{net::Ipv4Addr, process::Command, sync::Arc, time::Duration};
 
+use pod_identity_azure::RetryPolicy;
+
 use crate::{
     health::Health,
     metrics::{Metrics, ResultLabels},
@@ -240,8 +242,9 @@ fn list_table(netfilter: &dyn Netfilter, table: &crate::rules::TableRules) -> Re
     Ok(Listed { chain, hooks })
 }
 
-/// Keeps the rules in place: first pass (retried with backoff until it succeeds), then one pass per
-/// `interval`. Readiness follows the outcome of the latest pass.
+/// Keeps the rules in place: first pass (retried under the workspace's retry policy, from 500 ms up to
+/// `interval`, until it succeeds), then one pass per `interval`. Readiness follows the outcome of the
+/// latest pass.
 pub async fn keep(
     netfilter: Arc<dyn Netfilter>,
     spec: RuleSpec,
@@ -251,7 +254,12 @@ pub async fn keep(
     metrics: Arc<Metrics>,
 ) {
     let mut first = true;
-    let mut retry = Duration::from_millis(500);
+    let mut backoff = RetryPolicy {
+        initial_delay: Duration::from_millis(500),
+        max_delay: interval.max(Duration::from_secs(1)),
+        ..RetryPolicy::default()
+    }
+    .backoff();
     loop {
         let pass = {
             let netfilter = netfilter.clone();
@@ -281,7 +289,7 @@ pub async fn keep(
                 metrics.rules_in_place.set(1);
                 health.set_rules(true);
                 first = false;
-                retry = Duration::from_millis(500);
+                backoff.reset();
                 tokio::time::sleep(interval).await;
             }
             Err(error) => {
@@ -292,8 +300,7 @@ pub async fn keep(
                     .inc();
                 metrics.rules_in_place.set(0);
                 health.set_rules(false);
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(interval.max(Duration::from_secs(1)));
+                tokio::time::sleep(backoff.next(None)).await;
             }
         }
     }

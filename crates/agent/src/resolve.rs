@@ -16,6 +16,8 @@ use pod_identity_api::{
     matching::{Index, Scope, World as MatchWorld},
 };
 
+use pod_identity_azure::resource_id;
+
 use crate::{
     request::Selector,
     world::{Caller, PodRecord, World},
@@ -238,7 +240,7 @@ pub fn resolve(
                 .spec
                 .resource_id
                 .as_deref()
-                .is_some_and(|resource| same_resource_id(resource, id))
+                .is_some_and(|resource| resource_id::same(resource, id))
         }),
         Selector::ObjectId(id) => {
             if let Some(found) = options.iter().find(|(grant, _)| {
@@ -313,12 +315,6 @@ fn principal_of(object: &AzureIdentity, kind: IdentityType, key: &ObjectKey) -> 
             }
         }
     }
-}
-
-/// ARM resource IDs compare case-insensitively, with or without a trailing slash.
-fn same_resource_id(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/')
-        .eq_ignore_ascii_case(b.trim_end_matches('/'))
 }
 
 fn join<T: std::fmt::Display>(items: &[T]) -> String {

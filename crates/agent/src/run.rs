@@ -36,8 +36,8 @@ pub enum StartError {
     )]
     Kubenet(String),
     /// No API server configuration.
-    #[error("configuring the Kubernetes client: {0}")]
-    Kube(String),
+    #[error(transparent)]
+    Kube(#[from] pod_identity_runtime::ClientError),
     /// A listener could not bind.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -82,7 +82,7 @@ pub struct Parts {
 impl Parts {
     /// The real parts.
     pub async fn from_args(args: &Args) -> Result<Self, StartError> {
-        let client = kube_client(args).await?;
+        let client = pod_identity_runtime::client(args.kubeconfig.as_deref()).await?;
         let extra_ca = match &args.extra_ca_file {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|source| StartError::Read {
                 path: path.display().to_string(),
@@ -111,22 +111,6 @@ impl Parts {
             netfilter,
         })
     }
-}
-
-async fn kube_client(args: &Args) -> Result<kube::Client, StartError> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig =
-                kube::config::Kubeconfig::read_from(path).map_err(|e| StartError::Kube(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| StartError::Kube(e.to_string()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| StartError::Kube(e.to_string()))?,
-    };
-    kube::Client::try_from(config).map_err(|e| StartError::Kube(e.to_string()))
 }
 
 /// A running agent.

@@ -19,6 +19,7 @@ use axum::{
     response::Response,
 };
 use http::{Method, Request, StatusCode, request::Parts};
+use pod_identity_azure::AzureError;
 use serde_json::json;
 
 use crate::{
@@ -429,13 +430,14 @@ async fn answer(
 
 fn upstream_failure(state: &AppState, error: &UpstreamError, why: &str) -> Response {
     match error {
-        UpstreamError::Refused { .. } | UpstreamError::Credential(_) => response::forbidden(why),
-        UpstreamError::Throttled { retry_after, .. } => {
+        UpstreamError::Azure(AzureError::Throttled { retry_after, .. }) => {
             response::unavailable(why, retry_after.unwrap_or(state.config.retry_after).as_secs())
         }
-        UpstreamError::Transient { .. } | UpstreamError::Invalid(_) => {
+        UpstreamError::Azure(AzureError::InvalidResponse(_)) => {
             response::unavailable(why, state.config.retry_after.as_secs())
         }
+        error if error.is_retryable() => response::unavailable(why, state.config.retry_after.as_secs()),
+        _ => response::forbidden(why),
     }
 }
 

@@ -5,13 +5,14 @@
 use std::{sync::Arc, time::Duration};
 
 use pod_identity_api::AzureIdentity;
+use pod_identity_azure::retry::{RetryPolicy, with_retries};
 
 use crate::{
     cache::{Key, Outcome, Token, TokenCache, Tokens},
     metrics::{Metrics, ResultLabels, UpstreamLabels, UpstreamOnly},
     request::Selector,
     resolve::{self, Policy, Principal},
-    upstream::{BoxFuture, RetryPolicy, ServicePrincipal, Upstream, UpstreamError, with_retries},
+    upstream::{BoxFuture, ServicePrincipal, Upstream, UpstreamError},
     world::Shared,
 };
 
@@ -172,8 +173,8 @@ impl TokenService {
                 .inc();
             result
         };
-        with_retries(self.retry, attempt, |error| {
-            tracing::info!(upstream, %error, "retrying upstream token request");
+        with_retries(&self.retry, attempt, |error: &UpstreamError, delay| {
+            tracing::info!(upstream, %error, delay_ms = delay.as_millis() as u64, "retrying upstream token request");
         })
         .await
     }

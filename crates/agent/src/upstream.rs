@@ -2,76 +2,65 @@
 //! service principals. [`Upstream`] is the boundary the rest of the agent is tested against; the HTTP
 //! implementation lives in [`crate::azure`].
 //!
-//! Retries happen here, under one fetch of the cache, so they are never multiplied by the number of
-//! callers: 429 and 5xx (and IMDS's 404/410 while it updates) are retried with exponential backoff, a
-//! `Retry-After` is honoured when it fits the budget, anything else is returned at once.
+//! Retries happen under one fetch of the cache ([`crate::tokens`]), so they are never multiplied by the
+//! number of callers: 429 and 5xx (and IMDS's 404/410 while it updates) are retried under the workspace's
+//! retry policy ([`RETRY`]), a `Retry-After` is honoured when it fits the budget, anything else is
+//! returned at once.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use pod_identity_azure::{
+    AzureError,
+    retry::{RetryPolicy, RetryableError},
+};
 
 use crate::{cache::Token, request::Selector};
 
-/// Why upstream gave no token.
+/// Why upstream gave no token: what IMDS or Entra answered, sorted by the Azure model ([`AzureError`]),
+/// or an identity whose credential the agent cannot read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
-    /// 429.
-    #[error("throttled (retry after {retry_after:?}): {message}")]
-    Throttled {
-        /// What the service asked for.
-        retry_after: Option<Duration>,
-        /// Its message.
-        message: String,
-    },
-    /// 5xx, IMDS 404/410, connection failures and timeouts.
-    #[error("transient failure ({status:?}): {message}")]
-    Transient {
-        /// HTTP status, if any.
-        status: Option<u16>,
-        /// What went wrong.
-        message: String,
-    },
-    /// A definite refusal (IMDS 400 "Identity not found", Entra `invalid_client`...).
-    #[error("refused ({status} {error}): {description}")]
-    Refused {
-        /// HTTP status.
-        status: u16,
-        /// The `error` code.
-        error: String,
-        /// The `error_description`.
-        description: String,
-    },
-    /// The service answered something unreadable.
-    #[error("unexpected response: {0}")]
-    Invalid(String),
+    /// IMDS or Entra refused, failed or could not be reached.
+    #[error(transparent)]
+    Azure(#[from] AzureError),
     /// The identity's credential could not be read (Secret missing, bad certificate).
     #[error("credential: {0}")]
     Credential(String),
 }
 
+impl RetryableError for UpstreamError {
+    fn is_retryable(&self) -> bool {
+        UpstreamError::is_retryable(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        UpstreamError::retry_after(self)
+    }
+}
+
 impl UpstreamError {
     /// Whether asking again can help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Throttled { .. } | Self::Transient { .. })
+        matches!(self, Self::Azure(error) if error.is_retryable())
     }
 
     /// How long the service asked callers to wait.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Throttled { retry_after, .. } => *retry_after,
-            _ => None,
+            Self::Azure(error) => error.retry_after(),
+            Self::Credential(_) => None,
         }
     }
 
     /// A bounded label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Throttled { .. } => "throttled",
-            Self::Transient { status: Some(_), .. } => "server_error",
-            Self::Transient { status: None, .. } => "transport_error",
-            Self::Refused { .. } => "refused",
-            Self::Invalid(_) => "invalid_response",
-            Self::Credential(_) => "credential_error",
+            Self::Azure(AzureError::Throttled { .. }) => "throttled",
+            Self::Azure(AzureError::Transient { status: Some(_), .. }) => "server_error",
+            Self::Azure(AzureError::Transient { status: None, .. }) => "transport_error",
+            Self::Azure(AzureError::InvalidResponse(_)) => "invalid_response",
+            Self::Azure(AzureError::Config(_)) | Self::Credential(_) => "credential_error",
+            Self::Azure(_) => "refused",
         }
     }
 }
@@ -118,7 +107,7 @@ pub struct ServicePrincipal {
 /// A boxed future, as trait objects need.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The token services, one attempt per call (retries are [`with_retries`]'s).
+/// The token services, one attempt per call (the caller retries, under [`RETRY`]).
 pub trait Upstream: Send + Sync + 'static {
     /// A token from the node's IMDS for `selector` and `resource`.
     fn imds_token<'a>(
@@ -136,67 +125,15 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Token, UpstreamError>>;
 }
 
-/// How hard to try.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub retries: usize,
-    /// First backoff delay.
-    pub initial_delay: Duration,
-    /// Longest backoff delay.
-    pub max_delay: Duration,
-    /// The longest `Retry-After` waited for; a longer one ends the attempts and is passed on.
-    pub max_retry_after: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            retries: 3,
-            initial_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(4),
-            max_retry_after: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Runs `attempt` until it succeeds, fails for good, or the policy is spent; `on_retry` sees every
-/// failure that is retried.
-pub async fn with_retries<T, F, Fut>(
-    policy: RetryPolicy,
-    mut attempt: F,
-    mut on_retry: impl FnMut(&UpstreamError),
-) -> Result<T, UpstreamError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, UpstreamError>>,
-{
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(policy.initial_delay)
-        .with_max_delay(policy.max_delay)
-        .with_max_times(policy.retries)
-        .with_jitter()
-        .build();
-    loop {
-        let error = match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        if !error.is_retryable() {
-            return Err(error);
-        }
-        let Some(proposed) = backoff.next() else {
-            return Err(error);
-        };
-        let delay = match error.retry_after() {
-            Some(asked) if asked > policy.max_retry_after => return Err(error),
-            Some(asked) => asked,
-            None => proposed,
-        };
-        on_retry(&error);
-        tokio::time::sleep(delay).await;
-    }
-}
+/// How hard the agent tries a token call: 3 retries from 200 ms up to 4 s, waiting out a `Retry-After` of
+/// up to 5 s. A pod's SDK waits for the answer, so the agent keeps its retries short and leaves longer
+/// waits to the SDK, through the `Retry-After` of its 503.
+pub const RETRY: RetryPolicy = RetryPolicy {
+    max_retries: 3,
+    initial_delay: Duration::from_millis(200),
+    max_delay: Duration::from_secs(4),
+    max_retry_after: Duration::from_secs(5),
+};
 
 /// The `oid` and `nbf` claims of a JWT, read without checking its signature: the token came straight
 /// from the token service over the node's own connection, and is only read to learn whose it is.
@@ -222,6 +159,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use base64::Engine;
+    use pod_identity_azure::retry::with_retries;
 
     use super::*;
 
@@ -229,18 +167,20 @@ mod tests {
     async fn throttling_and_server_errors_are_retried_then_passed_on() {
         let calls = AtomicUsize::new(0);
         let mut retried = 0;
-        let result: Result<(), _> = with_retries(
-            RetryPolicy::default(),
+        let result: Result<(), UpstreamError> = with_retries(
+            &RETRY,
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
-                    Err(UpstreamError::Transient {
+                    Err(AzureError::Transient {
                         status: Some(503),
+                        code: String::new(),
                         message: "busy".into(),
-                    })
+                    }
+                    .into())
                 }
             },
-            |_| retried += 1,
+            |_: &UpstreamError, _| retried += 1,
         )
         .await;
         assert!(result.is_err());
@@ -251,19 +191,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refusals_are_not_retried() {
         let calls = AtomicUsize::new(0);
-        let result: Result<(), _> = with_retries(
-            RetryPolicy::default(),
+        let result: Result<(), UpstreamError> = with_retries(
+            &RETRY,
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
-                    Err(UpstreamError::Refused {
-                        status: 400,
-                        error: "invalid_request".into(),
-                        description: "Identity not found".into(),
-                    })
+                    Err(AzureError::IdentityNotFound {
+                        code: "invalid_request".into(),
+                        message: "Identity not found".into(),
+                    }
+                    .into())
                 }
             },
-            |_| {},
+            |_: &UpstreamError, _| {},
         )
         .await;
         assert!(result.is_err());
@@ -275,38 +215,40 @@ mod tests {
         let start = tokio::time::Instant::now();
         let calls = AtomicUsize::new(0);
         let result = with_retries(
-            RetryPolicy::default(),
+            &RETRY,
             || {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if n == 0 {
-                        Err(UpstreamError::Throttled {
+                        Err(AzureError::Throttled {
                             retry_after: Some(Duration::from_secs(2)),
                             message: String::new(),
-                        })
+                        }
+                        .into())
                     } else {
                         Ok(n)
                     }
                 }
             },
-            |_| {},
+            |_: &UpstreamError, _| {},
         )
         .await;
         assert_eq!(result, Ok(1));
         assert!(start.elapsed() >= Duration::from_secs(2));
         let calls = AtomicUsize::new(0);
         let result: Result<(), _> = with_retries(
-            RetryPolicy::default(),
+            &RETRY,
             || {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
-                    Err(UpstreamError::Throttled {
+                    Err(AzureError::Throttled {
                         retry_after: Some(Duration::from_secs(60)),
                         message: String::new(),
-                    })
+                    }
+                    .into())
                 }
             },
-            |_| {},
+            |_: &UpstreamError, _| {},
         )
         .await;
         assert_eq!(result.unwrap_err().retry_after(), Some(Duration::from_secs(60)));

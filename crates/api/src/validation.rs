@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use pod_identity_azure::ResourceId;
+
 use crate::{AzureIdentityBindingSpec, AzureIdentitySpec, IdentityType};
 
 /// One problem of a spec: the field and what is wrong with it.
@@ -30,51 +32,6 @@ impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "spec.{}: {}", self.field, self.message)
     }
-}
-
-/// The parts of a user-assigned managed identity's ARM ID.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserAssignedIdentityId<'a> {
-    /// Subscription ID.
-    pub subscription: &'a str,
-    /// Resource group name.
-    pub resource_group: &'a str,
-    /// Identity name.
-    pub name: &'a str,
-}
-
-/// Parses `/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<n>`,
-/// with ARM's case-insensitive segment names.
-pub fn parse_user_assigned_identity_id(id: &str) -> Option<UserAssignedIdentityId<'_>> {
-    let rest = id.strip_prefix('/')?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let [
-        subs,
-        subscription,
-        groups,
-        resource_group,
-        providers,
-        namespace,
-        kind,
-        name,
-    ] = parts.as_slice()
-    else {
-        return None;
-    };
-    let fixed = [
-        (subs, "subscriptions"),
-        (groups, "resourcegroups"),
-        (providers, "providers"),
-        (namespace, "microsoft.managedidentity"),
-        (kind, "userassignedidentities"),
-    ];
-    let segments_ok = fixed.iter().all(|(got, want)| got.eq_ignore_ascii_case(want));
-    let values_ok = [subscription, resource_group, name].iter().all(|v| !v.is_empty());
-    (segments_ok && values_ok).then_some(UserAssignedIdentityId {
-        subscription,
-        resource_group,
-        name,
-    })
 }
 
 /// Whether `value` is a GUID in its usual 8-4-4-4-12 hexadecimal form.
@@ -126,7 +83,7 @@ pub(crate) fn identity_spec_errors(spec: &AzureIdentitySpec) -> Vec<SpecError> {
                 "resourceID",
                 "resourceID is required for a user-assigned managed identity (type 0)",
             )),
-            Some(id) if parse_user_assigned_identity_id(id).is_none() => errors.push(SpecError::new(
+            Some(id) if ResourceId::user_assigned_identity(id).is_none() => errors.push(SpecError::new(
                 "resourceID",
                 format!(
                     "resourceID must be the ID of a user-assigned managed identity, /subscriptions/<subscription>/\
@@ -259,18 +216,28 @@ mod tests {
 
     #[test]
     fn resource_id_is_compared_case_insensitively() {
-        let upper = RESOURCE_ID.to_uppercase();
-        let parsed = parse_user_assigned_identity_id(&upper).unwrap();
-        assert_eq!(parsed.name, "APP-ID");
-        assert_eq!(parsed.resource_group, "RG");
+        let spec = AzureIdentitySpec {
+            resource_id: Some(RESOURCE_ID.to_uppercase()),
+            ..user_assigned()
+        };
+        assert_eq!(spec.validate(), vec![]);
     }
 
     #[test]
     fn resource_id_with_extra_or_missing_segments_is_rejected() {
-        assert!(parse_user_assigned_identity_id(&format!("{RESOURCE_ID}/extra")).is_none());
-        assert!(parse_user_assigned_identity_id(RESOURCE_ID.trim_start_matches('/')).is_none());
-        assert!(parse_user_assigned_identity_id("/subscriptions//resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x").is_none());
-        assert!(parse_user_assigned_identity_id("").is_none());
+        for bad in [
+            format!("{RESOURCE_ID}/extra"),
+            format!("{RESOURCE_ID}/"),
+            RESOURCE_ID.trim_start_matches('/').to_owned(),
+            "/subscriptions//resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x"
+                .to_owned(),
+        ] {
+            let spec = AzureIdentitySpec {
+                resource_id: Some(bad.clone()),
+                ..user_assigned()
+            };
+            assert_eq!(fields(&spec.validate()), vec!["resourceID"], "{bad}");
+        }
     }
 
     #[test]

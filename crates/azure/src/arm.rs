@@ -11,70 +11,13 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::error::{AzureError, extract_identity_ids};
-use crate::identity::{IdentityPatch, ResourceIdentity, plan_update};
-use crate::retry::{RetryPolicy, ThrottleGate, parse_retry_after, with_retries};
+use crate::identity::{IdentityDelta, ResourceIdentity};
+use crate::machine::Machine;
+use crate::retry::{RetryPolicy, ThrottleGate, log_retry, parse_retry_after, with_retries};
 use crate::token::TokenSource;
 
 pub const PUBLIC_ENDPOINT: &str = "https://management.azure.com";
 pub const PUBLIC_AUDIENCE: &str = "https://management.azure.com/";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ComputeKind {
-    VirtualMachine,
-    VirtualMachineScaleSet,
-}
-
-/// A VM or scale set, by ARM resource ID.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ComputeResource {
-    pub id: String,
-    pub kind: ComputeKind,
-}
-
-impl ComputeResource {
-    pub fn parse(id: &str) -> Result<Self, AzureError> {
-        let segs: Vec<&str> = id.trim_end_matches('/').split('/').collect();
-        let eq = |i: usize, s: &str| segs.get(i).is_some_and(|x| x.eq_ignore_ascii_case(s));
-        let shape = segs.len() == 9
-            && segs[0].is_empty()
-            && eq(1, "subscriptions")
-            && eq(3, "resourceGroups")
-            && eq(5, "providers")
-            && eq(6, "Microsoft.Compute")
-            && segs.iter().skip(1).all(|s| !s.is_empty());
-        let kind = match () {
-            _ if shape && eq(7, "virtualMachineScaleSets") => ComputeKind::VirtualMachineScaleSet,
-            _ if shape && eq(7, "virtualMachines") => ComputeKind::VirtualMachine,
-            _ => {
-                return Err(AzureError::Config(format!(
-                    "'{id}' is not a VM or scale-set resource ID"
-                )));
-            }
-        };
-        Ok(Self {
-            id: id.trim_end_matches('/').to_owned(),
-            kind,
-        })
-    }
-
-    pub fn scale_set(subscription: &str, resource_group: &str, name: &str) -> Self {
-        Self {
-            id: format!(
-                "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Compute/virtualMachineScaleSets/{name}"
-            ),
-            kind: ComputeKind::VirtualMachineScaleSet,
-        }
-    }
-
-    pub fn virtual_machine(subscription: &str, resource_group: &str, name: &str) -> Self {
-        Self {
-            id: format!(
-                "/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.Compute/virtualMachines/{name}"
-            ),
-            kind: ComputeKind::VirtualMachine,
-        }
-    }
-}
 
 /// A user-assigned identity as ARM describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +72,8 @@ pub struct UpdateOutcome {
     pub identity: ResourceIdentity,
 }
 
-/// Sorts an ARM error answer into an [`AzureError`].
+/// Sorts an ARM error answer into an [`AzureError`] ([`AzureError::from_answer`]), reading `code` and
+/// `message` from ARM's `error` object.
 pub fn classify(status: u16, body: &Value, retry_after: Option<Duration>) -> AzureError {
     // ARM wraps errors in `error`; azure-core also accepts the unwrapped shape, and so do we.
     let err = if body["error"].is_object() {
@@ -142,35 +86,7 @@ pub fn classify(status: u16, body: &Value, retry_after: Option<Duration>) -> Azu
         .as_str()
         .map(str::to_owned)
         .unwrap_or_else(|| body.to_string());
-    match (status, code.as_str()) {
-        (429, _) => AzureError::Throttled { retry_after, message },
-        (_, "FailedIdentityOperation") => AzureError::IdentityNotFound {
-            identities: extract_identity_ids(&message),
-            code,
-            message,
-        },
-        (401 | 403, _) => AzureError::Unauthorized {
-            status,
-            identities: if code == "LinkedAuthorizationFailed" {
-                extract_identity_ids(&message)
-            } else {
-                Vec::new()
-            },
-            code,
-            message,
-        },
-        (404, _) => AzureError::ResourceNotFound { code, message },
-        (409, "AnotherOperationInProgress" | "Conflict") | (408 | 500..=599, _) => AzureError::Transient {
-            status: Some(status),
-            code,
-            message,
-        },
-        _ => AzureError::Other {
-            status,
-            code,
-            message,
-        },
-    }
+    AzureError::from_answer(status, code, message, retry_after)
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -222,8 +138,9 @@ impl ArmClient {
         method: &Method,
         url: &str,
         body: Option<&Value>,
-        write: bool,
+        if_match: Option<&str>,
     ) -> Result<Answer, AzureError> {
+        let write = method != Method::GET;
         if let Err(remaining) = self.gate(write).check(Instant::now()) {
             return Err(AzureError::Throttled {
                 retry_after: Some(remaining),
@@ -234,6 +151,9 @@ impl ArmClient {
         let mut req = self.http.request(method.clone(), url).bearer_auth(&token.token);
         if let Some(b) = body {
             req = req.json(b);
+        }
+        if let Some(etag) = if_match {
+            req = req.header(reqwest::header::IF_MATCH, etag);
         }
         let resp = req.send().await.map_err(|e| AzureError::transport(&e))?;
         let status = resp.status().as_u16();
@@ -258,64 +178,83 @@ impl ArmClient {
         Err(err)
     }
 
-    async fn send(&self, method: Method, url: &str, body: Option<&Value>) -> Result<Answer, AzureError> {
-        let write = method != Method::GET;
-        with_retries(&self.cfg.retry, "arm", || self.attempt(&method, url, body, write)).await
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<Answer, AzureError> {
+        with_retries(
+            &self.cfg.retry,
+            || self.attempt(&method, url, body, if_match),
+            log_retry("arm"),
+        )
+        .await
     }
 
-    /// The identities of a VM or scale set.
-    #[tracing::instrument(skip(self), fields(resource = %resource.id))]
-    pub async fn get_identity(&self, resource: &ComputeResource) -> Result<ResourceIdentity, AzureError> {
+    /// The identities of a VM or scale set, with its entity tag ([`ResourceIdentity::etag`]).
+    #[tracing::instrument(skip(self), fields(machine = %machine))]
+    pub async fn get_identity(&self, machine: &Machine) -> Result<ResourceIdentity, AzureError> {
         let a = self
             .send(
                 Method::GET,
-                &self.url(&resource.id, &self.cfg.compute_api_version),
+                &self.url(&machine.arm_id(), &self.cfg.compute_api_version),
+                None,
                 None,
             )
             .await?;
         ResourceIdentity::from_resource(&a.body)
     }
 
-    /// Sends one identity PATCH and waits for its operation; the identities afterwards.
-    #[tracing::instrument(skip(self, patch), fields(resource = %resource.id, entries = patch.entries.len()))]
+    /// Sends one identity PATCH (one of [`IdentityDelta::requests`]) and waits for its operation; the
+    /// identities afterwards. With `if_match` (an entity tag from [`Self::get_identity`] or an earlier
+    /// PATCH), ARM refuses the change with 412 ([`AzureError::Conflict`]) when the resource changed since.
+    #[tracing::instrument(skip(self, request), fields(machine = %machine, add = request.add.len(), remove = request.remove.len()))]
     pub async fn patch_identity(
         &self,
-        resource: &ComputeResource,
-        patch: &IdentityPatch,
+        machine: &Machine,
+        request: &IdentityDelta,
+        if_match: Option<&str>,
     ) -> Result<ResourceIdentity, AzureError> {
-        let url = self.url(&resource.id, &self.cfg.compute_api_version);
-        let a = self.send(Method::PATCH, &url, Some(&patch.to_body())).await?;
+        let url = self.url(&machine.arm_id(), &self.cfg.compute_api_version);
+        let a = self
+            .send(Method::PATCH, &url, Some(&request.to_body()), if_match)
+            .await?;
         let body = self.wait_for_operation(&url, a).await?;
         ResourceIdentity::from_resource(&body)
     }
 
     /// Brings the user-assigned identities of a VM or scale set to include `add` and exclude `remove`, touching
     /// nothing else; no request at all beyond the GET when nothing has to change.
-    #[tracing::instrument(skip(self, add, remove), fields(resource = %resource.id, add = add.len(), remove = remove.len()))]
+    #[tracing::instrument(skip(self, add, remove), fields(machine = %machine, add = add.len(), remove = remove.len()))]
     pub async fn update_identities(
         &self,
-        resource: &ComputeResource,
+        machine: &Machine,
         add: &[String],
         remove: &[String],
     ) -> Result<UpdateOutcome, AzureError> {
-        let mut identity = self.get_identity(resource).await?;
+        let mut identity = self.get_identity(machine).await?;
         if identity
             .provisioning_state
             .as_deref()
             .is_some_and(|s| s.eq_ignore_ascii_case("Deleting"))
         {
-            return Err(AzureError::Other {
+            return Err(AzureError::Conflict {
                 status: 409,
                 code: "ResourceDeleting".into(),
-                message: format!("{} is being deleted; its identities are left alone", resource.id),
+                message: format!(
+                    "{} is being deleted; its identities are left alone",
+                    machine.arm_id()
+                ),
             });
         }
-        let plan = plan_update(&identity, add, remove);
-        for patch in &plan {
-            identity = self.patch_identity(resource, patch).await?;
+        let requests = IdentityDelta::between(&identity, add, remove).requests();
+        for request in &requests {
+            identity = self.patch_identity(machine, request, None).await?;
         }
         Ok(UpdateOutcome {
-            patches: plan.len(),
+            patches: requests.len(),
             identity,
         })
     }
@@ -357,7 +296,7 @@ impl ArmClient {
                 });
             }
             tokio::time::sleep(delay).await;
-            let a = self.send(Method::GET, &poll_url, None).await?;
+            let a = self.send(Method::GET, &poll_url, None, None).await?;
             let status = match mode {
                 0 => a.body["status"].as_str().unwrap_or("InProgress").to_owned(),
                 1 => "Succeeded".to_owned(),
@@ -372,7 +311,7 @@ impl ArmClient {
                     let code = e["code"].as_str().unwrap_or_default().to_owned();
                     let message = e["message"].as_str().unwrap_or_default().to_owned();
                     if code == "FailedIdentityOperation" {
-                        return Err(AzureError::IdentityNotFound {
+                        return Err(AzureError::IdentitiesRejected {
                             identities: extract_identity_ids(&message),
                             code,
                             message,
@@ -387,7 +326,7 @@ impl ArmClient {
                 if mode == 2 {
                     return Ok(a.body);
                 }
-                return Ok(self.send(Method::GET, resource_url, None).await?.body);
+                return Ok(self.send(Method::GET, resource_url, None, None).await?.body);
             }
             delay = retry_after(&a.headers).unwrap_or(self.cfg.poll_interval);
         }
@@ -397,7 +336,7 @@ impl ArmClient {
     #[tracing::instrument(skip(self))]
     pub async fn get_user_assigned_identity(&self, id: &str) -> Result<UserAssignedIdentity, AzureError> {
         let a = self
-            .send(Method::GET, &self.url(id, &self.cfg.msi_api_version), None)
+            .send(Method::GET, &self.url(id, &self.cfg.msi_api_version), None, None)
             .await?;
         let p = &a.body["properties"];
         let field = |k: &str| {
@@ -418,24 +357,6 @@ impl ArmClient {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn parses_vm_and_scale_set_ids() {
-        let ss = ComputeResource::parse(
-            "/subscriptions/s/resourcegroups/rg/providers/microsoft.compute/virtualMachineScaleSets/ss/",
-        )
-        .unwrap();
-        assert_eq!(ss.kind, ComputeKind::VirtualMachineScaleSet);
-        assert!(!ss.id.ends_with('/'));
-        assert_eq!(
-            ComputeResource::virtual_machine("s", "rg", "vm").kind,
-            ComputeKind::VirtualMachine
-        );
-        assert!(
-            ComputeResource::parse("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/disks/d")
-                .is_err()
-        );
-    }
 
     #[test]
     fn error_bodies_sort_into_kinds() {
@@ -463,8 +384,12 @@ mod tests {
             ),
             None,
         );
-        assert!(matches!(e, AzureError::Unauthorized { status: 403, .. }));
+        assert!(matches!(e, AzureError::IdentitiesRejected { .. }), "{e}");
         assert_eq!(e.identities().len(), 1);
+        assert!(matches!(
+            classify(403, &b("AuthorizationFailed", ""), None),
+            AzureError::Unauthorized { status: 403, .. }
+        ));
         assert!(matches!(
             classify(401, &b("InvalidAuthenticationToken", ""), None),
             AzureError::Unauthorized { .. }
@@ -474,6 +399,28 @@ mod tests {
             AzureError::ResourceNotFound { .. }
         ));
         assert!(classify(409, &b("AnotherOperationInProgress", ""), None).is_retryable());
+        assert!(matches!(
+            classify(412, &b("PreconditionFailed", ""), None),
+            AzureError::Conflict { status: 412, .. }
+        ));
+        // A subscription ARM does not know says nothing of the resource: it is not gone.
+        for code in [
+            "SubscriptionNotFound",
+            "InvalidResourceType",
+            "MissingSubscriptionRegistration",
+        ] {
+            assert!(
+                matches!(
+                    classify(404, &b(code, ""), None),
+                    AzureError::Other { status: 404, .. }
+                ),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            classify(404, &b("ResourceGroupNotFound", ""), None),
+            AzureError::ResourceNotFound { .. }
+        ));
         assert!(classify(503, &b("ServiceUnavailable", ""), None).is_retryable());
         assert!(matches!(
             classify(400, &b("BadRequest", ""), None),

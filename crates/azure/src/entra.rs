@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::AzureError;
 use crate::http::int_field;
-use crate::retry::{RetryPolicy, parse_retry_after, with_retries};
+use crate::retry::{RetryPolicy, log_retry, parse_retry_after, with_retries};
 use crate::token::{AccessToken, TokenFuture, TokenSource, now_secs};
 
 pub const PUBLIC_AUTHORITY: &str = "https://login.microsoftonline.com";
@@ -167,7 +167,7 @@ impl EntraClient {
 
     #[tracing::instrument(skip(self), fields(tenant = %self.tenant, client_id = %self.client_id))]
     pub async fn token_for(&self, resource: &str) -> Result<AccessToken, AzureError> {
-        with_retries(&self.retry, "entra token", || self.attempt(resource)).await
+        with_retries(&self.retry, || self.attempt(resource), log_retry("entra token")).await
     }
 
     async fn attempt(&self, resource: &str) -> Result<AccessToken, AzureError> {
@@ -223,25 +223,13 @@ impl EntraClient {
             .map(str::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         Err(match (status, code.as_str()) {
-            (429, _) => AzureError::Throttled { retry_after, message },
-            (500..=599, _) => AzureError::Transient {
-                status: Some(status),
-                code,
-                message,
-            },
-            (400 | 401, "invalid_client" | "unauthorized_client") | (401 | 403, _) => {
-                AzureError::Unauthorized {
-                    status,
-                    code,
-                    message,
-                    identities: Vec::new(),
-                }
-            }
-            _ => AzureError::Other {
+            // OAuth's word for a bad client secret or assertion, whatever the status.
+            (400, "invalid_client" | "unauthorized_client") => AzureError::Unauthorized {
                 status,
                 code,
                 message,
             },
+            _ => AzureError::from_answer(status, code, message, retry_after),
         })
     }
 }

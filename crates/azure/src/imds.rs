@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::AzureError;
 use crate::http::{imds_client, int_field};
-use crate::retry::{RetryPolicy, parse_retry_after, with_retries};
+use crate::retry::{RetryPolicy, log_retry, parse_retry_after, with_retries};
 use crate::token::{AccessToken, TokenFuture, TokenSource};
 
 pub const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
@@ -120,10 +120,14 @@ impl ImdsClient {
 
     /// A token, retrying what IMDS documents as retryable (404, 410, 429, 5xx).
     pub async fn token(&self, resource: &str, selector: &IdentitySelector) -> Result<ImdsToken, AzureError> {
-        with_retries(&self.retry, "imds token", || async {
-            let raw = self.fetch(resource, selector).await?;
-            interpret(raw)
-        })
+        with_retries(
+            &self.retry,
+            || async {
+                let raw = self.fetch(resource, selector).await?;
+                interpret(raw)
+            },
+            log_retry("imds token"),
+        )
         .await
     }
 }
@@ -159,30 +163,16 @@ pub fn interpret(raw: RawResponse) -> Result<ImdsToken, AzureError> {
             })
         }
         400 if description.contains("Identity not found") => Err(AzureError::IdentityNotFound {
-            identities: Vec::new(),
             code: error,
             message: description,
         }),
-        401 | 403 => Err(AzureError::Unauthorized {
-            status: raw.status,
-            code: error,
-            message: description,
-            identities: Vec::new(),
-        }),
-        429 => Err(AzureError::Throttled {
-            retry_after: raw.retry_after,
-            message: description,
-        }),
-        404 | 410 | 500..=599 => Err(AzureError::Transient {
+        // IMDS answers 404 and 410 while it is updating (its documentation says to retry them).
+        404 | 410 => Err(AzureError::Transient {
             status: Some(raw.status),
             code: error,
             message: description,
         }),
-        s => Err(AzureError::Other {
-            status: s,
-            code: error,
-            message: description,
-        }),
+        s => Err(AzureError::from_answer(s, error, description, raw.retry_after)),
     }
 }
 

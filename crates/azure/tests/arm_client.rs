@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use pod_identity_azure::{
-    ArmClient, ArmConfig, AzureError, CachedTokens, ClientCredential, ComputeResource, EntraClient,
-    HttpConfig, RetryPolicy,
+    ArmClient, ArmConfig, AzureError, CachedTokens, ClientCredential, EntraClient, HttpConfig, Machine,
+    RetryPolicy,
 };
 use pod_identity_emulator::{Emulator, FaultSpec, LogFilter, Service};
 
@@ -59,8 +59,8 @@ fn arm_requests(em: &Emulator, method: &str) -> usize {
     .count()
 }
 
-fn vmss() -> ComputeResource {
-    ComputeResource::parse(&vmss_id()).unwrap()
+fn vmss() -> Machine {
+    Machine::from_arm_id(&vmss_id()).unwrap()
 }
 
 #[tokio::test]
@@ -76,7 +76,7 @@ async fn reads_identities_of_scale_sets_and_vms() {
         Some(client_of("id-a").as_str())
     );
     let vm = c
-        .get_identity(&ComputeResource::virtual_machine(SUB, RG, VM))
+        .get_identity(&Machine::virtual_machine(SUB, RG, VM))
         .await
         .unwrap();
     assert!(vm.kind.system);
@@ -117,7 +117,7 @@ async fn update_sends_only_the_delta_and_nothing_when_nothing_changes() {
     assert_eq!(out.patches, 1);
     assert!(!out.identity.kind.user && out.identity.user_assigned.is_empty());
     // The VM keeps its system identity through adds and removes.
-    let vm = ComputeResource::virtual_machine(SUB, RG, VM);
+    let vm = Machine::virtual_machine(SUB, RG, VM);
     let out = c.update_identities(&vm, &[uami("id-c")], &[]).await.unwrap();
     assert!(out.identity.kind.system && out.identity.kind.user);
     let out = c.update_identities(&vm, &[], &[uami("id-c")]).await.unwrap();
@@ -167,17 +167,14 @@ async fn waits_for_the_long_running_operation() {
 async fn another_operation_in_progress_is_retried() {
     let em = start_with(|c| c.settings.lro_duration_ms = 200).await;
     let c = arm(&em);
-    let (target, patch) = (
+    let (target, request) = (
         vmss(),
-        pod_identity_azure::IdentityPatch {
-            kind: pod_identity_azure::IdentityType {
-                system: false,
-                user: true,
-            },
-            entries: vec![(uami("id-b"), true)],
+        pod_identity_azure::IdentityDelta {
+            add: vec![uami("id-b")],
+            ..Default::default()
         },
     );
-    let slow = c.patch_identity(&target, &patch);
+    let slow = c.patch_identity(&target, &request, None);
     let c2 = arm(&em);
     let (a, b) = tokio::join!(slow, async {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -194,6 +191,44 @@ async fn another_operation_in_progress_is_retried() {
         !conflicts.is_empty(),
         "the second update met the first one's operation"
     );
+}
+
+/// A conditional PATCH goes through while the entity tag it was read with is current and is refused with
+/// 412 once someone else changed the scale set: the If-Match conditional updates need.
+#[tokio::test]
+async fn if_match_is_sent_and_a_stale_entity_tag_is_a_conflict() {
+    let em = start().await;
+    let c = arm(&em);
+    let read = c.get_identity(&vmss()).await.unwrap();
+    let etag = read.etag.clone().expect("ARM sends an entity tag");
+    let add = |id: &str| pod_identity_azure::IdentityDelta {
+        add: vec![uami(id)],
+        users_before: read.user_assigned.len(),
+        ..Default::default()
+    };
+    let after = c
+        .patch_identity(&vmss(), &add("id-b"), Some(&etag))
+        .await
+        .unwrap();
+    assert!(after.has(&uami("id-b")));
+    assert_ne!(
+        after.etag.as_deref(),
+        Some(etag.as_str()),
+        "the change made a new entity tag"
+    );
+    let err = c
+        .patch_identity(&vmss(), &add("id-c"), Some(&etag))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AzureError::Conflict { status: 412, .. }), "{err}");
+    assert!(!err.is_retryable(), "a stale read is read again, not resent");
+    let now = c.get_identity(&vmss()).await.unwrap();
+    assert!(!now.has(&uami("id-c")), "the refused change was not applied");
+    let refused = em.requests(&LogFilter {
+        status: Some(412),
+        ..LogFilter::default()
+    });
+    assert_eq!(refused.len(), 1, "{refused:?}");
 }
 
 #[tokio::test]
@@ -362,14 +397,14 @@ async fn slow_answers_time_out_as_transient() {
 }
 
 #[tokio::test]
-async fn missing_identity_is_identity_not_found_naming_it() {
+async fn missing_identity_is_rejected_naming_it() {
     let em = start().await;
     let c = arm(&em);
     let err = c
         .update_identities(&vmss(), &[uami("ghost"), uami("id-b")], &[])
         .await
         .unwrap_err();
-    assert!(matches!(err, AzureError::IdentityNotFound { .. }), "{err}");
+    assert!(matches!(err, AzureError::IdentitiesRejected { .. }), "{err}");
     assert_eq!(err.identities(), [uami("ghost")]);
 }
 
@@ -391,7 +426,7 @@ async fn missing_rights_are_unauthorized_and_linked_ones_name_the_identity() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, AzureError::Unauthorized { ref code, .. } if code == "LinkedAuthorizationFailed"),
+        matches!(err, AzureError::IdentitiesRejected { ref code, .. } if code == "LinkedAuthorizationFailed"),
         "{err}"
     );
     assert_eq!(err.identities(), [uami("id-b")]);
@@ -434,7 +469,7 @@ async fn missing_rights_are_unauthorized_and_linked_ones_name_the_identity() {
 async fn missing_scale_set_is_resource_not_found() {
     let em = start().await;
     let err = arm(&em)
-        .get_identity(&ComputeResource::scale_set(SUB, RG, "gone"))
+        .get_identity(&Machine::scale_set(SUB, RG, "gone"))
         .await
         .unwrap_err();
     assert!(

@@ -1,14 +1,8 @@
 //! Reading what decisions depend on, once, into plain data.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client, Config,
-    api::ListParams,
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use kube::{Api, Client, api::ListParams};
 use pod_identity_api::{
     AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
 };
@@ -56,17 +50,4 @@ where
         )),
         Err(err) => Err(err).with_context(|| format!("listing {kind} objects")),
     }
-}
-
-/// A client from an explicit kubeconfig, or kubectl's usual lookup.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig =
-                Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer().await.context("finding a kubeconfig")?,
-    };
-    Ok(Client::try_from(config)?)
 }

@@ -116,7 +116,7 @@ pub async fn run(args: Args, out: &mut impl Write) -> Result<()> {
         out.write_all(pod_identity_api::crds::render_yaml()?.as_bytes())?;
         return Ok(());
     }
-    let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    let client = pod_identity_runtime::client(args.kubeconfig.as_deref()).await?;
     let namespace = args
         .namespace
         .clone()

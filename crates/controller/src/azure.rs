@@ -14,17 +14,13 @@ use std::{
 
 use futures::future::BoxFuture;
 use pod_identity_azure::{
-    ArmClient, ArmConfig, AzureConfig, AzureError, ClientCredential, ComputeResource, Credential,
-    EntraClient, HttpConfig, IdentityPatch, IdentityType, ImdsClient, ManagedIdentity, ResourceIdentity,
-    RetryPolicy,
+    ArmClient, ArmConfig, AzureConfig, AzureError, ClientCredential, Credential, EntraClient, HttpConfig,
+    IdentityDelta, ImdsClient, Machine, ManagedIdentity, ResourceIdentity, RetryPolicy,
     imds::IdentitySelector,
     token::{CachedTokens, TokenSource},
 };
 
-use crate::{
-    arm::{ArmError, ComputeApi, Delta, Observed, ObservedIdentity},
-    machine::{Machine, MachineKind},
-};
+use crate::arm::{ComputeApi, Observed, ObservedIdentity};
 
 /// ARM through `pod-identity-azure`: one client per machine, because Compute throttles per VM or scale
 /// set and the client holds back every call of its kind after a 429 until `Retry-After` passes. One
@@ -65,17 +61,6 @@ impl ArmCompute {
     }
 }
 
-fn resource(machine: &Machine) -> ComputeResource {
-    match machine.kind {
-        MachineKind::ScaleSet => {
-            ComputeResource::scale_set(&machine.subscription, &machine.resource_group, &machine.name)
-        }
-        MachineKind::VirtualMachine => {
-            ComputeResource::virtual_machine(&machine.subscription, &machine.resource_group, &machine.name)
-        }
-    }
-}
-
 fn observed(identity: ResourceIdentity) -> Observed {
     Observed {
         identities: identity
@@ -98,113 +83,25 @@ fn observed(identity: ResourceIdentity) -> Observed {
     }
 }
 
-/// Sorts the client's errors into what a worker does about them.
-pub fn classify(err: AzureError) -> ArmError {
-    match err {
-        AzureError::Throttled { retry_after, .. } => ArmError::Throttled { retry_after },
-        AzureError::IdentityNotFound {
-            identities,
-            code,
-            message,
-        } => ArmError::IdentitiesRejected {
-            ids: identities,
-            code,
-            message,
-        },
-        AzureError::Unauthorized {
-            identities,
-            code,
-            message,
-            ..
-        } if !identities.is_empty() || code == "LinkedAuthorizationFailed" => ArmError::IdentitiesRejected {
-            ids: identities,
-            code,
-            message,
-        },
-        AzureError::Unauthorized { message, .. } => ArmError::Unauthorized { message },
-        // The machine, or its resource group, does not exist. Other 404s (an unknown subscription, an
-        // unregistered provider, a malformed path) say nothing of the machine and are retried slowly.
-        AzureError::ResourceNotFound { code, message }
-            if ["ResourceNotFound", "ResourceGroupNotFound", "NotFound"]
-                .iter()
-                .any(|c| c.eq_ignore_ascii_case(&code)) =>
-        {
-            ArmError::MachineNotFound { message }
-        }
-        AzureError::Transient {
-            status: Some(409),
-            message,
-            ..
-        } => ArmError::Conflict {
-            message,
-            retry_after: None,
-        },
-        AzureError::Other {
-            status: 409 | 412,
-            message,
-            ..
-        } => ArmError::Conflict {
-            message,
-            retry_after: None,
-        },
-        AzureError::Transient { message, .. } => ArmError::Transient {
-            message,
-            retry_after: None,
-        },
-        AzureError::OperationFailed {
-            status,
-            code,
-            message,
-        } => ArmError::Transient {
-            message: format!("operation {status}: {code}: {message}"),
-            retry_after: None,
-        },
-        other => ArmError::Other {
-            message: other.to_string(),
-        },
-    }
-}
-
 impl ComputeApi for ArmCompute {
-    fn get(&self, machine: &Machine) -> BoxFuture<'_, Result<Observed, ArmError>> {
-        let resource = resource(machine);
+    fn get(&self, machine: &Machine) -> BoxFuture<'_, Result<Observed, AzureError>> {
         let client = self.client(machine);
-        Box::pin(async move {
-            client
-                .get_identity(&resource)
-                .await
-                .map(observed)
-                .map_err(classify)
-        })
+        let machine = machine.clone();
+        Box::pin(async move { client.get_identity(&machine).await.map(observed) })
     }
 
     fn patch<'a>(
         &'a self,
         machine: &'a Machine,
-        delta: &'a Delta,
-        // The client has no conditional PATCH; the worker reads the machine right before each change.
-        _if_match: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Observed, ArmError>> {
-        let resource = resource(machine);
-        let patch = IdentityPatch {
-            kind: IdentityType {
-                system: delta.keep_system_assigned,
-                user: delta.users_after() > 0,
-            },
-            entries: delta
-                .add
-                .iter()
-                .map(|id| (id.clone(), true))
-                .chain(delta.remove.iter().map(|id| (id.clone(), false)))
-                .collect(),
-        };
+        delta: &'a IdentityDelta,
+        if_match: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Observed, AzureError>> {
         let client = self.client(machine);
         Box::pin(async move {
             client
-                .patch_identity(&resource, &patch)
+                .patch_identity(machine, delta, if_match)
                 .await
                 .map(observed)
-                .map_err(classify)
         })
     }
 }
@@ -276,68 +173,4 @@ pub fn connect(config: &AzureConfig, endpoints: &Endpoints) -> Result<ArmCompute
         ..ArmConfig::default()
     };
     Ok(ArmCompute::new(http, arm, tokens))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn client_errors_map_to_worker_decisions() {
-        let throttled = classify(AzureError::Throttled {
-            retry_after: Some(Duration::from_secs(7)),
-            message: String::new(),
-        });
-        assert_eq!(throttled.retry_after(), Some(Duration::from_secs(7)));
-        let missing = classify(AzureError::IdentityNotFound {
-            identities: vec!["/x".into()],
-            code: "FailedIdentityOperation".into(),
-            message: "m".into(),
-        });
-        assert!(matches!(missing, ArmError::IdentitiesRejected { ids, .. } if ids == vec!["/x".to_owned()]));
-        let linked = classify(AzureError::Unauthorized {
-            status: 403,
-            code: "LinkedAuthorizationFailed".into(),
-            message: "m".into(),
-            identities: vec![],
-        });
-        assert!(matches!(linked, ArmError::IdentitiesRejected { .. }));
-        let denied = classify(AzureError::Unauthorized {
-            status: 403,
-            code: "AuthorizationFailed".into(),
-            message: "m".into(),
-            identities: vec![],
-        });
-        assert!(matches!(denied, ArmError::Unauthorized { .. }));
-        let busy = classify(AzureError::Transient {
-            status: Some(409),
-            code: "AnotherOperationInProgress".into(),
-            message: "m".into(),
-        });
-        assert!(matches!(busy, ArmError::Conflict { .. }));
-        let gone = classify(AzureError::ResourceNotFound {
-            code: "ResourceNotFound".into(),
-            message: "m".into(),
-        });
-        assert!(matches!(gone, ArmError::MachineNotFound { .. }));
-        let group_gone = classify(AzureError::ResourceNotFound {
-            code: "ResourceGroupNotFound".into(),
-            message: "m".into(),
-        });
-        assert!(matches!(group_gone, ArmError::MachineNotFound { .. }));
-        // A subscription ARM does not know says nothing of the machine: records must not be released.
-        for code in [
-            "SubscriptionNotFound",
-            "InvalidResourceType",
-            "MissingSubscriptionRegistration",
-        ] {
-            let other = classify(AzureError::ResourceNotFound {
-                code: code.into(),
-                message: "m".into(),
-            });
-            assert!(matches!(other, ArmError::Other { .. }), "{code}");
-        }
-    }
 }

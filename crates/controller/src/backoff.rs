@@ -1,52 +1,11 @@
-//! How long to wait: exponential backoff with jitter for failed ARM calls (never shorter than ARM's
-//! `Retry-After`), quarantine periods for identities ARM refuses, and the budget of drift-check reads.
-//! Pure over the instants callers pass.
+//! How long to hold back besides retrying (whose waits are the Azure crate's one policy,
+//! [`pod_identity_azure::RetryPolicy`]): quarantine periods for identities ARM refuses, and the budget of
+//! drift-check reads. Pure over the instants callers pass.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
-
-/// Exponential backoff with "equal jitter": half the step fixed, half random, so that workers that
-/// failed together do not retry together.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    /// A backoff starting at `initial`, doubling up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial: initial.max(Duration::from_millis(1)),
-            max: max.max(initial),
-            failures: 0,
-        }
-    }
-
-    /// The wait after one more failure; `jitter` in `[0, 1)`, `retry_after` what the server asked for.
-    pub fn next(&mut self, retry_after: Option<Duration>, jitter: f64) -> Duration {
-        let step = self
-            .initial
-            .saturating_mul(1u32.checked_shl(self.failures.min(20)).unwrap_or(u32::MAX))
-            .min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        let jittered = step / 2 + step.mul_f64(jitter.clamp(0.0, 1.0) / 2.0);
-        jittered.max(retry_after.unwrap_or_default())
-    }
-
-    /// Forgets past failures after a success.
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    /// Failures since the last success.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-}
 
 /// Longest quarantine reason kept, in bytes. The reason quotes ARM's error message and is written into
 /// an annotation of every assignment it concerns and into Events; ARM's messages are unbounded.
@@ -164,27 +123,6 @@ impl ReadBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum_with_jitter_in_the_upper_half() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
-        let steps: Vec<Duration> = (0..6).map(|_| b.next(None, 0.0)).collect();
-        let secs: Vec<f64> = steps.iter().map(Duration::as_secs_f64).collect();
-        assert_eq!(secs, vec![0.5, 1.0, 2.0, 4.0, 4.0, 4.0]);
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
-        assert!((b.next(None, 0.999).as_secs_f64() - 1.0).abs() < 0.01);
-        b.reset();
-        assert_eq!(b.failures(), 0);
-    }
-
-    #[test]
-    fn retry_after_is_never_undercut() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        assert_eq!(
-            b.next(Some(Duration::from_secs(20)), 0.5),
-            Duration::from_secs(20)
-        );
-    }
 
     #[test]
     fn quarantine_periods_double_and_expire() {

@@ -1,12 +1,25 @@
-//! Command line and environment. Flag names are the original controller's where the meaning carried
-//! over (`--cloudconfig`, `--forceNamespaced`, `--leader-election-*`, `--http-probe-port`,
-//! `--prometheus-port`, `--immutable-user-msis`, `--identity-assignment-reconcile-interval`,
-//! `--createDeleteBatch`, `--update-user-msi-retry-interval`, `--syncRetryDuration`), so existing
-//! deployment manifests keep working; every flag also reads an environment variable.
+//! Command line and environment, and what they make of the controller ([`Args::controller_config`] and
+//! the other methods of [`Args`]), so that the binary's `main` only parses and runs. Flag names are the
+//! original controller's where the meaning carried over (`--cloudconfig`, `--forceNamespaced`,
+//! `--leader-election-*`, `--http-probe-port`, `--prometheus-port`, `--immutable-user-msis`,
+//! `--identity-assignment-reconcile-interval`, `--createDeleteBatch`, `--update-user-msi-retry-interval`,
+//! `--syncRetryDuration`), so existing deployment manifests keep working; every flag also reads an
+//! environment variable.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
+use pod_identity_api::matching::Scope;
+use pod_identity_azure::{AzureConfig, RetryPolicy};
+use pod_identity_runtime::LogFormat;
+
+use crate::{
+    ControllerConfig, azure::Endpoints, cloud_config::OwnPod, leader::LeaseConfig, worker::WorkerSettings,
+};
 
 /// Parses `500ms`, `15s`, `3m`, `1h` or plain seconds (`3600`, as the original's `3600s` also parses).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -33,15 +46,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("'{text}' is not a positive duration"));
     }
     Ok(Duration::from_secs_f64(seconds))
-}
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Adds user-assigned identities to the VMs and scale sets of pods bound to them, and removes them when
@@ -177,9 +181,102 @@ pub struct Args {
     #[arg(long = "azure-ca-file", env = "AZURE_CA_FILE")]
     pub azure_ca_file: Option<PathBuf>,
 
-    /// Log format; the level comes from RUST_LOG (default `info`).
-    #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    /// Log format: `text` (also `plain`) or `json`; the level comes from RUST_LOG (default `info`).
+    #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_LOG_FILTER: &str = "info,kube=warn";
+
+impl Args {
+    /// The controller's settings. `azure` is the cloud configuration (its cluster identity,
+    /// `userAssignedIdentityID`, is never removed); `hostname` names this replica when
+    /// `--leader-election-instance` (`POD_NAME`) does not.
+    pub fn controller_config(&self, azure: &AzureConfig, hostname: Option<String>) -> ControllerConfig {
+        let instance = self
+            .leader_election_instance
+            .clone()
+            .filter(|i| !i.is_empty())
+            .or(hostname)
+            .unwrap_or_else(|| "pod-identity-controller".to_owned());
+        let mut immutable: Vec<String> = self
+            .immutable_user_msis
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !azure.user_assigned_identity_id.is_empty() {
+            // The cluster's own identity (the kubelet's) is never taken away.
+            immutable.push(azure.user_assigned_identity_id.clone());
+        }
+        ControllerConfig {
+            scope: if self.force_namespaced {
+                Scope::Namespaced
+            } else {
+                Scope::CrossNamespace
+            },
+            namespace: self.namespace.clone().filter(|n| !n.is_empty()),
+            lease: self.leader_elect.then(|| LeaseConfig {
+                namespace: self.leader_election_namespace.clone(),
+                name: self.leader_election_name.clone(),
+                identity: instance.clone(),
+                duration: self.leader_election_duration,
+            }),
+            instance,
+            worker: WorkerSettings {
+                batch_window: self.batch_window,
+                retry: RetryPolicy {
+                    initial_delay: self.retry_interval,
+                    max_delay: self.max_retry_interval,
+                    ..RetryPolicy::default()
+                },
+                drift_interval: self.reconcile_interval,
+                write_concurrency: self.create_delete_batch.max(1),
+            },
+            immutable,
+            drift_budget: self.drift_check_budget,
+            resync: self.sync_retry_duration,
+            quarantine_initial: self.quarantine_duration,
+            quarantine_max: self.quarantine_max,
+        }
+    }
+
+    /// Where ARM, Entra and IMDS are, with the CA certificates of `--azure-ca-file` read.
+    pub fn endpoints(&self) -> std::io::Result<Endpoints> {
+        let extra_ca_pem = match &self.azure_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
+                std::io::Error::new(error.kind(), format!("reading {}: {error}", path.display()))
+            })?),
+            None => None,
+        };
+        Ok(Endpoints {
+            arm: self.arm_endpoint.clone(),
+            authority: self.authority_host.clone(),
+            imds: self.imds_endpoint.clone(),
+            extra_ca_pem,
+        })
+    }
+
+    /// Where the admin servers listen: the probe port, and the metrics port unless it is 0 or the same.
+    pub fn admin_addresses(&self) -> Vec<SocketAddr> {
+        let mut addresses = vec![SocketAddr::new(self.bind_address, self.http_probe_port)];
+        if self.prometheus_port != 0 && self.prometheus_port != self.http_probe_port {
+            addresses.push(SocketAddr::new(self.bind_address, self.prometheus_port));
+        }
+        addresses
+    }
+}
+
+/// The controller's own pod from the downward API's `POD_NAME` and `POD_NAMESPACE` (`env` looks a
+/// variable up); `None` unless both are set.
+pub fn own_pod(env: impl Fn(&str) -> Option<String>) -> Option<OwnPod> {
+    match (env("POD_NAME"), env("POD_NAMESPACE")) {
+        (Some(name), Some(namespace)) if !name.is_empty() && !namespace.is_empty() => {
+            Some(OwnPod { name, namespace })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -202,6 +299,156 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    fn azure(cluster_identity: &str) -> AzureConfig {
+        AzureConfig {
+            user_assigned_identity_id: cluster_identity.to_owned(),
+            ..AzureConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_make_a_namespaced_leader_elected_controller() {
+        let args = Args::try_parse_from(["pod-identity-controller"]).unwrap();
+        let config = args.controller_config(&azure(""), Some("controller-abc".into()));
+        assert_eq!(config.scope, Scope::Namespaced);
+        assert_eq!(config.namespace, None);
+        assert_eq!(
+            config.instance, "controller-abc",
+            "the host name names the replica"
+        );
+        let lease = config.lease.expect("leader election by default");
+        assert_eq!(
+            (
+                lease.namespace.as_str(),
+                lease.name.as_str(),
+                lease.identity.as_str()
+            ),
+            ("default", "pod-identity-controller", "controller-abc")
+        );
+        assert_eq!(lease.duration, Duration::from_secs(15));
+        assert_eq!(config.worker.batch_window, Duration::from_secs(1));
+        assert_eq!(config.worker.retry.initial_delay, Duration::from_secs(1));
+        assert_eq!(config.worker.retry.max_delay, Duration::from_secs(300));
+        assert_eq!(config.worker.drift_interval, Duration::from_secs(180));
+        assert_eq!(config.worker.write_concurrency, 20);
+        assert!(config.immutable.is_empty());
+        assert_eq!(config.drift_budget, 60);
+        assert_eq!(config.resync, Duration::from_secs(3600));
+        assert_eq!(
+            (config.quarantine_initial, config.quarantine_max),
+            (Duration::from_secs(300), Duration::from_secs(3600))
+        );
+        assert_eq!(
+            args.admin_addresses(),
+            vec![
+                "0.0.0.0:8080".parse::<SocketAddr>().unwrap(),
+                "0.0.0.0:8888".parse().unwrap()
+            ]
+        );
+        assert_eq!(args.log_format, LogFormat::Text);
+        let nameless = args.controller_config(&azure(""), None);
+        assert_eq!(nameless.instance, "pod-identity-controller");
+    }
+
+    #[test]
+    fn every_flag_reaches_the_controller() {
+        let args = Args::try_parse_from([
+            "pod-identity-controller",
+            "--forceNamespaced=false",
+            "--namespace=shop",
+            "--leader-elect=false",
+            "--leader-election-instance=replica-1",
+            "--immutable-user-msis= aaaa ,,bbbb",
+            "--identity-assignment-reconcile-interval=10m",
+            "--drift-check-budget=7",
+            "--batch-window=250ms",
+            "--createDeleteBatch=0",
+            "--update-user-msi-retry-interval=2s",
+            "--max-retry-interval=1m",
+            "--quarantine-duration=30s",
+            "--quarantine-max=2h",
+            "--syncRetryDuration=15m",
+            "--http-probe-port=8085",
+            "--prometheus-port=8085",
+            "--log-format=plain",
+        ])
+        .unwrap();
+        let config = args.controller_config(&azure("/subscriptions/s/kubelet"), Some("host".into()));
+        assert_eq!(config.scope, Scope::CrossNamespace);
+        assert_eq!(config.namespace.as_deref(), Some("shop"));
+        assert!(config.lease.is_none());
+        assert_eq!(config.instance, "replica-1", "the flag wins over the host name");
+        assert_eq!(
+            config.immutable,
+            vec!["aaaa", "bbbb", "/subscriptions/s/kubelet"],
+            "trimmed, empty entries dropped, the cluster's own identity protected"
+        );
+        assert_eq!(config.worker.drift_interval, Duration::from_secs(600));
+        assert_eq!(config.drift_budget, 7);
+        assert_eq!(config.worker.batch_window, Duration::from_millis(250));
+        assert_eq!(config.worker.write_concurrency, 1, "at least one write at a time");
+        assert_eq!(config.worker.retry.initial_delay, Duration::from_secs(2));
+        assert_eq!(config.worker.retry.max_delay, Duration::from_secs(60));
+        assert_eq!(config.quarantine_initial, Duration::from_secs(30));
+        assert_eq!(config.quarantine_max, Duration::from_secs(7200));
+        assert_eq!(config.resync, Duration::from_secs(900));
+        assert_eq!(
+            args.admin_addresses(),
+            vec!["0.0.0.0:8085".parse::<SocketAddr>().unwrap()],
+            "metrics on the probe port alone"
+        );
+        let empty_namespace = Args::try_parse_from(["pod-identity-controller", "--namespace="]).unwrap();
+        assert_eq!(
+            empty_namespace.controller_config(&azure(""), None).namespace,
+            None
+        );
+    }
+
+    #[test]
+    fn endpoints_read_the_ca_file_and_name_it_when_it_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let args = Args::try_parse_from([
+            "pod-identity-controller".into(),
+            "--arm-endpoint=https://arm.example".into(),
+            format!("--azure-ca-file={}", ca.display()),
+        ])
+        .unwrap();
+        let endpoints = args.endpoints().unwrap();
+        assert_eq!(endpoints.arm.as_deref(), Some("https://arm.example"));
+        assert_eq!(
+            endpoints.extra_ca_pem.as_deref(),
+            Some("-----BEGIN CERTIFICATE-----\n")
+        );
+        let missing = Args::try_parse_from([
+            "pod-identity-controller".into(),
+            format!("--azure-ca-file={}", dir.path().join("gone.pem").display()),
+        ])
+        .unwrap();
+        assert!(missing.endpoints().unwrap_err().to_string().contains("gone.pem"));
+    }
+
+    #[test]
+    fn the_own_pod_needs_both_downward_api_variables() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(
+            own_pod(env(&[("POD_NAME", "c-1"), ("POD_NAMESPACE", "pod-identity")])),
+            Some(OwnPod {
+                name: "c-1".into(),
+                namespace: "pod-identity".into()
+            })
+        );
+        assert_eq!(own_pod(env(&[("POD_NAME", "c-1")])), None);
+        assert_eq!(own_pod(env(&[("POD_NAME", ""), ("POD_NAMESPACE", "x")])), None);
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Leader election on a `coordination.k8s.io` Lease in the install namespace.
+//! Leader election on a `coordination.k8s.io` Lease in the install namespace. The takeover rule
+//! ([`decide`]) and the Lease it writes ([`claimed`]) are plain functions; the elector only reads and
+//! writes the Lease.
 //!
 //! Only the leader writes. The standby keeps its caches warm and takes the Lease over when the holder
 //! has not renewed it for one lease duration, measured on the standby's own clock from the moment it
@@ -119,8 +121,10 @@ pub fn elect(
         let mut elector = Elector {
             api,
             config,
-            seen: None,
-            seen_at: Instant::now(),
+            observed: Observed {
+                seen: None,
+                since: Instant::now(),
+            },
         };
         tokio::pin!(shutdown);
         let mut leading = false;
@@ -170,19 +174,85 @@ pub fn elect(
     (Leadership { rx }, task)
 }
 
+/// What a replica does with the Lease it read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// It holds the Lease: renew it.
+    Renew,
+    /// Nobody holds it, or its holder has not renewed it for a whole lease duration: take it over.
+    TakeOver,
+    /// Another replica holds it and renewed it within its duration: stand by.
+    Wait,
+}
+
+/// The takeover rule. `holder` is the Lease's holder (`None` or empty once released), `lease_duration`
+/// its `leaseDurationSeconds`, and `unchanged_for` how long this replica has seen the Lease unchanged, on
+/// its own clock (so clock skew between replicas does not matter: the holder's `renewTime` is never
+/// compared with our time).
+pub fn decide(holder: Option<&str>, me: &str, lease_duration: Duration, unchanged_for: Duration) -> Decision {
+    match holder.filter(|h| !h.is_empty()) {
+        Some(h) if h == me => Decision::Renew,
+        Some(_) if unchanged_for < lease_duration => Decision::Wait,
+        _ => Decision::TakeOver,
+    }
+}
+
+/// The Lease's spec after `decision` (`Renew` or `TakeOver`) by `me` at `now`: renewed, with the
+/// acquisition time and the transition count kept on a renewal and moved on a takeover.
+pub fn claimed(
+    spec: LeaseSpec,
+    me: &str,
+    duration: Duration,
+    now: jiff::Timestamp,
+    decision: Decision,
+) -> LeaseSpec {
+    let takeover = decision == Decision::TakeOver;
+    let transitions = spec.lease_transitions.unwrap_or(0);
+    LeaseSpec {
+        holder_identity: Some(me.to_owned()),
+        lease_duration_seconds: Some(duration_secs(duration)),
+        acquire_time: if takeover {
+            Some(MicroTime(now))
+        } else {
+            spec.acquire_time.clone()
+        },
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: Some(if takeover { transitions + 1 } else { transitions }),
+        ..spec
+    }
+}
+
+fn duration_secs(duration: Duration) -> i32 {
+    i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX)
+}
+
+/// When this replica last saw the Lease change (holder, renewal or resource version), on its own clock.
+#[derive(Debug)]
+struct Observed {
+    seen: Option<(String, Option<MicroTime>, Option<String>)>,
+    since: Instant,
+}
+
+impl Observed {
+    /// Records the Lease as read at `now`; how long it has been unchanged.
+    fn observe(&mut self, seen: (String, Option<MicroTime>, Option<String>), now: Instant) -> Duration {
+        if self.seen.as_ref() != Some(&seen) {
+            self.seen = Some(seen);
+            self.since = now;
+        }
+        now.saturating_duration_since(self.since)
+    }
+}
+
 struct Elector {
     api: Api<Lease>,
     config: LeaseConfig,
-    /// The Lease as last seen: holder, renew time, resource version.
-    seen: Option<(String, Option<MicroTime>, Option<String>)>,
-    /// When it was last seen to change, on our clock.
-    seen_at: Instant,
+    observed: Observed,
 }
 
 impl Elector {
     async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
         let now = jiff::Timestamp::now();
-        let duration_secs = i32::try_from(self.config.duration.as_secs().max(1)).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -192,7 +262,7 @@ impl Elector {
                 },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.config.identity.clone()),
-                    lease_duration_seconds: Some(duration_secs),
+                    lease_duration_seconds: Some(duration_secs(self.config.duration)),
                     acquire_time: Some(MicroTime(now)),
                     renew_time: Some(MicroTime(now)),
                     lease_transitions: Some(0),
@@ -206,36 +276,34 @@ impl Elector {
             };
         };
         let spec = lease.spec.clone().unwrap_or_default();
-        let holder = spec.holder_identity.clone().unwrap_or_default();
-        let seen = (
-            holder.clone(),
-            spec.renew_time.clone(),
-            lease.metadata.resource_version.clone(),
+        let unchanged_for = self.observed.observe(
+            (
+                spec.holder_identity.clone().unwrap_or_default(),
+                spec.renew_time.clone(),
+                lease.metadata.resource_version.clone(),
+            ),
+            Instant::now(),
         );
-        if self.seen.as_ref() != Some(&seen) {
-            self.seen = Some(seen);
-            self.seen_at = Instant::now();
-        }
-        let ours = holder == self.config.identity;
-        let held_for = Duration::from_secs(
-            u64::try_from(spec.lease_duration_seconds.unwrap_or(duration_secs).max(1)).unwrap_or(1),
+        let held_for = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s.max(1)).ok())
+            .map_or(self.config.duration, Duration::from_secs);
+        let decision = decide(
+            spec.holder_identity.as_deref(),
+            &self.config.identity,
+            held_for,
+            unchanged_for,
         );
-        if !ours && !holder.is_empty() && self.seen_at.elapsed() < held_for {
+        if decision == Decision::Wait {
             return Ok(false);
         }
-        let transitions = spec.lease_transitions.unwrap_or(0);
-        lease.spec = Some(LeaseSpec {
-            holder_identity: Some(self.config.identity.clone()),
-            lease_duration_seconds: Some(duration_secs),
-            acquire_time: if ours {
-                spec.acquire_time
-            } else {
-                Some(MicroTime(now))
-            },
-            renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(if ours { transitions } else { transitions + 1 }),
-            ..spec
-        });
+        lease.spec = Some(claimed(
+            spec,
+            &self.config.identity,
+            self.config.duration,
+            now,
+            decision,
+        ));
         match self
             .api
             .replace(&self.config.name, &PostParams::default(), &lease)
@@ -243,12 +311,14 @@ impl Elector {
         {
             Ok(updated) => {
                 let spec = updated.spec.unwrap_or_default();
-                self.seen = Some((
-                    spec.holder_identity.unwrap_or_default(),
-                    spec.renew_time,
-                    updated.metadata.resource_version,
-                ));
-                self.seen_at = Instant::now();
+                self.observed.observe(
+                    (
+                        spec.holder_identity.unwrap_or_default(),
+                        spec.renew_time,
+                        updated.metadata.resource_version,
+                    ),
+                    Instant::now(),
+                );
                 Ok(true)
             }
             // Someone else renewed or took it in between.
@@ -279,5 +349,87 @@ impl Elector {
             Ok(_) => info!("released the lease"),
             Err(err) => warn!(error = %err, "could not release the lease"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DURATION: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn the_holder_renews_and_a_standby_waits_while_the_lease_is_renewed() {
+        let cases = [
+            // (holder, unchanged for (s), decision of "b")
+            (Some("b"), 0, Decision::Renew),
+            (Some("b"), 60, Decision::Renew),
+            (Some("a"), 0, Decision::Wait),
+            (Some("a"), 14, Decision::Wait),
+            (Some("a"), 15, Decision::TakeOver),
+            (Some("a"), 600, Decision::TakeOver),
+            (Some(""), 0, Decision::TakeOver),
+            (None, 0, Decision::TakeOver),
+        ];
+        for (holder, unchanged, want) in cases {
+            assert_eq!(
+                decide(holder, "b", DURATION, Duration::from_secs(unchanged)),
+                want,
+                "{holder:?} unchanged for {unchanged}s"
+            );
+        }
+    }
+
+    #[test]
+    fn the_clock_starts_again_whenever_the_lease_changes() {
+        let t0 = Instant::now();
+        let mut observed = Observed {
+            seen: None,
+            since: t0,
+        };
+        let lease = |renewed: i64| {
+            (
+                "a".to_owned(),
+                Some(MicroTime(jiff::Timestamp::from_second(renewed).unwrap())),
+                Some(format!("{renewed}")),
+            )
+        };
+        assert_eq!(observed.observe(lease(1), t0), Duration::ZERO);
+        assert_eq!(observed.observe(lease(1), t0 + DURATION), DURATION);
+        // A renewal, whatever its timestamp says: the holder is alive.
+        assert_eq!(observed.observe(lease(0), t0 + DURATION * 2), Duration::ZERO);
+        assert_eq!(
+            decide(
+                Some("a"),
+                "b",
+                DURATION,
+                observed.observe(lease(0), t0 + DURATION * 3 - Duration::from_secs(1))
+            ),
+            Decision::Wait
+        );
+    }
+
+    #[test]
+    fn a_takeover_moves_the_transitions_and_acquisition_a_renewal_keeps_them() {
+        let before = jiff::Timestamp::from_second(1_000).unwrap();
+        let now = jiff::Timestamp::from_second(2_000).unwrap();
+        let spec = LeaseSpec {
+            holder_identity: Some("a".into()),
+            acquire_time: Some(MicroTime(before)),
+            renew_time: Some(MicroTime(before)),
+            lease_transitions: Some(3),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        };
+        let taken = claimed(spec.clone(), "b", DURATION, now, Decision::TakeOver);
+        assert_eq!(taken.holder_identity.as_deref(), Some("b"));
+        assert_eq!(taken.lease_transitions, Some(4));
+        assert_eq!(taken.acquire_time, Some(MicroTime(now)));
+        assert_eq!(taken.renew_time, Some(MicroTime(now)));
+        let renewed = claimed(taken, "b", DURATION, before, Decision::Renew);
+        assert_eq!(renewed.lease_transitions, Some(4));
+        assert_eq!(renewed.acquire_time, Some(MicroTime(now)));
+        assert_eq!(renewed.renew_time, Some(MicroTime(before)));
+        assert_eq!(renewed.lease_duration_seconds, Some(15));
     }
 }

@@ -15,6 +15,8 @@
 //! - [`arm`] and [`azure`]: the ARM boundary and its implementation.
 //! - [`metrics`], [`events`], [`admin`]: what operators see; [`cloud_config`]: what they see when the
 //!   Azure configuration is missing.
+//! - [`config`] and [`start`]: the command line and what it makes of the controller; the binary only
+//!   parses and runs.
 
 pub mod admin;
 pub mod arm;
@@ -31,6 +33,7 @@ pub mod plan;
 pub mod planner;
 pub mod record;
 pub mod route;
+pub mod start;
 pub mod worker;
 
 use std::{

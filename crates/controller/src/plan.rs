@@ -22,11 +22,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use pod_identity_api::{AssignmentStatus, ObjectKey};
+use pod_identity_azure::{IdentityDelta, resource_id::fold};
 use serde_json::{Value, json};
 
 use crate::{
-    arm::{Delta, Observed},
-    machine::{Target, fold},
+    arm::Observed,
+    machine::Target,
     record::{ERROR_ANNOTATION, MACHINE_ANNOTATION, ORIGIN_ANNOTATION, Origin, Recorded, Wanted},
 };
 
@@ -167,7 +168,7 @@ pub struct Plan {
     /// that a record saying `added` is passed on before the last one holding it goes.
     pub writes: Vec<Write>,
     /// The change to send to ARM.
-    pub delta: Delta,
+    pub delta: IdentityDelta,
     /// The machine must be read before anything else can be decided.
     pub needs_observation: bool,
     /// ARM is deleting the machine: nothing is done.

@@ -33,9 +33,11 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use pod_identity_azure::Machine;
+
 use crate::{
     events::{Notice, Subject},
-    machine::{Machine, Target},
+    machine::Target,
     plan::MachineInput,
     route::{Cluster, Unplaceable, route},
     worker::{Shared, Worker},

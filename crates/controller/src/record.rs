@@ -24,7 +24,7 @@ use pod_identity_api::{
     EmbeddedAzureIdentityBinding, IdentityType, NODENAME_LABEL, ObjectKey, matching::DesiredAssignment,
 };
 
-use crate::machine::fold;
+use pod_identity_azure::resource_id::fold;
 
 /// The VM or scale set (ARM ID) an assignment's identity was put on.
 pub const MACHINE_ANNOTATION: &str = "aadpodidentity.k8s.io/machine";

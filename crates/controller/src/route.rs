@@ -13,8 +13,10 @@ use pod_identity_api::{
     pod::PodView,
 };
 
+use pod_identity_azure::Machine;
+
 use crate::{
-    machine::{Machine, Target},
+    machine::Target,
     plan::MachineInput,
     record::{Recorded, Wanted},
 };
@@ -205,13 +207,12 @@ mod tests {
 
     use pod_identity_api::{AssignmentStatus, POD_LABEL};
 
+    use pod_identity_azure::MachineKind;
+
     use super::*;
-    use crate::{
-        machine::MachineKind,
-        record::{
-            Origin,
-            fixtures::{binding, identity, identity_id, recorded, wanted},
-        },
+    use crate::record::{
+        Origin,
+        fixtures::{binding, identity, identity_id, recorded, wanted},
     };
 
     fn pool(name: &str) -> Machine {
@@ -397,7 +398,7 @@ mod tests {
         assert!(a.wanted.is_empty());
         assert_eq!(
             a.reserved,
-            BTreeSet::from([crate::machine::fold(&identity_id("payments"))])
+            BTreeSet::from([pod_identity_azure::resource_id::fold(&identity_id("payments"))])
         );
         let b = &routing.inputs[&Target::Azure(pool("b"))];
         assert_eq!(b.recorded.len(), 1);

@@ -15,16 +15,19 @@ use std::{
 
 use futures::{StreamExt, future::BoxFuture, stream};
 use pod_identity_api::{AzureAssignedIdentity, ObjectKey};
+use pod_identity_azure::{
+    AzureError, IdentityDelta, Machine, RetryPolicy, error::named_in, resource_id::fold, retry::Backoff,
+};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    arm::{ArmError, ComputeApi, MAX_IDENTITIES_PER_REQUEST, Observed, named_in},
-    backoff::{Backoff, Quarantine, ReadBudget},
+    arm::{ComputeApi, Observed},
+    backoff::{Quarantine, ReadBudget},
     events::{Events, Notice, Subject},
     leader::Leadership,
-    machine::{Machine, Target, fold},
+    machine::Target,
     metrics::Metrics,
     plan::{Context, MachineInput, Plan, Protection, Transition, Write, plan},
     record::Recorded,
@@ -84,10 +87,8 @@ pub trait RecordStore: Send + Sync {
 pub struct WorkerSettings {
     /// How long changes gather before a round.
     pub batch_window: Duration,
-    /// First wait after a failed ARM call.
-    pub backoff_initial: Duration,
-    /// Longest wait after failed ARM calls.
-    pub backoff_max: Duration,
+    /// Waits after failed ARM calls (the retry count does not apply: a worker retries while it runs).
+    pub retry: RetryPolicy,
     /// How often a machine's identities are read to find ones someone removed.
     pub drift_interval: Duration,
     /// How many writes to the Kubernetes API a worker runs at once.
@@ -98,8 +99,11 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             batch_window: Duration::from_secs(1),
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
+            retry: RetryPolicy {
+                initial_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(300),
+                ..RetryPolicy::default()
+            },
             drift_interval: Duration::from_secs(180),
             write_concurrency: 20,
         }
@@ -208,7 +212,7 @@ pub struct Worker {
 impl Worker {
     /// A worker for `target`.
     pub fn new(target: Target, shared: Arc<Shared>) -> Self {
-        let backoff = Backoff::new(shared.settings.backoff_initial, shared.settings.backoff_max);
+        let backoff = shared.settings.retry.backoff();
         Self {
             target,
             shared,
@@ -348,7 +352,7 @@ impl Worker {
             };
             if plan.deferred {
                 info!("the machine is being deleted; leaving it alone");
-                let wait = self.backoff.next(None, fastrand::f64());
+                let wait = self.backoff.next(None);
                 return Outcome::Retry(wait.max(self.shared.settings.drift_interval / 4));
             }
             if plan.needs_observation && observed.is_none() {
@@ -380,7 +384,7 @@ impl Worker {
                 delta.add.retain(|id| keys.contains(&fold(id)));
                 half
             });
-            for chunk in delta.chunks(MAX_IDENTITIES_PER_REQUEST) {
+            for chunk in delta.requests() {
                 if !self.shared.leadership.is_leader() {
                     return Outcome::NotLeader;
                 }
@@ -407,7 +411,11 @@ impl Worker {
                             }
                         }
                     }
-                    Err(ArmError::IdentitiesRejected { ids, code, message }) => {
+                    Err(AzureError::IdentitiesRejected {
+                        identities: ids,
+                        code,
+                        message,
+                    }) => {
                         let named = if ids.is_empty() {
                             named_in(&message, &chunk.add)
                         } else {
@@ -422,12 +430,12 @@ impl Worker {
                         } else if !chunk.add.is_empty() {
                             suspects = Some(chunk.add.clone());
                         } else {
-                            return self.failed(&ArmError::Other { message: reason });
+                            return self.failed(&AzureError::InvalidResponse(reason));
                         }
                         // The machine is unchanged; plan again without the refused identities.
                         break;
                     }
-                    Err(ArmError::MachineNotFound { message }) => {
+                    Err(AzureError::ResourceNotFound { message, .. }) => {
                         // Deleted since it was read: plan again for a machine that holds nothing.
                         info!(reason = %message, "the machine does not exist any more");
                         observed = Some(Observed::absent(message));
@@ -441,16 +449,16 @@ impl Worker {
             }
         }
         if write_failed || !settled {
-            return Outcome::Retry(self.backoff.next(None, fastrand::f64()));
+            return Outcome::Retry(self.backoff.next(None));
         }
         Outcome::Settled
     }
 
     /// Reads the machine; a machine ARM says does not exist is observed as holding nothing, so that its
     /// records are released instead of the read being retried for ever.
-    async fn observe(&self, machine: &Machine) -> Result<Observed, ArmError> {
+    async fn observe(&self, machine: &Machine) -> Result<Observed, AzureError> {
         match self.read(machine).await {
-            Err(ArmError::MachineNotFound { message }) => {
+            Err(AzureError::ResourceNotFound { message, .. }) => {
                 info!(reason = %message, "the machine does not exist");
                 Ok(Observed::absent(message))
             }
@@ -458,10 +466,10 @@ impl Worker {
         }
     }
 
-    async fn read(&self, machine: &Machine) -> Result<Observed, ArmError> {
+    async fn read(&self, machine: &Machine) -> Result<Observed, AzureError> {
         let operation = format!("{}_get", machine.kind.label());
         let result = self.shared.compute.get(machine).await;
-        let status = result.as_ref().map_or_else(ArmError::label, |_| "ok");
+        let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
         self.shared.metrics.arm_call(&operation, status);
         result
     }
@@ -469,9 +477,9 @@ impl Worker {
     async fn write(
         &self,
         machine: &Machine,
-        delta: &crate::arm::Delta,
+        delta: &IdentityDelta,
         if_match: Option<&str>,
-    ) -> Result<Observed, ArmError> {
+    ) -> Result<Observed, AzureError> {
         let operation = format!("{}_patch", machine.kind.label());
         info!(
             add = delta.add.len(),
@@ -479,16 +487,16 @@ impl Worker {
             "updating identities"
         );
         let result = self.shared.compute.patch(machine, delta, if_match).await;
-        let status = result.as_ref().map_or_else(ArmError::label, |_| "ok");
+        let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
         self.shared.metrics.arm_call(&operation, status);
         result
     }
 
     /// The wait after a failed ARM call; at least what ARM asked for.
-    fn failed(&mut self, err: &ArmError) -> Outcome {
-        let wait = self.backoff.next(err.retry_after(), fastrand::f64());
+    fn failed(&mut self, err: &AzureError) -> Outcome {
+        let wait = self.backoff.next(err.retry_after());
         match err {
-            ArmError::Throttled { .. } => info!(wait_ms = wait.as_millis() as u64, "throttled by ARM"),
+            AzureError::Throttled { .. } => info!(wait_ms = wait.as_millis() as u64, "throttled by ARM"),
             _ => warn!(error = %err, wait_ms = wait.as_millis() as u64, "ARM call failed"),
         }
         Outcome::Retry(wait)

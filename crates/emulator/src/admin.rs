@@ -29,12 +29,12 @@ use tokio::task::JoinHandle;
 
 use crate::Addresses;
 use crate::faults::FaultSpec;
-use crate::ids::ResourceId;
 use crate::observe::LogFilter;
 use crate::seed::Seed;
 use crate::settings::Settings;
 use crate::shared::{Shared, lock, read, write};
 use crate::state::State as EmState;
+use pod_identity_azure::resource_id::ResourceId;
 
 #[derive(Clone)]
 pub struct AdminCtx {
@@ -169,7 +169,7 @@ async fn set_identities(State(c): Ctx, body: axum::body::Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return bad(format!("invalid request: {e}")),
     };
-    let Some(id) = ResourceId::parse(&req.resource_id) else {
+    let Some(id) = ResourceId::parse(req.resource_id.trim_end_matches('/')) else {
         return bad(format!("'{}' is not a VM or scale-set ID", req.resource_id));
     };
     if lock(&c.shared.state).set_identities_directly(&id.key(), &req.add, &req.remove) {

@@ -16,12 +16,12 @@ use crate::http::{
     with_header,
 };
 use crate::identity_merge::{merge, parse_patch};
-use crate::ids::{ResourceId, ResourceType, fold};
 use crate::settings::same_resource;
 use crate::shared::{Shared, lock, now_secs, read};
 use crate::state::{Action, Provisioning, State};
 use crate::throttle::{Decision, Policy, Request as ThrottleRequest, Scope};
 use crate::tokens::{Claims, VerifyError};
+use pod_identity_azure::resource_id::{ResourceId, ResourceType, fold};
 
 /// Audiences ARM accepts.
 const AUDIENCES: &[&str] = &[
@@ -111,7 +111,7 @@ pub fn fault(status: StatusCode) -> Response {
 /// What the path names.
 #[derive(Debug)]
 enum Route {
-    Compute(ResourceId),
+    Machine(ResourceId),
     /// One instance of a scale set.
     Instance(ResourceId),
     /// `POST .../virtualMachineScaleSets/{name}/delete`: scale-in of the listed instances.
@@ -131,9 +131,9 @@ fn route(path: &str) -> Route {
     if let Some(p) = CredentialPath::parse(path) {
         return Route::FederatedCredentials(p);
     }
-    if let Some(id) = ResourceId::parse(path) {
+    if let Some(id) = ResourceId::parse(path.trim_end_matches('/')) {
         return match id.kind {
-            ResourceType::VirtualMachine | ResourceType::VirtualMachineScaleSet => Route::Compute(id),
+            ResourceType::VirtualMachine | ResourceType::VirtualMachineScaleSet => Route::Machine(id),
             ResourceType::ScaleSetInstance => Route::Instance(id),
             ResourceType::UserAssignedIdentity => Route::Identity(id),
             _ => Route::Unknown {
@@ -171,7 +171,7 @@ fn route(path: &str) -> Route {
 
 fn route_key(rt: &Route) -> Option<String> {
     match rt {
-        Route::Compute(id) | Route::Identity(id) => Some(id.key()),
+        Route::Machine(id) | Route::Identity(id) => Some(id.key()),
         Route::Instance(id) | Route::DeleteInstances(id) => Some(id.parent().key()),
         Route::Operation { name } => Some(fold(name)),
         Route::Unknown { .. } => None,
@@ -379,7 +379,7 @@ async fn dispatch(
         );
     }
     match rt {
-        Route::Compute(id) => match *method {
+        Route::Machine(id) => match *method {
             Method::GET => get_compute(sh, &id, &api_version, claims).await,
             Method::PATCH => patch_compute(sh, conn, headers, &id, &api_version, claims, body).await,
             Method::DELETE => delete_compute(sh, conn, headers, &id, &api_version, claims),
@@ -628,13 +628,13 @@ async fn get_compute(sh: &Shared, id: &ResourceId, api_version: &str, claims: &C
     };
     let mut st = lock(&sh.state);
     st.advance(Instant::now());
-    let Some(c) = st.compute.get(&id.key()) else {
+    let Some(c) = st.machines.get(&id.key()) else {
         return group_or_resource_missing(&st, id);
     };
     if !COMPUTE_API_VERSIONS.contains(&api_version) {
         return unsupported_version(id.kind.arm_type(), api_version, COMPUTE_API_VERSIONS, &c.location);
     }
-    let body = st.render_compute(c);
+    let body = st.render_machine(c);
     let etag = format!("\"{}\"", c.etag);
     drop(st);
     with_header(
@@ -786,7 +786,7 @@ async fn patch_compute(
     let now = Instant::now();
     let mut st = lock(&sh.state);
     st.advance(now);
-    let Some(c) = st.compute.get(&id.key()) else {
+    let Some(c) = st.machines.get(&id.key()) else {
         return group_or_resource_missing(&st, id);
     };
     if !COMPUTE_API_VERSIONS.contains(&api_version) {
@@ -840,7 +840,7 @@ async fn patch_compute(
         let inner: Vec<String> = missing
             .iter()
             .map(|m| {
-                let name = ResourceId::parse(m).map(|r| r.name).unwrap_or_default();
+                let name = ResourceId::parse(m.trim_end_matches('/')).map(|r| r.name).unwrap_or_default();
                 format!(
                     "Resource '{m}' was not found. The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/{name}' was not found."
                 )
@@ -883,10 +883,10 @@ async fn patch_compute(
     let Some(op) = st.apply_identity_update(&key, &merged, now, lro) else {
         return group_or_resource_missing(&st, id);
     };
-    let Some(c) = st.compute.get(&key) else {
+    let Some(c) = st.machines.get(&key) else {
         return group_or_resource_missing(&st, id);
     };
-    let body = st.render_compute(c);
+    let body = st.render_machine(c);
     let (etag, loc, updating) = (
         format!("\"{}\"", c.etag),
         c.location.clone(),
@@ -979,7 +979,7 @@ fn delete_compute(
     if !rg_exists {
         return group_or_resource_missing(&st, id);
     }
-    let Some(location) = st.compute.get(&id.key()).map(|c| c.location.clone()) else {
+    let Some(location) = st.machines.get(&id.key()).map(|c| c.location.clone()) else {
         return with_headers(
             Response::builder()
                 .status(StatusCode::NO_CONTENT)
@@ -1024,7 +1024,7 @@ fn delete_instances(
     let now = Instant::now();
     let mut st = lock(&sh.state);
     st.advance(now);
-    let Some(location) = st.compute.get(&scale_set.key()).map(|c| c.location.clone()) else {
+    let Some(location) = st.machines.get(&scale_set.key()).map(|c| c.location.clone()) else {
         return group_or_resource_missing(&st, scale_set);
     };
     if !COMPUTE_API_VERSIONS.contains(&api_version) {
@@ -1061,7 +1061,7 @@ mod tests {
             route(
                 "/subscriptions/s/resourcegroups/rg/providers/microsoft.compute/virtualmachinescalesets/ss"
             ),
-            Route::Compute(_)
+            Route::Machine(_)
         ));
         assert!(matches!(
             route(

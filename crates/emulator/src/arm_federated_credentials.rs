@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use crate::arm::{self, authorization_failed, error, invalid_content, method_not_allowed, with_headers};
 use crate::federated_credentials::{self, ARM_TYPE, RuleError, Upserted};
 use crate::http::{BodyError, Conn, base_url, header_str, json as json_resp, param, read_body};
-use crate::ids::{ResourceId, ResourceType, fold};
 use crate::shared::{Shared, lock, read};
 use crate::state::Action;
 use crate::tokens::Claims;
+use pod_identity_azure::resource_id::{ResourceId, ResourceType, fold};
 
 /// api-versions of `Microsoft.ManagedIdentity` that have `federatedIdentityCredentials` (the spec's folders;
 /// `2018-11-30` predates them).

@@ -14,8 +14,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Value, json};
 
-use crate::ids::ResourceId;
 use crate::seed::FederatedCredentialSeed;
+use pod_identity_azure::resource_id::ResourceId;
 
 /// At most this many credentials on one identity or application.
 pub const MAX_PER_IDENTITY: usize = 20;

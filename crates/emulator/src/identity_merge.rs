@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::ids::{ResourceId, ResourceType, fold};
+use pod_identity_azure::resource_id::{ResourceId, ResourceType, fold};
 
 /// Compute's per-request limit on `userAssignedIdentities` entries.
 pub const MAX_IDENTITIES_PER_REQUEST: usize = 150;
@@ -199,7 +199,7 @@ pub fn merge(current: &CurrentIdentity, patch: &IdentityPatch) -> Result<Merged,
         if !seen.insert(fold(id)) {
             return Err(MergeError::Duplicate(id.clone()));
         }
-        match ResourceId::parse(id) {
+        match ResourceId::parse(id.trim_end_matches('/')) {
             Some(r) if r.kind == ResourceType::UserAssignedIdentity => {}
             _ => return Err(MergeError::InvalidId(id.clone())),
         }

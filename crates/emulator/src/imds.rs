@@ -12,10 +12,10 @@ use crate::http::{
     Conn, Tag, duplicate_param, header_str, json as json_resp, json_bytes, param, query_pairs, tagged,
     with_header,
 };
-use crate::ids::{ResourceId, ResourceType, fold};
 use crate::shared::{CachedToken, Shared, lock, now_secs, read};
 use crate::state::{ResolveError, Selector, State};
 use crate::tokens::Claims;
+use pod_identity_azure::resource_id::{ResourceId, ResourceType, fold};
 
 /// Versions IMDS answers to, oldest first.
 pub const API_VERSIONS: &[&str] = &[
@@ -372,7 +372,7 @@ fn identity_info(
 
 /// Renders every primitive as a string, as IMDS does.
 fn instance_document(st: &State, instance: &ResourceId, local_ip: &str) -> Value {
-    let parent = st.compute.get(&instance.parent().key());
+    let parent = st.machines.get(&instance.parent().key());
     let (location, vm_size, vm_id) = parent
         .map(|c| (c.location.clone(), c.vm_size.clone(), c.unique_id.clone()))
         .unwrap_or_default();

@@ -15,11 +15,11 @@ use serde_json::json;
 use crate::http::{
     Conn, Tag, base_url, header_str, host_name, json as json_resp, param, query_pairs, tagged, with_header,
 };
-use crate::ids::fold;
 use crate::settings::same_resource;
 use crate::shared::{Shared, lock, now_secs};
 use crate::state::State;
 use crate::tokens::VerifyError;
+use pod_identity_azure::resource_id::fold;
 
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
     with_header(

@@ -24,7 +24,6 @@ pub mod federated_credentials;
 pub mod federation;
 pub mod http;
 pub mod identity_merge;
-pub mod ids;
 mod imds;
 mod issuer;
 mod keyvault;
@@ -54,11 +53,11 @@ pub use crate::seed::Seed;
 pub use crate::settings::Settings;
 pub use crate::tokens::Claims;
 
-use crate::ids::{ResourceId, ResourceType};
 use crate::observe::RequestLog;
 use crate::server::{Handler, serve_request, spawn_listener};
 use crate::shared::{Shared, lock, read, write};
 use crate::state::State;
+use pod_identity_azure::resource_id::{ResourceId, ResourceType};
 
 /// An IMDS listener and the VM (`.../virtualMachines/{vm}`) or scale-set instance
 /// (`.../virtualMachineScaleSets/{ss}/virtualMachines/{instanceId}`) whose IMDS it is.
@@ -156,7 +155,7 @@ impl std::fmt::Debug for Emulator {
 }
 
 fn check_instance(st: &State, instance: &str) -> Result<Arc<ResourceId>, StartError> {
-    let id = ResourceId::parse(instance)
+    let id = ResourceId::parse(instance.trim_end_matches('/'))
         .filter(|i| {
             matches!(
                 i.kind,
@@ -165,7 +164,7 @@ fn check_instance(st: &State, instance: &str) -> Result<Arc<ResourceId>, StartEr
         })
         .ok_or_else(|| StartError::BadInstance(instance.to_owned()))?;
     let known = st
-        .compute
+        .machines
         .get(&id.parent().key())
         .is_some_and(|c| match &id.child {
             Some(child) => c
@@ -349,7 +348,7 @@ impl Emulator {
 
     /// Adds and removes user-assigned identities of a VM or scale set behind ARM's back, effective at once.
     pub fn set_identities_directly(&self, resource: &str, add: &[String], remove: &[String]) -> bool {
-        let Some(id) = ResourceId::parse(resource) else {
+        let Some(id) = ResourceId::parse(resource.trim_end_matches('/')) else {
             return false;
         };
         lock(&self.shared.state).set_identities_directly(&id.key(), add, remove)

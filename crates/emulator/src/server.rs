@@ -20,10 +20,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::faults::Target;
 use crate::http::{Conn, Service, Tag, with_header};
-use crate::ids::{ResourceId, fold};
 use crate::observe::RequestRecord;
 use crate::shared::{Shared, lock};
 use crate::{arm, entra, imds, keyvault, subscriptions};
+use pod_identity_azure::resource_id::{ResourceId, fold};
 
 /// Which service of the HTTPS listener a path belongs to. Entra paths start with a tenant; everything not
 /// recognised goes to ARM, which answers unknown paths the way ARM does.

@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 
 use crate::federated_credentials::{self, FederatedCredential};
 use crate::identity_merge::{CurrentIdentity, IdentityType, Merged};
-use crate::ids::{ResourceId, ResourceType, fold};
 use crate::seed::{
     AccessPolicySeed, ApplicationSeed, IdentitySeed, InstanceSeed, KeyVaultSeed, ResourceGroupSeed,
     RoleAssignmentSeed, ScaleSetSeed, SecretSeed, Seed, SeedError, SubscriptionSeed, SystemIdentitySeed,
     TenantSeed, UserAssignedIdentitySeed, VirtualMachineSeed,
 };
+use pod_identity_azure::resource_id::{ResourceId, ResourceType, fold};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemIdentity {
@@ -61,7 +61,7 @@ impl Provisioning {
 }
 
 #[derive(Debug, Clone)]
-pub struct Compute {
+pub struct Machine {
     pub id: ResourceId,
     pub location: String,
     pub vm_size: String,
@@ -260,7 +260,7 @@ pub struct State {
     pub tenants: BTreeMap<String, TenantSeed>,
     pub subscriptions: BTreeMap<String, Subscription>,
     pub identities: BTreeMap<String, Uami>,
-    pub compute: BTreeMap<String, Compute>,
+    pub machines: BTreeMap<String, Machine>,
     /// Keyed by folded vault name (vault names are global on Azure).
     pub vaults: BTreeMap<String, Vault>,
     pub role_assignments: Vec<RoleAssignmentSeed>,
@@ -314,7 +314,7 @@ impl State {
                 st.load_group(sub, rg)?;
             }
         }
-        for c in st.compute.values() {
+        for c in st.machines.values() {
             for u in &c.model.user {
                 if !st.identities.contains_key(&fold(u)) {
                     return Err(SeedError::Invalid(format!(
@@ -359,9 +359,9 @@ impl State {
             } else {
                 vm_size
             };
-            self.compute.insert(
+            self.machines.insert(
                 id.key(),
-                Compute {
+                Machine {
                     id,
                     location,
                     vm_size: vm_size.to_owned(),
@@ -494,7 +494,7 @@ impl State {
                         })
                         .collect(),
                     virtual_machine_scale_sets: self
-                        .compute
+                        .machines
                         .values()
                         .filter(|c| in_rg(&c.id) && c.id.kind == ResourceType::VirtualMachineScaleSet)
                         .map(|c| ScaleSetSeed {
@@ -506,7 +506,7 @@ impl State {
                         })
                         .collect(),
                     virtual_machines: self
-                        .compute
+                        .machines
                         .values()
                         .filter(|c| in_rg(&c.id) && c.id.kind == ResourceType::VirtualMachine)
                         .map(|c| VirtualMachineSeed {
@@ -580,19 +580,19 @@ impl State {
             let (resource, effect) = (op.resource_key.clone(), op.effect.clone());
             match effect {
                 Effect::DeleteInstances(ids) => {
-                    if let Some(c) = self.compute.get_mut(&resource) {
+                    if let Some(c) = self.machines.get_mut(&resource) {
                         c.instances.retain(|i| !ids.contains(&i.instance_id));
                     }
                 }
                 _ if self
-                    .compute
+                    .machines
                     .get(&resource)
                     .is_none_or(|c| c.pending_operation.as_deref() != Some(key.as_str())) => {}
                 Effect::Delete => {
-                    self.compute.remove(&resource);
+                    self.machines.remove(&resource);
                 }
                 Effect::Update => {
-                    if let Some(c) = self.compute.get_mut(&resource) {
+                    if let Some(c) = self.machines.get_mut(&resource) {
                         c.effective = c.model.clone();
                         c.provisioning = Provisioning::Succeeded;
                         c.pending_operation = None;
@@ -643,7 +643,7 @@ impl State {
         now: Instant,
         duration: Duration,
     ) -> Option<String> {
-        let c = self.compute.get_mut(key)?;
+        let c = self.machines.get_mut(key)?;
         let system = match (merged.system, &c.model.system) {
             (true, Some(s)) => Some(s.clone()),
             (true, None) => Some(SystemIdentity {
@@ -680,7 +680,7 @@ impl State {
     /// is zero), then gone. A delete already running is returned instead of a second one. Returns the
     /// operation's name, `None` when there is no such resource.
     pub fn start_delete(&mut self, key: &str, now: Instant, duration: Duration) -> Option<String> {
-        let c = self.compute.get_mut(key)?;
+        let c = self.machines.get_mut(key)?;
         if c.provisioning == Provisioning::Deleting
             && let Some(pending) = &c.pending_operation
         {
@@ -715,7 +715,7 @@ impl State {
         now: Instant,
         duration: Duration,
     ) -> Result<String, Vec<String>> {
-        let Some(c) = self.compute.get(key) else {
+        let Some(c) = self.machines.get(key) else {
             return Err(instance_ids.to_vec());
         };
         let unknown: Vec<String> = instance_ids
@@ -745,7 +745,7 @@ impl State {
 
     /// Changes identities behind ARM's back, effective at once (as when a node image upgrade drops them).
     pub fn set_identities_directly(&mut self, key: &str, add: &[String], remove: &[String]) -> bool {
-        let Some(c) = self.compute.get_mut(key) else {
+        let Some(c) = self.machines.get_mut(key) else {
             return false;
         };
         for id in add {
@@ -768,7 +768,7 @@ impl State {
         selector: &Selector,
     ) -> Result<Principal, ResolveError> {
         let c = self
-            .compute
+            .machines
             .get(&instance.parent().key())
             .ok_or(ResolveError::NotFound)?;
         let ident = &c.effective;
@@ -839,7 +839,7 @@ impl State {
     }
 
     /// ARM's JSON for a VM or scale set.
-    pub fn render_compute(&self, c: &Compute) -> Value {
+    pub fn render_machine(&self, c: &Machine) -> Value {
         let mut body = json!({
             "name": c.id.name,
             "id": c.id.to_string(),
@@ -1058,13 +1058,13 @@ mod tests {
         let patch = parse_patch(&json!({"identity": {"userAssignedIdentities": {uami("b"): {}}}}))
             .unwrap()
             .unwrap();
-        let merged = merge(&st.compute[&key].model.current(), &patch).unwrap();
+        let merged = merge(&st.machines[&key].model.current(), &patch).unwrap();
         let now = Instant::now();
         let op = st
             .apply_identity_update(&key, &merged, now, Duration::from_secs(30))
             .unwrap();
-        assert_eq!(st.compute[&key].provisioning, Provisioning::Updating);
-        assert_eq!(st.compute[&key].model.user.len(), 2);
+        assert_eq!(st.machines[&key].provisioning, Provisioning::Updating);
+        assert_eq!(st.machines[&key].model.user.len(), 2);
         let i = instance();
         assert_eq!(
             st.resolve_for_imds(&i, &Selector::ClientId("cb".into())),
@@ -1074,7 +1074,7 @@ mod tests {
         assert_eq!(st.operations[&op].status, OperationStatus::InProgress);
         st.advance(now + Duration::from_secs(30));
         assert_eq!(st.operations[&op].status, OperationStatus::Succeeded);
-        assert_eq!(st.compute[&key].provisioning, Provisioning::Succeeded);
+        assert_eq!(st.machines[&key].provisioning, Provisioning::Succeeded);
         assert!(st.resolve_for_imds(&i, &Selector::ClientId("cb".into())).is_ok());
         // Two identities, no system one: a request that names none is ambiguous.
         assert_eq!(
@@ -1087,8 +1087,8 @@ mod tests {
     fn a_deleted_identity_still_listed_renders_null_ids_and_gets_no_token() {
         let mut st = State::from_seed(&seed()).unwrap();
         st.identities.remove(&fold(&uami("a")));
-        let c = &st.compute[&fold(SS)];
-        let body = st.render_compute(c);
+        let c = &st.machines[&fold(SS)];
+        let body = st.render_machine(c);
         assert_eq!(
             body["identity"]["userAssignedIdentities"][uami("a")]["clientId"],
             Value::Null
@@ -1130,12 +1130,12 @@ mod tests {
         let patch = parse_patch(&json!({"identity": {"type": "SystemAssigned, UserAssigned"}}))
             .unwrap()
             .unwrap();
-        let merged = merge(&st.compute[&key].model.current(), &patch).unwrap();
+        let merged = merge(&st.machines[&key].model.current(), &patch).unwrap();
         st.apply_identity_update(&key, &merged, Instant::now(), Duration::ZERO);
-        let sys = st.compute[&key].model.system.clone().unwrap();
-        let merged = merge(&st.compute[&key].model.current(), &patch).unwrap();
+        let sys = st.machines[&key].model.system.clone().unwrap();
+        let merged = merge(&st.machines[&key].model.current(), &patch).unwrap();
         st.apply_identity_update(&key, &merged, Instant::now(), Duration::ZERO);
-        assert_eq!(st.compute[&key].model.system.as_ref(), Some(&sys));
+        assert_eq!(st.machines[&key].model.system.as_ref(), Some(&sys));
         assert_eq!(
             st.resolve_for_imds(&instance(), &Selector::Default)
                 .unwrap()
@@ -1150,9 +1150,9 @@ mod tests {
         let key = fold(SS);
         let now = Instant::now();
         let op = st.start_delete(&key, now, Duration::from_secs(30)).unwrap();
-        assert_eq!(st.compute[&key].provisioning, Provisioning::Deleting);
+        assert_eq!(st.machines[&key].provisioning, Provisioning::Deleting);
         assert_eq!(
-            st.render_compute(&st.compute[&key])["properties"]["provisioningState"],
+            st.render_machine(&st.machines[&key])["properties"]["provisioningState"],
             "Deleting"
         );
         assert_eq!(
@@ -1161,7 +1161,7 @@ mod tests {
             "a second DELETE joins the running one"
         );
         st.advance(now + Duration::from_secs(30));
-        assert!(!st.compute.contains_key(&key));
+        assert!(!st.machines.contains_key(&key));
         assert_eq!(st.operations[&op].status, OperationStatus::Succeeded);
         assert_eq!(
             st.resolve_for_imds(&instance(), &Selector::Default),
@@ -1174,15 +1174,15 @@ mod tests {
     fn scale_in_removes_instances_and_keeps_the_scale_set_and_its_identities() {
         let mut st = State::from_seed(&seed()).unwrap();
         let key = fold(SS);
-        let identities = st.compute[&key].model.clone();
+        let identities = st.machines[&key].model.clone();
         assert_eq!(
             st.start_delete_instances(&key, &["7".into()], Instant::now(), Duration::ZERO),
             Err(vec!["7".to_owned()])
         );
         st.start_delete_instances(&key, &["0".into()], Instant::now(), Duration::ZERO)
             .unwrap();
-        assert!(st.compute[&key].instances.is_empty());
-        assert_eq!(st.compute[&key].model, identities);
-        assert_eq!(st.compute[&key].provisioning, Provisioning::Succeeded);
+        assert!(st.machines[&key].instances.is_empty());
+        assert_eq!(st.machines[&key].model, identities);
+        assert_eq!(st.machines[&key].provisioning, Provisioning::Succeeded);
     }
 }

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use crate::arm::{authenticate, error};
 use crate::http::{Conn, json as json_resp, param, query_pairs};
-use crate::ids::fold;
 use crate::shared::{Shared, lock};
 use crate::state::{State, Subscription};
+use pod_identity_azure::resource_id::fold;
 
 /// What a path names, if it is one of the subscription reads.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use crate::{
     request::Selector,
     resolve::tests::{CLIENT_A, CLIENT_B, assign, binding, identity, pod, synced_world},
     tokens::Credentials,
-    upstream::{BoxFuture, RetryPolicy, ServicePrincipal, Upstream},
+    upstream::{BoxFuture, RETRY, ServicePrincipal, Upstream},
     world::World,
 };
 
@@ -132,8 +132,8 @@ fn fixture(world: World, config: ServerConfig, upstream: FakeUpstream) -> Fixtur
         TokenCache::new(Freshness::default(), Duration::from_secs(1)),
         upstream.clone(),
         Arc::new(NoCredentials),
-        RetryPolicy {
-            retries: 2,
+        pod_identity_azure::RetryPolicy {
+            max_retries: 2,
             initial_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
             max_retry_after: Duration::from_millis(10),
@@ -422,10 +422,10 @@ async fn an_assignment_that_does_not_come_gives_503_with_retry_after() {
 #[tokio::test]
 async fn concurrent_requests_under_throttling_reach_upstream_once_per_attempt() {
     let upstream = FakeUpstream {
-        fail: Mutex::new(Some(UpstreamError::Throttled {
+        fail: Mutex::new(Some(UpstreamError::from(AzureError::Throttled {
             retry_after: None,
             message: "too many requests".into(),
-        })),
+        }))),
         delay: Some(Duration::from_millis(20)),
         ..FakeUpstream::default()
     };
@@ -519,11 +519,10 @@ async fn object_id_is_resolved_from_the_pods_own_tokens() {
 #[tokio::test]
 async fn an_upstream_refusal_is_a_403_with_its_reason() {
     let upstream = FakeUpstream {
-        fail: Mutex::new(Some(UpstreamError::Refused {
-            status: 400,
-            error: "invalid_request".into(),
-            description: "Identity not found".into(),
-        })),
+        fail: Mutex::new(Some(UpstreamError::from(AzureError::IdentityNotFound {
+            code: "invalid_request".into(),
+            message: "Identity not found".into(),
+        }))),
         ..FakeUpstream::default()
     };
     let f = fixture(bound_world("Assigned"), config(), upstream);
@@ -613,7 +612,7 @@ async fn host_token_answers_the_identitys_client_id_when_upstream_leaves_it_out(
         TokenCache::new(Freshness::default(), Duration::from_secs(1)),
         Arc::new(NoClientId(FakeUpstream::default())),
         Arc::new(NoCredentials),
-        RetryPolicy::default(),
+        RETRY,
         metrics.clone(),
     ));
     let state = Arc::new(AppState::new(

@@ -1,11 +1,11 @@
 use std::sync::Arc;
 
 use pod_identity_api::AzureAssignedIdentity;
+use pod_identity_azure::{IdentityDelta, Machine, MachineKind};
 
 use super::*;
 use crate::{
     arm::ObservedIdentity,
-    machine::{Machine, MachineKind},
     record::fixtures::{client_id, identity_id, recorded, wanted},
 };
 
@@ -117,7 +117,7 @@ fn apply_writes(input: &mut MachineInput, plan: &Plan) {
 }
 
 /// Applies a delta to the machine as ARM would.
-fn apply_delta(observed: &mut Observed, delta: &Delta) {
+fn apply_delta(observed: &mut Observed, delta: &IdentityDelta) {
     assert_eq!(delta.users_before, observed.identities.len());
     for id in &delta.add {
         observed.identities.insert(
@@ -135,7 +135,7 @@ fn apply_delta(observed: &mut Observed, delta: &Delta) {
 }
 
 /// Runs a round to its end; returns the deltas sent.
-fn round(input: &mut MachineInput, observed: &mut Observed, protection: &Protection) -> Vec<Delta> {
+fn round(input: &mut MachineInput, observed: &mut Observed, protection: &Protection) -> Vec<IdentityDelta> {
     let mut deltas = Vec::new();
     for _ in 0..5 {
         let plan = run_with(input, Some(observed), protection, &no_quarantine);

@@ -3,12 +3,12 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use pod_identity_api::AssignmentStatus;
+use pod_identity_azure::{MAX_IDENTITIES_PER_REQUEST, MachineKind};
 use serde_json::json;
 
 use super::*;
 use crate::{
-    arm::{Delta, ObservedIdentity},
-    machine::MachineKind,
+    arm::ObservedIdentity,
     record::{ERROR_ANNOTATION, Origin, fixtures::wanted},
 };
 
@@ -16,9 +16,9 @@ use crate::{
 struct ArmState {
     identities: BTreeMap<String, String>,
     gets: usize,
-    patches: Vec<Delta>,
+    patches: Vec<IdentityDelta>,
     /// Errors the next PATCHes return, in order.
-    script: VecDeque<ArmError>,
+    script: VecDeque<AzureError>,
     /// Identities that do not exist.
     missing: HashSet<String>,
     /// Whether ARM's message names the missing identity.
@@ -57,7 +57,7 @@ impl FakeArm {
 }
 
 impl ComputeApi for FakeArm {
-    fn get(&self, _machine: &Machine) -> BoxFuture<'_, Result<Observed, ArmError>> {
+    fn get(&self, _machine: &Machine) -> BoxFuture<'_, Result<Observed, AzureError>> {
         Box::pin(async move {
             let mut state = lock(&self.0);
             state.gets += 1;
@@ -77,9 +77,9 @@ impl ComputeApi for FakeArm {
     fn patch<'a>(
         &'a self,
         _machine: &'a Machine,
-        delta: &'a Delta,
+        delta: &'a IdentityDelta,
         _if_match: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Observed, ArmError>> {
+    ) -> BoxFuture<'a, Result<Observed, AzureError>> {
         Box::pin(async move {
             let mut state = lock(&self.0);
             assert!(delta.add.len() + delta.remove.len() <= MAX_IDENTITIES_PER_REQUEST);
@@ -103,8 +103,8 @@ impl ComputeApi for FakeArm {
                 } else {
                     "An identity was not found.".to_owned()
                 };
-                return Err(ArmError::IdentitiesRejected {
-                    ids: Vec::new(),
+                return Err(AzureError::IdentitiesRejected {
+                    identities: Vec::new(),
                     code: "FailedIdentityOperation".into(),
                     message,
                 });
@@ -120,8 +120,9 @@ impl ComputeApi for FakeArm {
     }
 }
 
-fn not_found() -> ArmError {
-    ArmError::MachineNotFound {
+fn not_found() -> AzureError {
+    AzureError::ResourceNotFound {
+        code: "ResourceNotFound".into(),
         message: "The Resource 'Microsoft.Compute/virtualMachineScaleSets/pool' under resource group 'rg' was not found."
             .into(),
     }
@@ -311,8 +312,9 @@ async fn one_request_adds_everything_pending_and_records_become_assigned() {
 #[tokio::test]
 async fn throttling_defers_the_round_until_retry_after() {
     let h = harness(Leadership::always());
-    lock(&h.arm.0).script.push_back(ArmError::Throttled {
+    lock(&h.arm.0).script.push_back(AzureError::Throttled {
         retry_after: Some(Duration::from_secs(20)),
+        message: String::new(),
     });
     let mut worker = Worker::new(Target::Azure(pool()), h.shared.clone());
     let mut input = input(vec![wanted("web-0", "node-0", "payments", 1)]);
@@ -433,9 +435,10 @@ async fn a_replica_that_does_not_lead_writes_nothing() {
 #[tokio::test]
 async fn a_conflicting_change_makes_the_next_round_read_again() {
     let h = harness(Leadership::always());
-    lock(&h.arm.0).script.push_back(ArmError::Conflict {
-        message: "AnotherOperationInProgress".into(),
-        retry_after: None,
+    lock(&h.arm.0).script.push_back(AzureError::Conflict {
+        status: 409,
+        code: "AnotherOperationInProgress".into(),
+        message: "Operation is not allowed: another operation is in progress".into(),
     });
     let mut worker = Worker::new(Target::Azure(pool()), h.shared.clone());
     let mut input = input(vec![wanted("web-0", "node-0", "payments", 1)]);
