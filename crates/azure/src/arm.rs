@@ -143,7 +143,10 @@ pub fn classify(status: u16, body: &Value, retry_after: Option<Duration>) -> Azu
         .map(str::to_owned)
         .unwrap_or_else(|| body.to_string());
     match (status, code.as_str()) {
-        (429, _) => AzureError::Throttled { retry_after, message },
+        (429, _) => AzureError::Throttled {
+            retry_after,
+            message: throttled_message(&code, err, message),
+        },
         (_, "FailedIdentityOperation") => AzureError::IdentityNotFound {
             identities: extract_identity_ids(&message),
             code,
@@ -170,6 +173,57 @@ pub fn classify(status: u16, body: &Value, retry_after: Option<Duration>) -> Azu
             code,
             message,
         },
+    }
+}
+
+/// Which of ARM's throttling buckets refused a request, and so which calls must wait for its
+/// `Retry-After`: the resource's own (Compute's per-resource policies: only calls on that VM or scale
+/// set), or the subscription's (ARM's front door, which counts the caller's requests per subscription,
+/// and Compute's per-subscription policies: every call of that kind in the subscription). Source: ARM's
+/// request-limits-and-throttling and Compute's compute-throttling-limits documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThrottleScope {
+    /// The VM or scale set called.
+    Resource,
+    /// Every resource of the subscription.
+    Subscription,
+}
+
+/// What [`classify`] appends to the message of a 429 that a subscription's bucket refused; the message is
+/// the one field a [`AzureError::Throttled`] carries, so the scope travels in it.
+const SUBSCRIPTION_THROTTLED: &str = "(throttled for the whole subscription)";
+
+impl ThrottleScope {
+    /// The scope of a throttling error made by [`classify`]; `None` for any other error.
+    pub fn of(err: &AzureError) -> Option<Self> {
+        match err {
+            AzureError::Throttled { message, .. } if message.ends_with(SUBSCRIPTION_THROTTLED) => {
+                Some(Self::Subscription)
+            }
+            AzureError::Throttled { .. } => Some(Self::Resource),
+            _ => None,
+        }
+    }
+}
+
+/// The message of a 429, marked when the subscription's bucket refused it. ARM's front door answers
+/// `SubscriptionRequestsThrottled`; Compute answers `OperationNotAllowed` naming its policy in
+/// `details[].target` (`...SubscriptionMaximum` for the subscription's bucket, `...Resource` for the
+/// resource's). A 429 that names neither is taken as the subscription's, the polite reading.
+fn throttled_message(code: &str, err: &Value, message: String) -> String {
+    let targets: Vec<&str> = err["details"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|d| d["target"].as_str()).collect())
+        .unwrap_or_default();
+    let per_resource = code != "SubscriptionRequestsThrottled"
+        && !targets.is_empty()
+        && targets
+            .iter()
+            .all(|t| !t.to_ascii_lowercase().contains("subscription"));
+    if per_resource {
+        format!("{message} ({})", targets.join(", "))
+    } else {
+        format!("{message} {SUBSCRIPTION_THROTTLED}")
     }
 }
 
@@ -222,8 +276,9 @@ impl ArmClient {
         method: &Method,
         url: &str,
         body: Option<&Value>,
-        write: bool,
+        if_match: Option<&str>,
     ) -> Result<Answer, AzureError> {
+        let write = method != Method::GET;
         if let Err(remaining) = self.gate(write).check(Instant::now()) {
             return Err(AzureError::Throttled {
                 retry_after: Some(remaining),
@@ -234,6 +289,9 @@ impl ArmClient {
         let mut req = self.http.request(method.clone(), url).bearer_auth(&token.token);
         if let Some(b) = body {
             req = req.json(b);
+        }
+        if let Some(etag) = if_match {
+            req = req.header(reqwest::header::IF_MATCH, etag);
         }
         let resp = req.send().await.map_err(|e| AzureError::transport(&e))?;
         let status = resp.status().as_u16();
@@ -258,9 +316,17 @@ impl ArmClient {
         Err(err)
     }
 
-    async fn send(&self, method: Method, url: &str, body: Option<&Value>) -> Result<Answer, AzureError> {
-        let write = method != Method::GET;
-        with_retries(&self.cfg.retry, "arm", || self.attempt(&method, url, body, write)).await
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<Answer, AzureError> {
+        with_retries(&self.cfg.retry, "arm", || {
+            self.attempt(&method, url, body, if_match)
+        })
+        .await
     }
 
     /// The identities of a VM or scale set.
@@ -271,20 +337,27 @@ impl ArmClient {
                 Method::GET,
                 &self.url(&resource.id, &self.cfg.compute_api_version),
                 None,
+                None,
             )
             .await?;
         ResourceIdentity::from_resource(&a.body)
     }
 
-    /// Sends one identity PATCH and waits for its operation; the identities afterwards.
+    /// Sends one identity PATCH and waits for its operation; the identities afterwards. With `if_match`
+    /// (an entity tag from [`Self::get_identity`] or an earlier PATCH), ARM refuses the change with 412
+    /// `PreconditionFailed` ([`AzureError::Other`] with status 412) when the resource changed since: a
+    /// concurrent writer is detected instead of overwritten (ETag semantics of the 2024-07-01 Compute API).
     #[tracing::instrument(skip(self, patch), fields(resource = %resource.id, entries = patch.entries.len()))]
     pub async fn patch_identity(
         &self,
         resource: &ComputeResource,
         patch: &IdentityPatch,
+        if_match: Option<&str>,
     ) -> Result<ResourceIdentity, AzureError> {
         let url = self.url(&resource.id, &self.cfg.compute_api_version);
-        let a = self.send(Method::PATCH, &url, Some(&patch.to_body())).await?;
+        let a = self
+            .send(Method::PATCH, &url, Some(&patch.to_body()), if_match)
+            .await?;
         let body = self.wait_for_operation(&url, a).await?;
         ResourceIdentity::from_resource(&body)
     }
@@ -312,7 +385,7 @@ impl ArmClient {
         }
         let plan = plan_update(&identity, add, remove);
         for patch in &plan {
-            identity = self.patch_identity(resource, patch).await?;
+            identity = self.patch_identity(resource, patch, None).await?;
         }
         Ok(UpdateOutcome {
             patches: plan.len(),
@@ -357,7 +430,7 @@ impl ArmClient {
                 });
             }
             tokio::time::sleep(delay).await;
-            let a = self.send(Method::GET, &poll_url, None).await?;
+            let a = self.send(Method::GET, &poll_url, None, None).await?;
             let status = match mode {
                 0 => a.body["status"].as_str().unwrap_or("InProgress").to_owned(),
                 1 => "Succeeded".to_owned(),
@@ -387,7 +460,7 @@ impl ArmClient {
                 if mode == 2 {
                     return Ok(a.body);
                 }
-                return Ok(self.send(Method::GET, resource_url, None).await?.body);
+                return Ok(self.send(Method::GET, resource_url, None, None).await?.body);
             }
             delay = retry_after(&a.headers).unwrap_or(self.cfg.poll_interval);
         }
@@ -397,7 +470,7 @@ impl ArmClient {
     #[tracing::instrument(skip(self))]
     pub async fn get_user_assigned_identity(&self, id: &str) -> Result<UserAssignedIdentity, AzureError> {
         let a = self
-            .send(Method::GET, &self.url(id, &self.cfg.msi_api_version), None)
+            .send(Method::GET, &self.url(id, &self.cfg.msi_api_version), None, None)
             .await?;
         let p = &a.body["properties"];
         let field = |k: &str| {
@@ -479,6 +552,32 @@ mod tests {
             classify(400, &b("BadRequest", ""), None),
             AzureError::Other { status: 400, .. }
         ));
+        // Which bucket refused: the resource's, or the subscription's (also when the answer does not say).
+        let crp = |target: &str| {
+            json!({"error": {"code": "OperationNotAllowed", "message": "m",
+                "details": [{"code": "TooManyRequests", "target": target, "message": "{}"}]}})
+        };
+        let scope = |body: &Value| ThrottleScope::of(&classify(429, body, None));
+        assert_eq!(
+            scope(&crp("PutVMScaleSetResource")),
+            Some(ThrottleScope::Resource)
+        );
+        assert_eq!(
+            scope(&crp("PutVMScaleSetSubscriptionMaximum")),
+            Some(ThrottleScope::Subscription)
+        );
+        assert_eq!(
+            scope(&b(
+                "SubscriptionRequestsThrottled",
+                "Number of 'write' requests for subscription"
+            )),
+            Some(ThrottleScope::Subscription)
+        );
+        assert_eq!(
+            scope(&b("TooManyRequests", "")),
+            Some(ThrottleScope::Subscription)
+        );
+        assert_eq!(ThrottleScope::of(&classify(503, &b("x", ""), None)), None);
         // The unwrapped error shape some ARM services send.
         assert!(
             matches!(classify(404, &json!({"code": "NotFound", "message": "m"}), None),

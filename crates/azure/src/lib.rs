@@ -17,7 +17,7 @@ pub mod retry;
 pub mod token;
 
 pub use crate::arm::{
-    ArmClient, ArmConfig, ComputeKind, ComputeResource, UpdateOutcome, UserAssignedIdentity,
+    ArmClient, ArmConfig, ComputeKind, ComputeResource, ThrottleScope, UpdateOutcome, UserAssignedIdentity,
 };
 pub use crate::config::{AzureConfig, CloudEndpoints, Credential};
 pub use crate::entra::{ClientCertificate, ClientCredential, EntraClient};

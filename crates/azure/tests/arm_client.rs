@@ -177,7 +177,7 @@ async fn another_operation_in_progress_is_retried() {
             entries: vec![(uami("id-b"), true)],
         },
     );
-    let slow = c.patch_identity(&target, &patch);
+    let slow = c.patch_identity(&target, &patch, None);
     let c2 = arm(&em);
     let (a, b) = tokio::join!(slow, async {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -469,4 +469,47 @@ async fn managed_identity_token_source_drives_arm() {
         Arc::new(mi),
     );
     assert!(c.get_identity(&vmss()).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_patch_conditional_on_a_stale_entity_tag_is_refused_and_changes_nothing() {
+    let em = start().await;
+    let c = arm(&em);
+    let read = c.get_identity(&vmss()).await.unwrap();
+    let etag = read.etag.clone().expect("scale sets carry an entity tag");
+    let add = |id: &str| pod_identity_azure::IdentityPatch {
+        kind: pod_identity_azure::IdentityType {
+            system: false,
+            user: true,
+        },
+        entries: vec![(uami(id), true)],
+    };
+    // Conditional on what was read: accepted, and the answer carries the new tag.
+    let after = c
+        .patch_identity(&vmss(), &add("id-b"), Some(&etag))
+        .await
+        .unwrap();
+    assert!(after.has(&uami("id-b")));
+    let fresh = after.etag.clone().unwrap();
+    assert_ne!(fresh, etag, "every change moves the tag");
+    // Conditional on the tag from before that change: another writer is detected, not overwritten.
+    let err = c
+        .patch_identity(&vmss(), &add("id-c"), Some(&etag))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AzureError::Other { status: 412, code, .. } if code == "PreconditionFailed"),
+        "{err}"
+    );
+    let now = c.get_identity(&vmss()).await.unwrap();
+    assert!(!now.has(&uami("id-c")));
+    assert_eq!(now.etag.as_deref(), Some(fresh.as_str()));
+    let conditional = em
+        .requests(&LogFilter {
+            service: Some(Service::Arm),
+            status: Some(412),
+            ..LogFilter::default()
+        })
+        .len();
+    assert_eq!(conditional, 1, "a 412 is not retried: it needs a fresh read");
 }

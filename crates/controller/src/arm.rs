@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use futures::future::BoxFuture;
+pub use pod_identity_azure::ThrottleScope;
 
 use crate::machine::{Machine, fold};
 
@@ -125,11 +126,13 @@ impl Delta {
 /// How an ARM call failed, in the terms the worker acts on.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ArmError {
-    /// 429: wait at least `retry_after`.
+    /// 429: wait at least `retry_after` before the next call that `scope`'s bucket serves.
     #[error("throttled by ARM{}", retry_suffix(.retry_after))]
     Throttled {
         /// ARM's `Retry-After`.
         retry_after: Option<Duration>,
+        /// Whether the machine's own bucket refused the call, or the subscription's.
+        scope: ThrottleScope,
     },
     /// The machine does not exist (ARM `ResourceNotFound`, or its resource group is gone).
     #[error("the machine does not exist: {message}")]
@@ -154,7 +157,14 @@ pub enum ArmError {
         /// ARM's message.
         message: String,
     },
-    /// The machine changed since we read it (412), or another update of it is running (409).
+    /// The machine changed since the entity tag of an `If-Match` was read (412 `PreconditionFailed`):
+    /// another writer was detected, not overwritten. Read it again, then decide again.
+    #[error("the machine changed since it was read: {message}")]
+    Modified {
+        /// ARM's message.
+        message: String,
+    },
+    /// Another update of the machine is running (409).
     #[error("conflict: {message}")]
     Conflict {
         /// ARM's message.
@@ -192,7 +202,7 @@ impl ArmError {
             Self::MachineNotFound { .. } => "not_found",
             Self::IdentitiesRejected { .. } => "identity_rejected",
             Self::Unauthorized { .. } => "unauthorized",
-            Self::Conflict { .. } => "conflict",
+            Self::Conflict { .. } | Self::Modified { .. } => "conflict",
             Self::Transient { .. } => "transient",
             Self::Other { .. } => "error",
         }
@@ -201,7 +211,7 @@ impl ArmError {
     /// The wait ARM asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Throttled { retry_after }
+            Self::Throttled { retry_after, .. }
             | Self::Conflict { retry_after, .. }
             | Self::Transient { retry_after, .. } => *retry_after,
             _ => None,
@@ -234,7 +244,7 @@ pub trait ComputeApi: Send + Sync {
 
     /// Applies `delta` (at most [`MAX_IDENTITIES_PER_REQUEST`] entries) and waits until ARM has finished
     /// applying it; returns the machine as it is afterwards. With `if_match`, ARM refuses the change
-    /// (as [`ArmError::Conflict`]) when the machine changed since that entity tag was read.
+    /// (as [`ArmError::Modified`]) when the machine changed since that entity tag was read.
     fn patch<'a>(
         &'a self,
         machine: &'a Machine,

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use pod_identity_azure::{
     ArmClient, ArmConfig, AzureConfig, AzureError, ClientCredential, ComputeResource, Credential,
     EntraClient, HttpConfig, IdentityPatch, IdentityType, ImdsClient, ManagedIdentity, ResourceIdentity,
-    RetryPolicy,
+    RetryPolicy, ThrottleScope,
     imds::IdentitySelector,
     token::{CachedTokens, TokenSource},
 };
@@ -100,8 +100,9 @@ fn observed(identity: ResourceIdentity) -> Observed {
 
 /// Sorts the client's errors into what a worker does about them.
 pub fn classify(err: AzureError) -> ArmError {
+    let scope = ThrottleScope::of(&err).unwrap_or(ThrottleScope::Subscription);
     match err {
-        AzureError::Throttled { retry_after, .. } => ArmError::Throttled { retry_after },
+        AzureError::Throttled { retry_after, .. } => ArmError::Throttled { retry_after, scope },
         AzureError::IdentityNotFound {
             identities,
             code,
@@ -140,9 +141,10 @@ pub fn classify(err: AzureError) -> ArmError {
             retry_after: None,
         },
         AzureError::Other {
-            status: 409 | 412,
-            message,
-            ..
+            status: 412, message, ..
+        } => ArmError::Modified { message },
+        AzureError::Other {
+            status: 409, message, ..
         } => ArmError::Conflict {
             message,
             retry_after: None,
@@ -182,8 +184,7 @@ impl ComputeApi for ArmCompute {
         &'a self,
         machine: &'a Machine,
         delta: &'a Delta,
-        // The client has no conditional PATCH; the worker reads the machine right before each change.
-        _if_match: Option<&'a str>,
+        if_match: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Observed, ArmError>> {
         let resource = resource(machine);
         let patch = IdentityPatch {
@@ -201,7 +202,7 @@ impl ComputeApi for ArmCompute {
         let client = self.client(machine);
         Box::pin(async move {
             client
-                .patch_identity(&resource, &patch)
+                .patch_identity(&resource, &patch, if_match)
                 .await
                 .map(observed)
                 .map_err(classify)
@@ -291,6 +292,12 @@ mod tests {
             message: String::new(),
         });
         assert_eq!(throttled.retry_after(), Some(Duration::from_secs(7)));
+        let stale = classify(AzureError::Other {
+            status: 412,
+            code: "PreconditionFailed".into(),
+            message: "m".into(),
+        });
+        assert!(matches!(stale, ArmError::Modified { .. }));
         let missing = classify(AzureError::IdentityNotFound {
             identities: vec!["/x".into()],
             code: "FailedIdentityOperation".into(),

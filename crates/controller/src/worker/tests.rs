@@ -313,6 +313,7 @@ async fn throttling_defers_the_round_until_retry_after() {
     let h = harness(Leadership::always());
     lock(&h.arm.0).script.push_back(ArmError::Throttled {
         retry_after: Some(Duration::from_secs(20)),
+        scope: crate::arm::ThrottleScope::Resource,
     });
     let mut worker = Worker::new(Target::Azure(pool()), h.shared.clone());
     let mut input = input(vec![wanted("web-0", "node-0", "payments", 1)]);
