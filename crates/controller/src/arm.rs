@@ -83,6 +83,12 @@ impl Delta {
         self.add.is_empty() && self.remove.is_empty()
     }
 
+    /// Whether the change adds or removes this identity (compared case-folded, as ARM compares IDs).
+    pub fn touches(&self, id: &str) -> bool {
+        let key = fold(id);
+        self.add.iter().chain(&self.remove).any(|i| fold(i) == key)
+    }
+
     /// How many user-assigned identities the machine holds after this change.
     pub fn users_after(&self) -> usize {
         (self.users_before + self.add.len()).saturating_sub(self.remove.len())
