@@ -162,6 +162,7 @@ pub async fn run(
             Instant::now(),
         )),
         holds: Mutex::new(SubscriptionHolds::default()),
+        last_known: Mutex::default(),
         protection: Protection::new(&config.immutable),
         metrics: metrics.clone(),
         events,

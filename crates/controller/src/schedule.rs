@@ -13,8 +13,10 @@
 //!   identities it carries are left alone ([`crate::plan::Context::in_flight`]); whatever else arrives
 //!   gathers, and goes in one follow-up PATCH when the first returns.
 //! - **Batch window.** An identity to add waits at most `batch_window` from the moment a pod first
-//!   needed it, so that a burst of pods makes one request; an identity to remove waits at least that
-//!   long, so that a pod deleted and at once replaced (a rollout, a node drained) removes nothing.
+//!   needed it, so that a burst of pods makes one request. Removals wait until no other removal has
+//!   come for `batch_window` (at most [`REMOVAL_MAX_WAIT`]), so that pods deleted one after another make
+//!   one request, and a pod deleted and at once replaced (a rollout, a node drained) removes nothing;
+//!   they ride along with any addition sent once they are one window old.
 //! - **Records first.** Record writes come before any ARM call, so that an identity is recorded
 //!   `added` before ARM is asked to add it.
 //! - **Holds.** After a failure nothing more is sent before ARM's `Retry-After` (the machine's own, and
@@ -40,6 +42,9 @@ use crate::{
 /// How often a worker may write the same records before it pauses: a plan that proposes writes again
 /// right after they succeeded would otherwise loop.
 const MAX_WRITE_STEPS: u32 = 8;
+
+/// The longest an identity no pod needs stays on a machine while other removals keep coming.
+pub const REMOVAL_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// What the schedule needs besides its own state.
 pub struct Facts<'a> {
@@ -170,6 +175,26 @@ impl Schedule {
         }
     }
 
+    /// Knowledge an earlier schedule of the same machine handed on ([`Schedule::known`]): it stands for
+    /// what is left of its drift interval, so that a machine whose worker retired and came back (its last
+    /// pod gone, then a new one) is not read again for it.
+    pub fn with_known(mut self, known: Option<(Observed, Instant)>) -> Self {
+        if let Some((observed, at)) = known {
+            self.knowledge = Some(Knowledge {
+                observed,
+                at,
+                drift: false,
+            });
+            self.drift_due = at + self.drift_interval;
+        }
+        self
+    }
+
+    /// What the schedule knows of its machine, and since when.
+    pub fn known(&self) -> Option<(Observed, Instant)> {
+        self.knowledge.as_ref().map(|k| (k.observed.clone(), k.at))
+    }
+
     /// Whether work is pending: something to write, read or send, a call in flight, or a retry to come.
     pub fn busy(&self) -> bool {
         self.busy
@@ -252,9 +277,8 @@ impl Schedule {
             let oldest = self.oldest_pending(&plan.delta);
             // Without an entity tag a change cannot be conditional: read right before it.
             if let Some((at, _, None)) = &known
-                && let Some(since) = oldest
-                && *at < since
-                && since + self.batch_window <= now
+                && oldest.is_some_and(|since| *at < since)
+                && self.due(&plan.delta).is_some_and(|due| due <= now)
             {
                 if reads_free > now {
                     wake.at(reads_free);
@@ -494,9 +518,28 @@ impl Schedule {
             .min()
     }
 
-    /// When the change is due: one batch window after its oldest part was first wanted.
+    /// When the change is due: an addition one batch window after it was first wanted; removals once no
+    /// other removal has come for a batch window (so that pods going one after another, a scale-down or a
+    /// drained node, make one request), but at most [`REMOVAL_MAX_WAIT`] after the first.
     fn due(&self, delta: &Delta) -> Option<Instant> {
-        self.oldest_pending(delta).map(|since| since + self.batch_window)
+        let sinces = |ids: &[String]| -> Vec<Instant> {
+            ids.iter()
+                .filter_map(|id| self.pending.get(&fold(id)).copied())
+                .collect()
+        };
+        let additions = sinces(&delta.add).into_iter().min().map(|oldest| oldest + self.batch_window);
+        let removals = sinces(&delta.remove);
+        let removals = match (removals.iter().min(), removals.iter().max()) {
+            (Some(oldest), Some(youngest)) => Some(
+                (*youngest + self.batch_window)
+                    .min(*oldest + REMOVAL_MAX_WAIT.max(self.batch_window)),
+            ),
+            _ => None,
+        };
+        match (additions, removals) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        }
     }
 
     /// The request to send now, if one is due: every addition (bisecting: half of the suspects alone),

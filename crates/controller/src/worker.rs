@@ -120,6 +120,8 @@ pub struct Shared {
     pub drift_budget: Mutex<ReadBudget>,
     /// Subscriptions ARM throttled as a whole.
     pub holds: Mutex<SubscriptionHolds>,
+    /// What retired workers knew of their machines, and since when, for the next worker of the machine.
+    pub last_known: Mutex<HashMap<Target, (Observed, Instant)>>,
     /// Identities never removed.
     pub protection: Protection,
     /// Metrics.
@@ -203,13 +205,15 @@ impl Worker {
     /// A worker for `target`.
     pub fn new(target: Target, shared: Arc<Shared>) -> Self {
         let settings = &shared.settings;
+        let known = lock(&shared.last_known).remove(&target);
         let schedule = Schedule::new(
             settings.batch_window,
             settings.drift_interval,
             Backoff::new(settings.backoff_initial, settings.backoff_max),
             Instant::now(),
             fastrand::f64(),
-        );
+        )
+        .with_known(known);
         Self {
             target,
             shared,
@@ -274,6 +278,13 @@ impl Worker {
         }
         if self.queued {
             self.shared.metrics.queue_depth.dec();
+        }
+        if let Some(known) = self.schedule.known() {
+            let now = Instant::now();
+            let fresh = self.shared.settings.drift_interval;
+            let mut last_known = lock(&self.shared.last_known);
+            last_known.retain(|_, (_, at)| now.saturating_duration_since(*at) < fresh);
+            last_known.insert(self.target.clone(), known);
         }
     }
 

@@ -725,3 +725,53 @@ fn a_machine_that_vanished_holds_nothing_and_its_records_go_without_a_change() {
     assert_eq!(s.step(0), Kind::Wait(None));
     assert!(!s.schedule.busy());
 }
+
+#[test]
+fn pods_going_one_after_another_make_one_removal_once_they_stop_or_after_30_s() {
+    let names: Vec<String> = (0..40).map(|n| format!("id{n}")).collect();
+    let mut s = Sim::new();
+    for (n, id) in names.iter().enumerate() {
+        s.input.wanted.push(wanted(&format!("p{n}"), "node-0", id, n as u8));
+    }
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    s.known(0, &[], 1);
+    s.settle(0);
+    assert!(matches!(s.step(1000), Kind::Patch { add: 40, .. }));
+    s.answer(1000, Ok(machine(&all, Some(1))));
+    s.settle(1000);
+    // A scale-down: a pod (and its identity) goes every 200 ms for 4 s; nothing is sent meanwhile.
+    let mut at = 2000;
+    for n in 0..20 {
+        s.pod_gone(&format!("p{n}"));
+        assert!(matches!(s.settle(at), Kind::Wait(Some(w)) if w == ms(at + 1000)), "at {at}");
+        at += 200;
+    }
+    let last = at - 200;
+    assert_eq!(
+        s.step(last + 1000),
+        Kind::Patch {
+            add: 0,
+            remove: 20,
+            if_match: tag(1)
+        },
+        "one removal, a window after the last pod went"
+    );
+    s.answer(last + 3000, Ok(machine(&all[20..], Some(2))));
+    s.settle(last + 3000);
+    // Pods that keep going for longer than 30 s: removed 30 s after the first, in one request.
+    let start = last + 10_000;
+    let mut at = start;
+    for n in 20..40 {
+        s.pod_gone(&format!("p{n}"));
+        match s.settle(at) {
+            Kind::Wait(Some(w)) => assert!(w <= ms(start + 30_000), "at {at}: {w:?}"),
+            Kind::Patch { remove, .. } => {
+                assert_eq!((at, remove), (start + 30_000, n - 20 + 1));
+                return;
+            }
+            other => panic!("{other:?}"),
+        }
+        at += 2000;
+    }
+    panic!("never removed");
+}

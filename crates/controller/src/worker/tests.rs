@@ -338,6 +338,7 @@ fn harness_with(leadership: Leadership, settings: WorkerSettings) -> Harness {
         )),
         drift_budget: Mutex::new(ReadBudget::new(10, Duration::from_secs(60), Instant::now())),
         holds: Mutex::new(SubscriptionHolds::default()),
+        last_known: Mutex::default(),
         protection: Protection::default(),
         events: Events::disabled(metrics.clone()),
         metrics,
@@ -723,6 +724,26 @@ async fn pods_that_arrive_while_a_change_is_in_flight_join_one_follow_up() {
     assert_eq!(lock(&h.arm.0).gets, 1);
     drop(tx);
     task.await.unwrap();
+}
+
+#[tokio::test]
+async fn what_a_retired_worker_knew_is_handed_to_the_next_one_of_its_machine() {
+    let h = harness(Leadership::always());
+    let mut first = Worker::new(Target::Azure(pool()), h.shared.clone());
+    let mut input = input(vec![wanted("web-0", "node-0", "payments", 1)]);
+    first.settle(&mut input).await;
+    // Its pods gone, the worker retires; the identity stays (a pod of it comes back at once).
+    let (tx, rx) = watch::channel(MachineInput::empty(Target::Azure(pool())));
+    drop(tx);
+    first.run(rx).await;
+    let mut second = Worker::new(Target::Azure(pool()), h.shared.clone());
+    let mut again = self::input(vec![wanted("web-1", "node-0", "payments", 1)]);
+    second.settle(&mut again).await;
+    assert_eq!(
+        h.kube.status("web-1-ns-payments"),
+        Some(AssignmentStatus::Assigned)
+    );
+    assert_eq!(lock(&h.arm.0).gets, 1, "no second read of a machine known a moment ago");
 }
 
 #[test]
