@@ -86,7 +86,76 @@ pub fn classify(status: u16, body: &Value, retry_after: Option<Duration>) -> Azu
         .as_str()
         .map(str::to_owned)
         .unwrap_or_else(|| body.to_string());
+    // A 429 carries which bucket refused it in its message ([`ThrottleScope::of`]).
+    let message = if status == 429 {
+        throttled_message(&code, err, message)
+    } else {
+        message
+    };
     AzureError::from_answer(status, code, message, retry_after)
+}
+
+/// Which of ARM's throttling buckets refused a request, and so which calls must wait for its
+/// `Retry-After`: the resource's own (Compute's per-resource policies: only calls on that VM or scale
+/// set), or the subscription's (ARM's front door, which counts the caller's requests per subscription,
+/// and Compute's per-subscription policies: every call of that kind in the subscription). Source: ARM's
+/// request-limits-and-throttling and Compute's compute-throttling-limits documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThrottleScope {
+    /// The VM or scale set called.
+    Resource,
+    /// Every resource of the subscription.
+    Subscription,
+}
+
+/// What [`classify`] appends to the message of a 429 that a subscription's bucket refused; the message is
+/// the one field a [`AzureError::Throttled`] carries, so the scope travels in it.
+const SUBSCRIPTION_THROTTLED: &str = "(throttled for the whole subscription)";
+
+impl ThrottleScope {
+    /// A throttling error of this scope, as [`classify`] makes it from a 429 (for fakes and tests of
+    /// callers).
+    pub fn throttled(self, retry_after: Option<Duration>, message: &str) -> AzureError {
+        AzureError::Throttled {
+            retry_after,
+            message: match self {
+                Self::Resource => message.to_owned(),
+                Self::Subscription => format!("{message} {SUBSCRIPTION_THROTTLED}"),
+            },
+        }
+    }
+
+    /// The scope of a throttling error made by [`classify`]; `None` for any other error.
+    pub fn of(err: &AzureError) -> Option<Self> {
+        match err {
+            AzureError::Throttled { message, .. } if message.ends_with(SUBSCRIPTION_THROTTLED) => {
+                Some(Self::Subscription)
+            }
+            AzureError::Throttled { .. } => Some(Self::Resource),
+            _ => None,
+        }
+    }
+}
+
+/// The message of a 429, marked when the subscription's bucket refused it. ARM's front door answers
+/// `SubscriptionRequestsThrottled`; Compute answers `OperationNotAllowed` naming its policy in
+/// `details[].target` (`...SubscriptionMaximum` for the subscription's bucket, `...Resource` for the
+/// resource's). A 429 that names neither is taken as the subscription's, the polite reading.
+fn throttled_message(code: &str, err: &Value, message: String) -> String {
+    let targets: Vec<&str> = err["details"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|d| d["target"].as_str()).collect())
+        .unwrap_or_default();
+    let per_resource = code != "SubscriptionRequestsThrottled"
+        && !targets.is_empty()
+        && targets
+            .iter()
+            .all(|t| !t.to_ascii_lowercase().contains("subscription"));
+    if per_resource {
+        format!("{message} ({})", targets.join(", "))
+    } else {
+        format!("{message} {SUBSCRIPTION_THROTTLED}")
+    }
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -426,6 +495,32 @@ mod tests {
             classify(400, &b("BadRequest", ""), None),
             AzureError::Other { status: 400, .. }
         ));
+        // Which bucket refused: the resource's, or the subscription's (also when the answer does not say).
+        let crp = |target: &str| {
+            json!({"error": {"code": "OperationNotAllowed", "message": "m",
+                "details": [{"code": "TooManyRequests", "target": target, "message": "{}"}]}})
+        };
+        let scope = |body: &Value| ThrottleScope::of(&classify(429, body, None));
+        assert_eq!(
+            scope(&crp("PutVMScaleSetResource")),
+            Some(ThrottleScope::Resource)
+        );
+        assert_eq!(
+            scope(&crp("PutVMScaleSetSubscriptionMaximum")),
+            Some(ThrottleScope::Subscription)
+        );
+        assert_eq!(
+            scope(&b(
+                "SubscriptionRequestsThrottled",
+                "Number of 'write' requests for subscription"
+            )),
+            Some(ThrottleScope::Subscription)
+        );
+        assert_eq!(
+            scope(&b("TooManyRequests", "")),
+            Some(ThrottleScope::Subscription)
+        );
+        assert_eq!(ThrottleScope::of(&classify(503, &b("x", ""), None)), None);
         // The unwrapped error shape some ARM services send.
         assert!(
             matches!(classify(404, &json!({"code": "NotFound", "message": "m"}), None),

@@ -157,6 +157,11 @@ impl IdentityDelta {
         self.add.is_empty() && self.remove.is_empty()
     }
 
+    /// Whether the change adds or removes this identity (compared case-folded, as ARM compares IDs).
+    pub fn touches(&self, id: &str) -> bool {
+        self.add.iter().chain(&self.remove).any(|i| same(i, id))
+    }
+
     /// How many user-assigned identities the resource holds after this change.
     pub fn users_after(&self) -> usize {
         (self.users_before + self.add.len()).saturating_sub(self.remove.len())

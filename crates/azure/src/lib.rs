@@ -39,7 +39,7 @@ pub mod token;
 
 #[cfg(feature = "client")]
 pub use crate::{
-    arm::{ArmClient, ArmConfig, UpdateOutcome, UserAssignedIdentity},
+    arm::{ArmClient, ArmConfig, ThrottleScope, UpdateOutcome, UserAssignedIdentity},
     config::{AzureConfig, CloudEndpoints, Credential},
     entra::{ClientCertificate, ClientCredential, EntraClient},
     error::AzureError,

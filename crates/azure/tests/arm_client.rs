@@ -26,6 +26,10 @@ fn fast_retry() -> RetryPolicy {
 }
 
 fn arm_as(em: &Emulator, client_id: &str, secret: &str) -> ArmClient {
+    arm_with(em, client_id, secret, fast_retry())
+}
+
+fn arm_with(em: &Emulator, client_id: &str, secret: &str, retry: RetryPolicy) -> ArmClient {
     let http = HttpConfig::default().with_ca_pem(em.ca_pem()).build().unwrap();
     let entra = EntraClient::new(
         http.clone(),
@@ -38,7 +42,7 @@ fn arm_as(em: &Emulator, client_id: &str, secret: &str) -> ArmClient {
     .with_retry(fast_retry());
     let cfg = ArmConfig {
         endpoint: em.azure_url(),
-        retry: fast_retry(),
+        retry,
         poll_interval: Duration::from_millis(100),
         ..ArmConfig::default()
     };
@@ -175,7 +179,16 @@ async fn another_operation_in_progress_is_retried() {
         },
     );
     let slow = c.patch_identity(&target, &request, None);
-    let c2 = arm(&em);
+    // Retries that outlast the first operation (200 ms) whatever the jitter: at least 10 + 20 + 40 + 7 × 50 ms.
+    let c2 = arm_with(
+        &em,
+        CTL_CLIENT,
+        CTL_SECRET,
+        RetryPolicy {
+            max_retries: 10,
+            ..fast_retry()
+        },
+    );
     let (a, b) = tokio::join!(slow, async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         c2.update_identities(&vmss(), &[uami("id-c")], &[]).await
@@ -220,10 +233,14 @@ async fn if_match_is_sent_and_a_stale_entity_tag_is_a_conflict() {
         .patch_identity(&vmss(), &add("id-c"), Some(&etag))
         .await
         .unwrap_err();
-    assert!(matches!(err, AzureError::Conflict { status: 412, .. }), "{err}");
+    assert!(
+        matches!(&err, AzureError::Conflict { status: 412, code, .. } if code == "PreconditionFailed"),
+        "{err}"
+    );
     assert!(!err.is_retryable(), "a stale read is read again, not resent");
     let now = c.get_identity(&vmss()).await.unwrap();
     assert!(!now.has(&uami("id-c")), "the refused change was not applied");
+    assert_eq!(now.etag, after.etag, "nothing changed since the accepted change");
     let refused = em.requests(&LogFilter {
         status: Some(412),
         ..LogFilter::default()

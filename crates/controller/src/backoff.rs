@@ -1,6 +1,7 @@
 //! How long to hold back besides retrying (whose waits are the Azure crate's one policy,
-//! [`pod_identity_azure::RetryPolicy`]): quarantine periods for identities ARM refuses, and the budget of
-//! drift-check reads. Pure over the instants callers pass.
+//! [`pod_identity_azure::RetryPolicy`]): holds on a whole subscription after it was throttled, quarantine
+//! periods for identities ARM refuses, and the budget of drift-check reads. Pure over the instants callers
+//! pass.
 
 use std::{
     collections::HashMap,
@@ -120,6 +121,35 @@ impl ReadBudget {
     }
 }
 
+/// How long ARM asked whole subscriptions to wait: a 429 from a subscription's bucket (ARM's front door,
+/// which counts the controller's requests per subscription, or one of Compute's per-subscription
+/// policies) holds back every machine's calls of that kind in the subscription, not only the one that
+/// was refused, so that no request is sent inside the `Retry-After` window. Keys are case-folded
+/// subscription IDs.
+#[derive(Debug, Default)]
+pub struct SubscriptionHolds {
+    holds: HashMap<(String, bool), Instant>,
+}
+
+impl SubscriptionHolds {
+    /// Holds the subscription's writes (`write`) or reads until `until`; the later deadline wins.
+    pub fn hold(&mut self, subscription: &str, write: bool, until: Instant) {
+        let slot = self
+            .holds
+            .entry((subscription.to_ascii_lowercase(), write))
+            .or_insert(until);
+        *slot = (*slot).max(until);
+    }
+
+    /// Until when the subscription's writes (`write`) or reads are held, if they are at `now`.
+    pub fn until(&self, subscription: &str, write: bool, now: Instant) -> Option<Instant> {
+        self.holds
+            .get(&(subscription.to_ascii_lowercase(), write))
+            .copied()
+            .filter(|until| *until > now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +188,21 @@ mod tests {
             "{}",
             kept.len()
         );
+    }
+
+    #[test]
+    fn a_subscription_hold_covers_one_kind_of_call_until_the_latest_deadline() {
+        let now = Instant::now();
+        let mut holds = SubscriptionHolds::default();
+        holds.hold("Sub-1", true, now + Duration::from_secs(5));
+        holds.hold("sub-1", true, now + Duration::from_secs(2));
+        assert_eq!(
+            holds.until("SUB-1", true, now),
+            Some(now + Duration::from_secs(5))
+        );
+        assert_eq!(holds.until("sub-1", false, now), None, "reads go on");
+        assert_eq!(holds.until("sub-2", true, now), None, "other subscriptions go on");
+        assert_eq!(holds.until("sub-1", true, now + Duration::from_secs(5)), None);
     }
 
     #[test]

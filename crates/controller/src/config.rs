@@ -126,7 +126,8 @@ pub struct Args {
     )]
     pub immutable_user_msis: Vec<String>,
 
-    /// How often each machine is read to put back identities someone removed.
+    /// How often each machine is read to put back identities someone removed; also how long what is
+    /// known of a machine stands without a read.
     #[arg(long = "identity-assignment-reconcile-interval", env = "IDENTITY_ASSIGNMENT_RECONCILE_INTERVAL", default_value = "3m", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
@@ -135,7 +136,8 @@ pub struct Args {
     #[arg(long = "drift-check-budget", env = "DRIFT_CHECK_BUDGET", default_value_t = 60)]
     pub drift_check_budget: u32,
 
-    /// How long changes gather before a machine's identities are updated in one request.
+    /// Longest wait of an identity to add for others to join its request; shortest wait of an identity
+    /// to remove.
     #[arg(long = "batch-window", env = "BATCH_WINDOW", default_value = "1s", value_parser = parse_duration)]
     pub batch_window: Duration,
 

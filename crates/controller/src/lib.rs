@@ -7,8 +7,10 @@
 //! - [`planner`]: reflectors over pods, nodes, identities, bindings, exceptions and assignments; any
 //!   change wakes one planning pass that matches pods to identities ([`pod_identity_api::matching`]),
 //!   groups the result by machine ([`route`]) and hands each machine's input to its worker.
-//! - [`worker`]: one per VM or scale set; coalesces everything pending into one ARM request per batch
-//!   window, with backoff, `Retry-After`, and quarantine of identities ARM refuses.
+//! - [`worker`]: one per VM or scale set, the I/O shell of its [`schedule`]: at most one ARM call in
+//!   flight, everything that arrives meanwhile in one follow-up request, reads only when what it knows
+//!   of the machine is stale, conditional changes, backoff, `Retry-After`, and quarantine of identities
+//!   ARM refuses.
 //! - [`plan`]: the pure decision of a worker round (what to write, what to add and remove).
 //! - [`record`]: the assignment objects and the annotations that make removal safe.
 //! - [`leader`]: only the Lease holder runs planner and workers; the standby keeps its caches warm.
@@ -33,6 +35,7 @@ pub mod plan;
 pub mod planner;
 pub mod record;
 pub mod route;
+pub mod schedule;
 pub mod start;
 pub mod worker;
 
@@ -51,7 +54,7 @@ use tracing::{info, warn};
 
 use crate::{
     arm::ComputeApi,
-    backoff::{Quarantine, ReadBudget},
+    backoff::{Quarantine, ReadBudget, SubscriptionHolds},
     events::Events,
     kube_store::KubeRecords,
     leader::{Leadership, LeaseConfig},
@@ -161,6 +164,8 @@ pub async fn run(
             config.worker.drift_interval,
             Instant::now(),
         )),
+        holds: Mutex::new(SubscriptionHolds::default()),
+        last_known: Mutex::default(),
         protection: Protection::new(&config.immutable),
         metrics: metrics.clone(),
         events,

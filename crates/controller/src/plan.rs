@@ -14,7 +14,8 @@
 //! | no | yes | no, or protected | release records, identity stays |
 //! | no | no | – | release records |
 //!
-//! "Protected" is the immutable list and the cluster's own identity. A machine that ARM is deleting is
+//! "Protected" is the immutable list and the cluster's own identity. An identity in a change ARM is
+//! applying now is left out of the step altogether, until ARM's answer says where it stands. A machine that ARM is deleting is
 //! left alone. A machine ARM says does not exist (deleted, with its scale set or resource group) holds
 //! nothing: records no pod needs are released, and those pods still want are kept, not usable, with the
 //! reason, until the machine is back (re-created under the same name) or their pods go.
@@ -113,6 +114,9 @@ pub struct Context<'a> {
     pub quarantine: &'a dyn Fn(&str) -> Option<String>,
     /// Identities never removed.
     pub protection: &'a Protection,
+    /// The change ARM is applying now: its identities are left alone (no record written, nothing sent
+    /// again) until its answer is known, and `observed` is the machine from before it.
+    pub in_flight: Option<&'a IdentityDelta>,
 }
 
 /// Something that happened to an assignment, for events and metrics.
@@ -227,6 +231,11 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
     let mut creates_and_patches = Vec::new();
     let mut releases = Vec::new();
     for (key, pair) in &pairs {
+        if let (Some(key), Some(in_flight)) = (key, ctx.in_flight)
+            && in_flight.touches(key)
+        {
+            continue;
+        }
         let Some(key) = key else {
             // No ARM: wanted ones are assigned at once, the others released.
             for wanted in &pair.wanted {

@@ -1,11 +1,11 @@
-//! One worker per VM or scale set: waits for its input to change, lets changes gather for a batch
-//! window, then runs a round: plan, write what is safe, one ARM request for everything pending (split
-//! at 150 identities), plan again with ARM's answer. ARM failures decide when the next round runs:
-//! never before ARM's `Retry-After`, otherwise exponential backoff with jitter. Identities ARM refuses
-//! are quarantined and the rest of the request goes through at once.
+//! One worker per VM or scale set: the I/O shell around its [`Schedule`]. It asks the schedule what to
+//! do, does it (record writes to the Kubernetes API, one ARM call at a time in a task of its own), and
+//! reports back; between steps it waits for its input to change, its ARM call to return, or the
+//! schedule's next deadline. Every decision (when to read, when to send which change, holds, backoff,
+//! bisection) is the schedule's.
 //!
 //! Workers are generic over ARM ([`ComputeApi`]) and the Kubernetes API ([`RecordStore`]), so a whole
-//! round is tested with in-memory implementations of both.
+//! worker is tested with in-memory implementations of both.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -15,22 +15,21 @@ use std::{
 
 use futures::{StreamExt, future::BoxFuture, stream};
 use pod_identity_api::{AzureAssignedIdentity, ObjectKey};
-use pod_identity_azure::{
-    AzureError, IdentityDelta, Machine, RetryPolicy, error::named_in, resource_id::fold, retry::Backoff,
-};
+use pod_identity_azure::{AzureError, IdentityDelta, RetryPolicy, resource_id::fold};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     arm::{ComputeApi, Observed},
-    backoff::{Quarantine, ReadBudget},
+    backoff::{Quarantine, ReadBudget, SubscriptionHolds},
     events::{Events, Notice, Subject},
     leader::Leadership,
     machine::Target,
     metrics::Metrics,
-    plan::{Context, MachineInput, Plan, Protection, Transition, Write, plan},
+    plan::{MachineInput, Protection, Transition, Write},
     record::Recorded,
+    schedule::{Effects, Facts, Schedule, Step},
 };
 
 /// Why a write to the Kubernetes API failed.
@@ -85,7 +84,8 @@ pub trait RecordStore: Send + Sync {
 /// Timing of workers.
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
-    /// How long changes gather before a round.
+    /// How long an identity to add waits for others to join its request (and an identity to remove
+    /// at least waits), from the moment it is first needed (or no longer needed).
     pub batch_window: Duration,
     /// Waits after failed ARM calls (the retry count does not apply: a worker retries while it runs).
     pub retry: RetryPolicy,
@@ -120,6 +120,10 @@ pub struct Shared {
     pub quarantine: Mutex<Quarantine>,
     /// Reads spent on drift checks.
     pub drift_budget: Mutex<ReadBudget>,
+    /// Subscriptions ARM throttled as a whole.
+    pub holds: Mutex<SubscriptionHolds>,
+    /// What retired workers knew of their machines, and since when, for the next worker of the machine.
+    pub last_known: Mutex<HashMap<Target, (Observed, Instant)>>,
     /// Identities never removed.
     pub protection: Protection,
     /// Metrics.
@@ -138,20 +142,6 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// How a round ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Everything is as it should be.
-    Settled,
-    /// Run again after this long.
-    Retry(Duration),
-    /// This replica is not the leader any more.
-    NotLeader,
-}
-
-/// The largest number of plan steps in one round; each step is one write batch and at most one ARM
-/// request per 150 identities, so a round never loops on a confused machine.
-const MAX_STEPS: usize = 8;
 /// How long a worker pauses while leadership is being lost.
 const NOT_LEADER_PAUSE: Duration = Duration::from_millis(500);
 /// How long our own writes are laid over the planner's input while the watch catches up.
@@ -201,305 +191,233 @@ impl Overlay {
 /// A write and how it went (`None`: the object is gone).
 type WriteOutcome<'a> = (&'a Write, Result<Option<Recorded>, WriteError>);
 
+/// ARM's answer to the call in flight.
+type Answer = Result<Observed, AzureError>;
+
 /// The worker of one machine.
 pub struct Worker {
     target: Target,
     shared: Arc<Shared>,
-    backoff: Backoff,
+    schedule: Schedule,
     overlay: Overlay,
+    queued: bool,
 }
 
 impl Worker {
     /// A worker for `target`.
     pub fn new(target: Target, shared: Arc<Shared>) -> Self {
-        let backoff = shared.settings.retry.backoff();
+        let settings = &shared.settings;
+        let known = lock(&shared.last_known).remove(&target);
+        let schedule = Schedule::new(
+            settings.batch_window,
+            settings.drift_interval,
+            settings.retry.backoff(),
+            Instant::now(),
+            fastrand::f64(),
+        )
+        .with_known(known);
         Self {
             target,
             shared,
-            backoff,
+            schedule,
             overlay: Overlay::default(),
+            queued: false,
         }
     }
 
-    /// Runs until the planner drops the sender.
+    /// Runs until the planner drops the sender (the machine has nothing wanted or recorded, or this
+    /// replica stopped leading); an ARM call still in flight is then abandoned.
     pub async fn run(mut self, mut input_rx: watch::Receiver<MachineInput>) {
-        let settings = self.shared.settings.clone();
-        let mut retry_at: Option<Instant> = None;
-        let mut pending = true;
-        let mut queued = false;
-        let mut drift_at = Instant::now() + jittered(settings.drift_interval);
+        let span = info_span!("machine", machine = %self.target);
+        let mut input = self.refresh(&mut input_rx);
+        let mut calls: JoinSet<Answer> = JoinSet::new();
         loop {
-            let now = Instant::now();
-            if pending && !queued {
-                self.shared.metrics.queue_depth.inc();
-                queued = true;
-            }
-            let wake = if pending {
-                retry_at.unwrap_or(now)
-            } else {
-                far_future(now)
-            };
-            let quarantine_at = self.quarantine_release(&input_rx.borrow(), now);
-            let drift_check =
-                matches!(self.target, Target::Azure(_)) && !input_rx.borrow().recorded.is_empty();
-            let mut force_read = false;
-            tokio::select! {
-                changed = input_rx.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    pending = true;
-                    // Let more changes gather, but never run before ARM's Retry-After.
-                    let until = (Instant::now() + settings.batch_window).max(retry_at.unwrap_or(now));
-                    tokio::time::sleep_until(until.into()).await;
-                }
-                () = tokio::time::sleep_until(wake.into()), if pending => {}
-                () = tokio::time::sleep_until(drift_at.into()), if drift_check && !pending => {
-                    let budget = lock(&self.shared.drift_budget).take(Instant::now());
-                    match budget {
-                        Ok(()) => {
-                            force_read = true;
-                            pending = true;
-                            drift_at = Instant::now() + jittered(settings.drift_interval);
-                        }
-                        Err(wait) => {
-                            drift_at = Instant::now() + wait;
-                            continue;
-                        }
-                    }
-                }
-                () = tokio::time::sleep_until(quarantine_at.unwrap_or_else(|| far_future(now)).into()),
-                    if quarantine_at.is_some() && !pending => {
-                    pending = true;
-                }
+            match input_rx.has_changed() {
+                Ok(true) => input = self.refresh(&mut input_rx),
+                Ok(false) => {}
+                Err(_) => break,
             }
             if !self.shared.leadership.is_leader() {
                 // Leadership is being lost; the planner stops this worker shortly.
                 tokio::time::sleep(NOT_LEADER_PAUSE).await;
                 continue;
             }
-            let mut input = input_rx.borrow_and_update().clone();
-            self.overlay.apply(&mut input, Instant::now());
-            let started = Instant::now();
-            let span = info_span!("round", machine = %self.target);
-            let outcome = self.round(&mut input, force_read).instrument(span).await;
-            self.shared
-                .metrics
-                .reconciled("machine", started.elapsed().as_secs_f64());
-            match outcome {
-                Outcome::Settled => {
-                    pending = false;
-                    retry_at = None;
-                    self.backoff.reset();
+            let step = self.step(&input);
+            match step {
+                Step::Write(writes) => {
+                    let ok = self.execute(&mut input, &writes).instrument(span.clone()).await;
+                    self.schedule.written(Instant::now(), ok);
                 }
-                Outcome::Retry(wait) => {
-                    retry_at = Some(Instant::now() + wait);
+                Step::Read { drift } => {
+                    if let Some(call) = self.read(drift) {
+                        calls.spawn(call.instrument(span.clone()));
+                    }
                 }
-                Outcome::NotLeader => {
-                    retry_at = Some(Instant::now() + NOT_LEADER_PAUSE);
+                Step::Patch { delta, if_match } => {
+                    calls.spawn(self.patch(delta, if_match).instrument(span.clone()));
                 }
-            }
-            if !pending && queued {
-                self.shared.metrics.queue_depth.dec();
-                queued = false;
+                Step::Wait(until) => {
+                    let until = earliest(until, self.quarantine_release(&input));
+                    tokio::select! {
+                        changed = input_rx.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            input = self.refresh(&mut input_rx);
+                        }
+                        Some(joined) = calls.join_next() => {
+                            let answer = joined.unwrap_or_else(|err| {
+                                Err(AzureError::InvalidResponse(format!("the ARM call ended: {err}")))
+                            });
+                            let _entered = span.enter();
+                            self.answered(&input, answer);
+                        }
+                        () = tokio::time::sleep_until(until.unwrap_or_else(|| far_future(Instant::now())).into()),
+                            if until.is_some() => {}
+                    }
+                }
             }
         }
-        if queued {
+        if self.queued {
             self.shared.metrics.queue_depth.dec();
+        }
+        if let Some(known) = self.schedule.known() {
+            let now = Instant::now();
+            let fresh = self.shared.settings.drift_interval;
+            let mut last_known = lock(&self.shared.last_known);
+            last_known.retain(|_, (_, at)| now.saturating_duration_since(*at) < fresh);
+            last_known.insert(self.target.clone(), known);
+        }
+    }
+
+    /// The planner's latest input, with our own writes laid over it.
+    fn refresh(&mut self, input_rx: &mut watch::Receiver<MachineInput>) -> MachineInput {
+        let mut input = input_rx.borrow_and_update().clone();
+        self.overlay.apply(&mut input, Instant::now());
+        self.schedule.news();
+        input
+    }
+
+    /// Asks the schedule what to do now, and keeps the work-queue gauge in line with its answer.
+    fn step(&mut self, input: &MachineInput) -> Step {
+        let now = Instant::now();
+        let subscription = match &self.target {
+            Target::Azure(machine) => machine.subscription.as_str(),
+            Target::NoAzure => "",
+        };
+        let (reads_held, writes_held) = {
+            let holds = lock(&self.shared.holds);
+            (
+                holds.until(subscription, false, now),
+                holds.until(subscription, true, now),
+            )
+        };
+        let step = {
+            let quarantine = lock(&self.shared.quarantine);
+            let reason = |key: &str| quarantine.reason(key, now);
+            self.schedule.next(
+                input,
+                &Facts {
+                    quarantine: &reason,
+                    protection: &self.shared.protection,
+                    reads_held,
+                    writes_held,
+                },
+                now,
+            )
+        };
+        match (self.schedule.busy(), self.queued) {
+            (true, false) => {
+                self.shared.metrics.queue_depth.inc();
+            }
+            (false, true) => {
+                self.shared.metrics.queue_depth.dec();
+            }
+            _ => {}
+        }
+        self.queued = self.schedule.busy();
+        step
+    }
+
+    /// The read the schedule asked for, unless the drift check's budget is spent (the schedule then
+    /// tries again when it has one).
+    fn read(&mut self, drift: bool) -> Option<impl Future<Output = Answer> + use<>> {
+        let Target::Azure(machine) = self.target.clone() else {
+            return None;
+        };
+        if drift {
+            let now = Instant::now();
+            if let Err(wait) = lock(&self.shared.drift_budget).take(now) {
+                self.schedule.postpone_drift(now + wait);
+                return None;
+            }
+        }
+        let shared = self.shared.clone();
+        Some(async move {
+            let result = shared.compute.get(&machine).await;
+            let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
+            shared
+                .metrics
+                .arm_call(&format!("{}_get", machine.kind.label()), status);
+            result
+        })
+    }
+
+    /// The change the schedule asked for.
+    fn patch(&self, delta: IdentityDelta, if_match: Option<String>) -> impl Future<Output = Answer> + use<> {
+        let target = self.target.clone();
+        let shared = self.shared.clone();
+        async move {
+            let Target::Azure(machine) = target else {
+                return Err(AzureError::Config("no Azure machine to change".into()));
+            };
+            info!(
+                add = delta.add.len(),
+                remove = delta.remove.len(),
+                conditional = if_match.is_some(),
+                "updating identities"
+            );
+            let result = shared.compute.patch(&machine, &delta, if_match.as_deref()).await;
+            let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
+            shared
+                .metrics
+                .arm_call(&format!("{}_patch", machine.kind.label()), status);
+            result
+        }
+    }
+
+    /// Hands ARM's answer to the schedule and does what it says besides.
+    fn answered(&mut self, input: &MachineInput, answer: Answer) {
+        let effects = self.schedule.answered(Instant::now(), answer);
+        self.apply(input, effects);
+    }
+
+    fn apply(&mut self, input: &MachineInput, effects: Effects) {
+        for (ids, reason) in &effects.quarantine {
+            self.quarantine(input, ids, reason);
+        }
+        if !effects.accepted.is_empty() {
+            self.accepted(&effects.accepted);
+        }
+        if effects.repaired > 0 {
+            self.shared.metrics.drift_repairs.inc_by(effects.repaired as u64);
+        }
+        if let (Some((write, until)), Target::Azure(machine)) = (effects.subscription_hold, &self.target) {
+            lock(&self.shared.holds).hold(&machine.subscription, write, until);
+        }
+        match &effects.failed {
+            Some((err @ AzureError::Throttled { .. }, wait)) => {
+                info!(error = %err, wait_ms = wait.as_millis() as u64, "throttled by ARM");
+            }
+            Some((err, wait)) => warn!(error = %err, wait_ms = wait.as_millis() as u64, "ARM call failed"),
+            None => {}
         }
     }
 
     /// When a quarantined identity this machine needs may be tried again.
-    fn quarantine_release(&self, input: &MachineInput, now: Instant) -> Option<Instant> {
+    fn quarantine_release(&self, input: &MachineInput) -> Option<Instant> {
         let keys: Vec<String> = input.wanted.iter().filter_map(|w| w.identity_key()).collect();
-        lock(&self.shared.quarantine).next_release(keys.iter().map(String::as_str), now)
-    }
-
-    /// One round; `read_first` reads the machine even if nothing seems to need it (drift check).
-    pub async fn round(&mut self, input: &mut MachineInput, read_first: bool) -> Outcome {
-        let machine = match &self.target {
-            Target::Azure(machine) => Some(machine.clone()),
-            Target::NoAzure => None,
-        };
-        let mut observed: Option<Observed> = None;
-        if read_first && let Some(machine) = &machine {
-            match self.observe(machine).await {
-                Ok(o) => observed = Some(o),
-                Err(err) => return self.failed(&err),
-            }
-        }
-        let drift_check = read_first;
-        let mut write_failed = false;
-        // Additions known to include one ARM refuses without naming it: probed half by half.
-        let mut suspects: Option<Vec<String>> = None;
-        let mut settled = false;
-        for _ in 0..MAX_STEPS {
-            if !self.shared.leadership.is_leader() {
-                return Outcome::NotLeader;
-            }
-            let now = Instant::now();
-            let plan = {
-                let quarantine = lock(&self.shared.quarantine);
-                let reason = |key: &str| quarantine.reason(key, now);
-                plan(
-                    input,
-                    &Context {
-                        observed: observed.as_ref(),
-                        quarantine: &reason,
-                        protection: &self.shared.protection,
-                    },
-                )
-            };
-            if plan.deferred {
-                info!("the machine is being deleted; leaving it alone");
-                let wait = self.backoff.next(None);
-                return Outcome::Retry(wait.max(self.shared.settings.drift_interval / 4));
-            }
-            if plan.needs_observation && observed.is_none() {
-                let Some(machine) = &machine else {
-                    settled = true;
-                    break;
-                };
-                match self.observe(machine).await {
-                    Ok(o) => {
-                        observed = Some(o);
-                        continue;
-                    }
-                    Err(err) => {
-                        // Releases that need no ARM knowledge still happen.
-                        self.execute(input, &plan).await;
-                        return self.failed(&err);
-                    }
-                }
-            }
-            write_failed |= !self.execute(input, &plan).await;
-            let (Some(machine), false) = (&machine, plan.delta.is_empty()) else {
-                settled = true;
-                break;
-            };
-            let mut delta = plan.delta.clone();
-            let probe: Option<Vec<String>> = suspects.as_ref().map(|s| {
-                let half: Vec<String> = s[..s.len().div_ceil(2)].to_vec();
-                let keys: BTreeSet<String> = half.iter().map(|id| fold(id)).collect();
-                delta.add.retain(|id| keys.contains(&fold(id)));
-                half
-            });
-            for chunk in delta.requests() {
-                if !self.shared.leadership.is_leader() {
-                    return Outcome::NotLeader;
-                }
-                // Conditional on what the plan was made from, where the client supports it.
-                let etag = observed.as_ref().and_then(|o| o.etag.clone());
-                match self.write(machine, &chunk, etag.as_deref()).await {
-                    Ok(after) => {
-                        self.accepted(&chunk.add);
-                        if drift_check && !chunk.add.is_empty() {
-                            self.shared.metrics.drift_repairs.inc_by(chunk.add.len() as u64);
-                        }
-                        observed = Some(after);
-                        if let (Some(all), Some(probe)) = (&suspects, &probe) {
-                            // The refused one is among the rest; alone, it is found.
-                            let rest: Vec<String> =
-                                all.iter().filter(|id| !probe.contains(id)).cloned().collect();
-                            suspects = None;
-                            match rest.as_slice() {
-                                [] => {}
-                                [one] => {
-                                    self.quarantine(input, std::slice::from_ref(one), &refused_unnamed())
-                                }
-                                _ => suspects = Some(rest),
-                            }
-                        }
-                    }
-                    Err(AzureError::IdentitiesRejected {
-                        identities: ids,
-                        code,
-                        message,
-                    }) => {
-                        let named = if ids.is_empty() {
-                            named_in(&message, &chunk.add)
-                        } else {
-                            ids
-                        };
-                        let reason = format!("{code}: {message}");
-                        suspects = None;
-                        if !named.is_empty() {
-                            self.quarantine(input, &named, &reason);
-                        } else if chunk.add.len() == 1 {
-                            self.quarantine(input, &chunk.add, &reason);
-                        } else if !chunk.add.is_empty() {
-                            suspects = Some(chunk.add.clone());
-                        } else {
-                            return self.failed(&AzureError::InvalidResponse(reason));
-                        }
-                        // The machine is unchanged; plan again without the refused identities.
-                        break;
-                    }
-                    Err(AzureError::ResourceNotFound { message, .. }) => {
-                        // Deleted since it was read: plan again for a machine that holds nothing.
-                        info!(reason = %message, "the machine does not exist any more");
-                        observed = Some(Observed::absent(message));
-                        break;
-                    }
-                    Err(err) => {
-                        // A conflict means someone changed the machine; the next round reads it again.
-                        return self.failed(&err);
-                    }
-                }
-            }
-        }
-        if write_failed || !settled {
-            return Outcome::Retry(self.backoff.next(None));
-        }
-        Outcome::Settled
-    }
-
-    /// Reads the machine; a machine ARM says does not exist is observed as holding nothing, so that its
-    /// records are released instead of the read being retried for ever.
-    async fn observe(&self, machine: &Machine) -> Result<Observed, AzureError> {
-        match self.read(machine).await {
-            Err(AzureError::ResourceNotFound { message, .. }) => {
-                info!(reason = %message, "the machine does not exist");
-                Ok(Observed::absent(message))
-            }
-            other => other,
-        }
-    }
-
-    async fn read(&self, machine: &Machine) -> Result<Observed, AzureError> {
-        let operation = format!("{}_get", machine.kind.label());
-        let result = self.shared.compute.get(machine).await;
-        let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
-        self.shared.metrics.arm_call(&operation, status);
-        result
-    }
-
-    async fn write(
-        &self,
-        machine: &Machine,
-        delta: &IdentityDelta,
-        if_match: Option<&str>,
-    ) -> Result<Observed, AzureError> {
-        let operation = format!("{}_patch", machine.kind.label());
-        info!(
-            add = delta.add.len(),
-            remove = delta.remove.len(),
-            "updating identities"
-        );
-        let result = self.shared.compute.patch(machine, delta, if_match).await;
-        let status = result.as_ref().map_or_else(AzureError::label, |_| "ok");
-        self.shared.metrics.arm_call(&operation, status);
-        result
-    }
-
-    /// The wait after a failed ARM call; at least what ARM asked for.
-    fn failed(&mut self, err: &AzureError) -> Outcome {
-        let wait = self.backoff.next(err.retry_after());
-        match err {
-            AzureError::Throttled { .. } => info!(wait_ms = wait.as_millis() as u64, "throttled by ARM"),
-            _ => warn!(error = %err, wait_ms = wait.as_millis() as u64, "ARM call failed"),
-        }
-        Outcome::Retry(wait)
+        lock(&self.shared.quarantine).next_release(keys.iter().map(String::as_str), Instant::now())
     }
 
     /// Identities ARM accepted leave quarantine.
@@ -557,19 +475,17 @@ impl Worker {
         }
     }
 
-    /// Runs a plan's writes; creates and patches first (concurrently), then releases. Folds results
-    /// into `input`; returns whether all succeeded.
-    async fn execute(&mut self, input: &mut MachineInput, plan: &Plan) -> bool {
-        if plan.writes.is_empty() {
+    /// Runs writes; creates and patches first (concurrently), then releases. Folds results into
+    /// `input`; returns whether all succeeded.
+    async fn execute(&mut self, input: &mut MachineInput, writes: &[Write]) -> bool {
+        if writes.is_empty() {
             return true;
         }
         if !self.shared.leadership.is_leader() {
             return false;
         }
-        let (releases, others): (Vec<&Write>, Vec<&Write>) = plan
-            .writes
-            .iter()
-            .partition(|w| matches!(w, Write::Release { .. }));
+        let (releases, others): (Vec<&Write>, Vec<&Write>) =
+            writes.iter().partition(|w| matches!(w, Write::Release { .. }));
         let mut all_ok = true;
         for batch in [others, releases] {
             let this: &Self = self;
@@ -687,13 +603,11 @@ impl Worker {
     }
 }
 
-fn refused_unnamed() -> String {
-    "ARM refused a request with this identity without naming it; the others of that request were accepted"
-        .to_owned()
-}
-
-fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(0.75 + fastrand::f64() / 2.0)
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 fn far_future(now: Instant) -> Instant {

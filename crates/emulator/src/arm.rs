@@ -502,16 +502,20 @@ pub(crate) fn throttle(
     policy: Option<Policy>,
 ) -> Result<Vec<(&'static str, String)>, Response> {
     let cfg = read(&sh.settings).throttling.clone();
-    let decision = lock(&sh.throttler).check(
+    let (decision, early) = lock(&sh.throttler).admit(
         &cfg,
         Instant::now(),
         &ThrottleRequest {
             subscription: sub,
+            principal: &claims.oid,
             resource,
             write,
             policy,
         },
     );
+    if early {
+        crate::observe::note_inside_retry_after();
+    }
     match decision {
         Decision::Allowed(h) => Ok(h),
         Decision::Throttled {

@@ -33,6 +33,31 @@ pub struct RequestRecord {
     /// The fault rule that answered or delayed the request.
     pub fault: Option<u64>,
     pub duration_us: u64,
+    /// ARM: the request drew on a throttling bucket whose `Retry-After` window, given to an earlier request,
+    /// was still open. A client that waits as told never sends one.
+    #[serde(default)]
+    pub inside_retry_after: bool,
+}
+
+tokio::task_local! {
+    /// Whether the request being served was sent inside a `Retry-After` window.
+    static INSIDE_RETRY_AFTER: std::cell::Cell<bool>;
+}
+
+/// Serves a request with [`note_inside_retry_after`] available to its handler; returns the response and
+/// whether the handler noted it.
+pub(crate) async fn noting_retry_after<T>(serve: impl Future<Output = T>) -> (T, bool) {
+    INSIDE_RETRY_AFTER
+        .scope(std::cell::Cell::new(false), async {
+            let out = serve.await;
+            (out, INSIDE_RETRY_AFTER.with(std::cell::Cell::get))
+        })
+        .await
+}
+
+/// Notes that the request being served was sent inside a `Retry-After` window.
+pub(crate) fn note_inside_retry_after() {
+    let _ = INSIDE_RETRY_AFTER.try_with(|flag| flag.set(true));
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +186,7 @@ mod tests {
             identity: None,
             fault: None,
             duration_us: 1,
+            inside_retry_after: false,
         }
     }
 

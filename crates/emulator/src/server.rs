@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::faults::Target;
 use crate::http::{Conn, Service, Tag, with_header};
-use crate::observe::RequestRecord;
+use crate::observe::{RequestRecord, noting_retry_after};
 use crate::shared::{Shared, lock};
 use crate::{arm, entra, imds, keyvault, subscriptions};
 use pod_identity_azure::resource_id::{ResourceId, fold};
@@ -91,17 +91,23 @@ pub async fn serve_request(sh: Arc<Shared>, req: Request<Body>, conn: Conn) -> R
     {
         tokio::time::sleep(a.latency).await;
     }
-    let mut resp = match action.as_ref().and_then(|a| a.status.map(|s| (s, a.retry_after))) {
-        Some((status, retry_after)) => fault_response(service, status, retry_after),
-        None => match service {
-            Service::Imds => imds::handle(&sh, &conn, req).await,
-            Service::Arm => match subscriptions::route(&path) {
-                Some(route) => subscriptions::handle(&sh, &conn, req, route).await,
-                None => arm::handle(&sh, &conn, req).await,
-            },
-            Service::Entra => entra::handle(&sh, &conn, req).await,
-            Service::KeyVault => keyvault::handle(&sh, &conn, req).await,
-        },
+    let answer = action.as_ref().and_then(|a| a.status.map(|s| (s, a.retry_after)));
+    let (mut resp, inside_retry_after) = match answer {
+        Some((status, retry_after)) => (fault_response(service, status, retry_after), false),
+        None => {
+            noting_retry_after(async {
+                match service {
+                    Service::Imds => imds::handle(&sh, &conn, req).await,
+                    Service::Arm => match subscriptions::route(&path) {
+                        Some(route) => subscriptions::handle(&sh, &conn, req, route).await,
+                        None => arm::handle(&sh, &conn, req).await,
+                    },
+                    Service::Entra => entra::handle(&sh, &conn, req).await,
+                    Service::KeyVault => keyvault::handle(&sh, &conn, req).await,
+                }
+            })
+            .await
+        }
     };
     let tag = resp.extensions_mut().remove::<Tag>().unwrap_or_else(|| Tag {
         resource: match service {
@@ -127,6 +133,7 @@ pub async fn serve_request(sh: Arc<Shared>, req: Request<Body>, conn: Conn) -> R
         identity: tag.identity,
         fault: action.map(|a| a.fault_id),
         duration_us: start.elapsed().as_micros() as u64,
+        inside_retry_after,
     });
     resp
 }

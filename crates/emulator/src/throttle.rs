@@ -1,8 +1,12 @@
-//! ARM's throttling model: token buckets. ARM's front door keeps a read and a write bucket per subscription;
-//! Compute keeps, for each operation policy, one bucket per resource and one per subscription (refill per
-//! minute / capacity as in the Compute throttling documentation). A request goes through only when every
-//! bucket it draws from holds a token; otherwise it gets 429 with the wait until the emptiest one refills.
-//! Pure over an [`Instant`] the caller passes, so tests drive time by hand.
+//! ARM's throttling model: token buckets. ARM's front door keeps a read and a write bucket per principal and
+//! subscription (ARM's request-limits-and-throttling document: requests are "throttled per principal ID");
+//! Compute keeps, for each operation policy, one bucket per resource and one per subscription, shared by
+//! every caller (refill per minute / capacity as in the Compute throttling documentation). A request goes
+//! through only when every bucket it draws from holds a token; otherwise it gets 429 with the wait until the
+//! emptiest one refills. A bucket that refused a request remembers until when it told the caller to wait, so
+//! that a request sent inside that `Retry-After` window is told apart (ARM answers it with a fresh 429; tests
+//! of a client's politeness count them). Pure over an [`Instant`] the caller passes, so tests drive time by
+//! hand.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -62,9 +66,9 @@ pub struct PolicyLimits {
 pub struct ThrottleConfig {
     pub enabled: bool,
     pub compute: BTreeMap<Policy, PolicyLimits>,
-    /// ARM front door, per subscription: 250 reads refilled at 25/s.
+    /// ARM front door, per principal and subscription: 250 reads refilled at 25/s.
     pub arm_reads: BucketLimit,
-    /// ARM front door, per subscription: 200 writes refilled at 10/s.
+    /// ARM front door, per principal and subscription: 200 writes refilled at 10/s.
     pub arm_writes: BucketLimit,
 }
 
@@ -139,6 +143,8 @@ impl Bucket {
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub subscription: &'a str,
+    /// The caller's object ID (the token's `oid`).
+    pub principal: &'a str,
     pub resource: &'a str,
     pub write: bool,
     pub policy: Option<Policy>,
@@ -148,17 +154,25 @@ pub struct Request<'a> {
 #[derive(Debug, Default)]
 pub struct Throttler {
     buckets: HashMap<(String, String), Bucket>,
+    /// Until when each bucket that refused a request told its caller to wait.
+    windows: HashMap<(String, String), Instant>,
 }
 
 impl Throttler {
     pub fn check(&mut self, cfg: &ThrottleConfig, now: Instant, req: &Request<'_>) -> Decision {
+        self.admit(cfg, now, req).0
+    }
+
+    /// [`Throttler::check`], and whether the request draws from a bucket whose `Retry-After` window is still
+    /// open: its caller did not wait as told.
+    pub fn admit(&mut self, cfg: &ThrottleConfig, now: Instant, req: &Request<'_>) -> (Decision, bool) {
         if !cfg.enabled {
-            return Decision::Allowed(Vec::new());
+            return (Decision::Allowed(Vec::new()), false);
         }
         let sub = req.subscription.to_ascii_lowercase();
         let mut draws: Vec<(String, String, BucketLimit, Scope)> = vec![(
             format!("arm/{}", if req.write { "writes" } else { "reads" }),
-            sub.clone(),
+            format!("{sub}/{}", req.principal.to_ascii_lowercase()),
             if req.write { cfg.arm_writes } else { cfg.arm_reads },
             Scope::Arm { write: req.write },
         )];
@@ -178,17 +192,26 @@ impl Throttler {
                 Scope::ComputeResource(policy),
             ));
         }
+        let early = draws.iter().any(|(name, key, _, _)| {
+            self.windows
+                .get(&(name.clone(), key.clone()))
+                .is_some_and(|until| *until > now)
+        });
         for (name, key, limit, scope) in &draws {
             let bucket = self.buckets.entry((name.clone(), key.clone())).or_insert(Bucket {
                 tokens: limit.capacity,
                 last: now,
             });
             if bucket.refilled(*limit, now) < 1.0 {
-                return Decision::Throttled {
+                let retry_after = bucket.wait_for_one(*limit);
+                let window = self.windows.entry((name.clone(), key.clone())).or_insert(now);
+                *window = (*window).max(now + retry_after);
+                let decision = Decision::Throttled {
                     scope: scope.clone(),
-                    retry_after: bucket.wait_for_one(*limit),
+                    retry_after,
                     allowed: limit.capacity as u64,
                 };
+                return (decision, early);
             }
         }
         let mut remaining = Vec::with_capacity(draws.len());
@@ -222,12 +245,13 @@ impl Throttler {
         if !compute.is_empty() {
             headers.push(("x-ms-ratelimit-remaining-resource", compute.join(",")));
         }
-        Decision::Allowed(headers)
+        (Decision::Allowed(headers), early)
     }
 
-    /// Forgets every bucket (they start full again).
+    /// Forgets every bucket (they start full again) and every window.
     pub fn reset(&mut self) {
         self.buckets.clear();
+        self.windows.clear();
     }
 }
 
@@ -250,6 +274,7 @@ mod tests {
     fn req<'a>(resource: &'a str) -> Request<'a> {
         Request {
             subscription: "sub",
+            principal: "caller",
             resource,
             write: true,
             policy: Some(Policy::UpdateVmss),
@@ -328,6 +353,7 @@ mod tests {
         let now = Instant::now();
         let read = Request {
             subscription: "sub",
+            principal: "caller",
             resource: "x",
             write: false,
             policy: None,
@@ -342,6 +368,71 @@ mod tests {
             ..read
         };
         assert!(matches!(t.check(&cfg, now, &other), Decision::Allowed(_)));
+    }
+
+    #[test]
+    fn the_front_door_counts_each_principal_apart_and_compute_counts_them_together() {
+        let mut cfg = small();
+        cfg.arm_writes = BucketLimit::new(60.0, 1.0);
+        let mut t = Throttler::default();
+        let now = Instant::now();
+        let as_principal = |principal: &'static str, resource: &'static str| Request {
+            principal,
+            ..req(resource)
+        };
+        assert!(matches!(
+            t.check(&cfg, now, &as_principal("a", "r1")),
+            Decision::Allowed(_)
+        ));
+        assert_eq!(
+            t.check(&cfg, now, &as_principal("a", "r2")),
+            Decision::Throttled {
+                scope: Scope::Arm { write: true },
+                retry_after: Duration::from_secs(1),
+                allowed: 1
+            }
+        );
+        // Another principal has a front-door bucket of its own, but shares Compute's subscription bucket.
+        assert!(matches!(
+            t.check(&cfg, now, &as_principal("b", "r3")),
+            Decision::Allowed(_)
+        ));
+        cfg.arm_writes = BucketLimit::new(60.0, 10.0);
+        let mut t = Throttler::default();
+        for (principal, resource) in [("a", "r1"), ("b", "r2"), ("c", "r3")] {
+            assert!(matches!(
+                t.check(&cfg, now, &as_principal(principal, resource)),
+                Decision::Allowed(_)
+            ));
+        }
+        assert!(matches!(
+            t.check(&cfg, now, &as_principal("d", "r4")),
+            Decision::Throttled {
+                scope: Scope::ComputeSubscription(Policy::UpdateVmss),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_request_inside_a_retry_after_window_is_told_apart() {
+        let cfg = small();
+        let mut t = Throttler::default();
+        let now = Instant::now();
+        for _ in 0..2 {
+            assert!(!t.admit(&cfg, now, &req("a")).1);
+        }
+        // Refused: wait 10 s for "a" (6 per minute).
+        let (refused, early) = t.admit(&cfg, now, &req("a"));
+        assert!(matches!(refused, Decision::Throttled { .. }) && !early);
+        // Sent again after 5 s: inside the window, refused again.
+        let (again, early) = t.admit(&cfg, now + Duration::from_secs(5), &req("a"));
+        assert!(matches!(again, Decision::Throttled { .. }) && early);
+        // Another resource draws on other buckets: inside no window.
+        assert!(!t.admit(&cfg, now + Duration::from_secs(5), &req("b")).1);
+        // After the window: allowed, and polite.
+        let (allowed, early) = t.admit(&cfg, now + Duration::from_secs(10), &req("a"));
+        assert!(matches!(allowed, Decision::Allowed(_)) && !early);
     }
 
     #[test]

@@ -627,6 +627,29 @@ async fn front_door_read_budget_throttles_the_subscription() {
 }
 
 #[tokio::test]
+async fn the_front_door_counts_each_principal_apart_and_marks_a_request_sent_inside_the_window() {
+    let em = start_with(|c| {
+        c.settings.throttling.arm_reads = pod_identity_emulator::throttle::BucketLimit::new(6.0, 1.0)
+    })
+    .await;
+    let tok = ctl_token(&em).await;
+    assert_eq!(get(&em, &tok, &vmss_id()).await.status, 200);
+    let refused = get(&em, &tok, &vmss_id()).await;
+    assert_eq!((refused.status, refused.header("retry-after")), (429, Some("10")));
+    // Asked again at once, inside the 10 s it was told to wait: a fresh 429, and the log says so.
+    assert_eq!(get(&em, &tok, &vmss_id()).await.status, 429);
+    // Another principal of the same subscription has a read bucket of its own.
+    let reader = entra_token(&em, READER_CLIENT, SECRET, "https://management.azure.com/").await;
+    assert_eq!(get(&em, &reader, &vmss_id()).await.status, 200);
+    let log = em.requests(&pod_identity_emulator::LogFilter {
+        path_contains: Some(VMSS.into()),
+        ..Default::default()
+    });
+    let seen: Vec<(u16, bool)> = log.iter().map(|r| (r.status, r.inside_retry_after)).collect();
+    assert_eq!(seen, vec![(200, false), (429, false), (429, true), (200, false)]);
+}
+
+#[tokio::test]
 async fn user_assigned_identity_get() {
     let em = start().await;
     let tok = ctl_token(&em).await;

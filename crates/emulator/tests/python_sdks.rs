@@ -189,6 +189,50 @@ async fn python_mgmt_compute_reads_and_updates_scale_set_identities() {
 }
 
 #[tokio::test]
+async fn python_mgmt_compute_waits_out_the_retry_after_of_each_429_and_is_never_marked_early() {
+    // One read of the scale set per 2 s (Compute's per-resource GetVMScaleSet bucket, scaled down).
+    let em = start_with(|c| {
+        let p = c
+            .settings
+            .throttling
+            .compute
+            .get_mut(&pod_identity_emulator::throttle::Policy::GetVmss)
+            .unwrap();
+        p.per_resource = pod_identity_emulator::throttle::BucketLimit::new(30.0, 1.0);
+    })
+    .await;
+    let ca = ca_file(&em);
+    let out = run(
+        "mgmt_compute_throttled.py",
+        &[
+            ("AZURE_URL", em.azure_url()),
+            ("TENANT_ID", TENANT.into()),
+            ("CLIENT_ID", CTL_CLIENT.into()),
+            ("CLIENT_SECRET", CTL_SECRET.into()),
+            ("SUBSCRIPTION_ID", SUB.into()),
+            ("RESOURCE_GROUP", RG.into()),
+            ("VMSS_NAME", VMSS.into()),
+            ("READS", "3".into()),
+            ("REQUESTS_CA_BUNDLE", ca.path().display().to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(out["reads"], 3, "{out}");
+    let reads = em.requests(&LogFilter {
+        service: Some(Service::Arm),
+        path_contains: Some(VMSS.into()),
+        ..LogFilter::default()
+    });
+    let statuses: Vec<u16> = reads.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200, 429, 200, 429, 200], "{reads:#?}");
+    assert!(
+        reads.iter().all(|r| !r.inside_retry_after),
+        "an official client that waits as told is never marked: {reads:#?}"
+    );
+    assert!(out["seconds"].as_f64().unwrap() >= 4.0, "{out}");
+}
+
+#[tokio::test]
 async fn python_keyvault_reads_a_secret_with_a_managed_identity_token() {
     let em = start().await;
     let ca = ca_file(&em);

@@ -68,6 +68,7 @@ fn run_with(
             observed,
             quarantine,
             protection,
+            in_flight: None,
         },
     )
 }
@@ -653,4 +654,48 @@ fn no_sequence_removes_an_identity_we_did_not_add() {
             );
         }
     }
+}
+
+#[test]
+fn identities_in_a_change_in_flight_are_left_alone_and_the_others_planned() {
+    // Known before the change: "payments" being added, "old" being removed (its pod gone).
+    let gone = wanted("gone-0", "node-1", "old", 3);
+    let input = input(
+        vec![
+            wanted("web-0", "node-1", "payments", 1),
+            wanted("api-0", "node-1", "orders", 2),
+            wanted("db-0", "node-1", "shared", 4),
+        ],
+        vec![recorded(&gone, AssignmentStatus::Assigned, Origin::Added, None)],
+    );
+    let before = observed(&["old", "shared"]);
+    let in_flight = IdentityDelta {
+        add: vec![identity_id("payments")],
+        remove: vec![identity_id("old").to_uppercase()],
+        ..IdentityDelta::default()
+    };
+    let plan = plan(
+        &input,
+        &Context {
+            observed: Some(&before),
+            quarantine: &no_quarantine,
+            protection: &Protection::default(),
+            in_flight: Some(&in_flight),
+        },
+    );
+    assert_eq!(plan.delta.add, vec![identity_id("orders")], "nothing sent twice");
+    assert!(plan.delta.remove.is_empty());
+    let touched: Vec<String> = plan
+        .writes
+        .iter()
+        .map(|w| match w {
+            Write::Create { object, .. } => object.metadata.name.clone().unwrap(),
+            Write::Patch { key, .. } | Write::Release { key, .. } => key.name.clone(),
+        })
+        .collect();
+    assert_eq!(
+        touched,
+        vec!["api-0-ns-orders", "db-0-ns-shared"],
+        "no record of an identity in flight: neither Assigned before ARM answers, nor released"
+    );
 }
