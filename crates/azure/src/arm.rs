@@ -15,6 +15,8 @@ use crate::identity::{IdentityPatch, ResourceIdentity, plan_update};
 use crate::retry::{RetryPolicy, ThrottleGate, parse_retry_after, with_retries};
 use crate::token::TokenSource;
 
+pub mod federated_credentials;
+
 pub const PUBLIC_ENDPOINT: &str = "https://management.azure.com";
 pub const PUBLIC_AUDIENCE: &str = "https://management.azure.com/";
 
@@ -117,6 +119,7 @@ impl Default for ArmConfig {
 /// What ARM answered, once the status was acceptable.
 #[derive(Debug)]
 struct Answer {
+    status: u16,
     headers: HeaderMap,
     body: Value,
 }
@@ -246,7 +249,11 @@ impl ArmClient {
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         if (200..300).contains(&status) {
-            return Ok(Answer { headers, body });
+            return Ok(Answer {
+                status,
+                headers,
+                body,
+            });
         }
         let ra = retry_after(&headers);
         if status == 429 {
