@@ -177,6 +177,23 @@ pub struct Args {
     #[arg(long = "azure-ca-file", env = "AZURE_CA_FILE")]
     pub azure_ca_file: Option<PathBuf>,
 
+    /// Namespace of the subjects of federated identities: the controller keeps there one ServiceAccount per
+    /// identity annotated `aadpodidentity.k8s.io/backend: federated`, whose tokens the agents exchange with
+    /// Entra ID. Unset: no subjects are kept (federated identities are still never put on a VM).
+    #[arg(long = "federation-namespace", env = "POD_IDENTITY_FEDERATION_NAMESPACE")]
+    pub federation_namespace: Option<String>,
+
+    /// Create (and remove) the federated identity credential each federated identity needs on its
+    /// user-assigned identity; never one pod-identity did not create. Needs
+    /// `federatedIdentityCredentials/write` and `delete` on the identities (Contributor or Owner).
+    #[arg(long = "manage-federated-credentials", env = "POD_IDENTITY_MANAGE_FEDERATED_CREDENTIALS", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub manage_federated_credentials: bool,
+
+    /// The cluster's service-account issuer as federated credentials must name it; read from the API
+    /// server's `/.well-known/openid-configuration` when unset.
+    #[arg(long = "federation-issuer", env = "POD_IDENTITY_FEDERATION_ISSUER")]
+    pub federation_issuer: Option<String>,
+
     /// Log format; the level comes from RUST_LOG (default `info`).
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,

@@ -14,6 +14,7 @@ use pod_identity_controller::{
     azure::{Endpoints, connect},
     cloud_config::{self, OwnPod},
     config::{Args, LogFormat},
+    federation::FederationConfig,
     leader::LeaseConfig,
     worker::WorkerSettings,
 };
@@ -67,6 +68,18 @@ async fn main() -> Result<()> {
         },
     )
     .context("setting up ARM access")?;
+    let federation = {
+        let mut federation =
+            FederationConfig::new(args.federation_namespace.clone().filter(|n| !n.is_empty()));
+        federation.issuer = args.federation_issuer.clone().filter(|i| !i.is_empty());
+        if args.manage_federated_credentials {
+            if federation.namespace.is_none() {
+                anyhow::bail!("--manage-federated-credentials needs --federation-namespace");
+            }
+            federation.credentials = Some(Arc::new(compute.identity_client()));
+        }
+        federation
+    };
 
     let instance = args
         .leader_election_instance
@@ -109,6 +122,7 @@ async fn main() -> Result<()> {
         resync: args.sync_retry_duration,
         quarantine_initial: args.quarantine_duration,
         quarantine_max: args.quarantine_max,
+        federation,
     };
 
     let admin = admin
