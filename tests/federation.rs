@@ -345,6 +345,64 @@ async fn an_identity_moves_to_federation_without_a_pod_restart_and_federated_pod
     .unwrap();
     assert!(refused.contains(CLIENT_A), "{refused}");
 
+    // An identity that has the 20 credentials Entra allows already: the controller creates none, says why
+    // on the identity (annotation and Event), and the pod's error names the credential it lacks. The 20
+    // are not the controller's: none of them is ever changed or deleted.
+    let issuer_of_others = "https://other-cluster.example/";
+    let others: Vec<(String, String)> = (0..20)
+        .map(|n| {
+            (
+                format!("other-{n}"),
+                format!("system:serviceaccount:apps:app-{n}"),
+            )
+        })
+        .collect();
+    let seeds: Vec<(&str, &str, &str, &str)> = others
+        .iter()
+        .map(|(name, subject)| {
+            (
+                name.as_str(),
+                issuer_of_others,
+                subject.as_str(),
+                TOKEN_EXCHANGE_AUDIENCE,
+            )
+        })
+        .collect();
+    h.set_federated_credentials("id-b", &seeds);
+    h.federate("id-b").await;
+    let identities = Api::<AzureIdentity>::namespaced(h.ns.client.clone(), &h.ns.name);
+    let status = eventually(|| async {
+        let annotations = identities
+            .get("id-b")
+            .await?
+            .metadata
+            .annotations
+            .unwrap_or_default();
+        match annotations.get(CREDENTIAL_STATUS_ANNOTATION) {
+            Some(status) if status.contains("the most Entra ID allows") => Ok(status.clone()),
+            other => Err(anyhow!("status {other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\ncontroller log:\n{}", controller.log()));
+    assert!(status.contains("20 federated identity credentials"), "{status}");
+    let events = h.events_about("id-b").await;
+    assert!(
+        events.iter().any(|e| e.starts_with("FederatedCredentialLimit")),
+        "{events:?}"
+    );
+    let (status, body) = eventually(|| async {
+        match curl(&h, &db, TOKEN_URL, &["-H", "Metadata: true"]) {
+            (403, body) if body.contains("needs a federated identity credential") => Ok((403, body)),
+            (status, body) => Err(format!("{status}: {body}")),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 403);
+    assert!(body.contains(&format!("{}.id-b", h.ns.name)), "{body}");
+    assert_eq!(h.federated_credentials("id-b").len(), 20);
+
     // Back to the node backend: the controller deletes the credential it created and the subject, and
     // puts the identity on the scale set again; the pod is served from IMDS once it is there.
     let patch = json!({"metadata": {"annotations": {BACKEND_ANNOTATION: "node"}}});
@@ -372,6 +430,17 @@ async fn an_identity_moves_to_federation_without_a_pod_restart_and_federated_pod
             .contains(&identity_resource_id("id-a").to_lowercase())
     );
     assert_eq!(imds_grants(&h, back, CLIENT_A), 1);
+
+    let untouched: Vec<String> = h
+        .federated_credentials("id-b")
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    assert_eq!(
+        untouched.len(),
+        20,
+        "credentials it did not create are never deleted: {untouched:?}"
+    );
 
     for (who, log) in [("agent", h.agent_log_text()), ("controller", controller.log())] {
         assert!(
