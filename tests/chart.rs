@@ -176,6 +176,103 @@ fn default_render_has_every_part_and_least_privilege() {
     }
 }
 
+/// Federation's RBAC is the least the two binaries need: the agent may only create tokens of the subjects,
+/// the controller may keep the subjects but never create their tokens, and the identity annotation and the
+/// issuer's discovery document are granted only when credentials are managed (the latter only when the
+/// issuer is not given).
+#[test]
+fn federation_grants_the_agent_subject_tokens_only_and_the_controller_the_subjects() {
+    assert!(
+        kinds(&render("pod-identity", &[]))
+            .iter()
+            .all(|k| k != "Namespace"),
+        "off by default"
+    );
+    let rules_of = |objects: &[Value], kind: &str, name: &str| -> Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))["rules"]
+            .clone()
+    };
+    let objects = render(
+        "pod-identity",
+        &[
+            "--set",
+            "federation.enabled=true",
+            "--set",
+            "federation.namespace=subjects",
+        ],
+    );
+    let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
+    assert_eq!(namespace["metadata"]["name"], "subjects");
+    let agent = rules_of(&objects, "Role", "release-pod-identity-agent-federation");
+    assert_eq!(
+        agent,
+        serde_json::json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}])
+    );
+    let controller = rules_of(&objects, "Role", "release-pod-identity-controller-federation");
+    assert_eq!(controller[0]["resources"], serde_json::json!(["serviceaccounts"]));
+    for role in objects
+        .iter()
+        .filter(|o| o["kind"] == "Role" && o["metadata"]["name"].as_str().unwrap().ends_with("-federation"))
+    {
+        assert_eq!(role["metadata"]["namespace"], "subjects");
+    }
+    assert!(
+        !objects.iter().any(
+            |o| o["metadata"]["name"] == "release-pod-identity-controller-federation"
+                && o["kind"] == "ClusterRole"
+        ),
+        "without credential management, nothing cluster-wide"
+    );
+    let daemonset = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--federation-namespace=subjects"), "{args}");
+
+    let managed = render(
+        "pod-identity",
+        &[
+            "--set",
+            "federation.enabled=true",
+            "--set",
+            "federation.manageCredentials=true",
+        ],
+    );
+    let cluster = rules_of(
+        &managed,
+        "ClusterRole",
+        "release-pod-identity-controller-federation",
+    );
+    assert_eq!(cluster[0]["resources"], serde_json::json!(["azureidentities"]));
+    assert_eq!(cluster[0]["verbs"], serde_json::json!(["patch"]));
+    assert_eq!(
+        cluster[1]["nonResourceURLs"],
+        serde_json::json!(["/.well-known/openid-configuration"])
+    );
+    let given_issuer = render(
+        "pod-identity",
+        &[
+            "--set",
+            "federation.enabled=true",
+            "--set",
+            "federation.manageCredentials=true",
+            "--set",
+            "federation.issuer=https://issuer.example/",
+        ],
+    );
+    let cluster = rules_of(
+        &given_issuer,
+        "ClusterRole",
+        "release-pod-identity-controller-federation",
+    );
+    assert_eq!(
+        cluster.as_array().unwrap().len(),
+        1,
+        "no discovery read: {cluster}"
+    );
+}
+
 #[test]
 fn managed_mode_runs_only_the_agent() {
     let objects = render("pod-identity", &["--set", "operationMode=managed"]);
@@ -396,6 +493,14 @@ fn the_binaries_accept_the_arguments_the_chart_gives_them() {
             "agent.enableHostToken=true",
             "--set",
             "controller.immutableUserMSIs[0]=5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
+            "--set",
+            "federation.enabled=true",
+            "--set",
+            "federation.manageCredentials=true",
+            "--set",
+            "federation.issuer=https://issuer.example/",
+            "--set",
+            "agent.extraCaSecret=entra-ca",
         ],
     );
     for (kind, binary) in [

@@ -20,32 +20,8 @@ use pod_identity_test_support::{
 };
 use serde_json::json;
 
-/// Installs the chart into a fresh namespace; returns the namespace (also the release name).
 async fn install_chart(plane: &ControlPlane) -> String {
-    let ns = plane.namespace().await.unwrap();
-    let chart = tools::repository().join("charts/pod-identity");
-    let home = std::env::temp_dir().join("pod-identity-helm-home");
-    let output = Command::new(tools::helm().unwrap())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .arg("--kubeconfig")
-        .arg(plane.admin_kubeconfig())
-        .args([
-            "install",
-            &ns.name,
-            chart.to_str().unwrap(),
-            "--namespace",
-            &ns.name,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    ns.name
+    netns_harness::install_chart(plane, &[]).await
 }
 
 // The emulator serves from this runtime while the test blocks on curl: it needs threads of its own.

@@ -20,7 +20,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api,
-    api::{DeleteParams, ListParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use pod_identity_api::{AssignmentStatus, AzureAssignedIdentity};
 use pod_identity_test_support::{
@@ -312,6 +312,133 @@ async fn the_standby_controller_takes_over_without_losing_or_duplicating_assignm
         1
     );
     session.wait_controller_ready().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_federated_identity_is_served_through_the_metadata_address_and_never_written_to_the_scale_set() {
+    use pod_identity_api::federation::{BACKEND_ANNOTATION, CREDENTIAL_STATUS_ANNOTATION};
+    use pod_identity_test_support::real_node::net;
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    // Entra trusts the cluster's issuer as it trusts an AKS issuer: it knows the CA of the API server's
+    // certificate, and the cluster lets anonymous clients read the issuer's discovery documents.
+    let ca = std::fs::read_to_string(session.node.ca_file()).unwrap();
+    session
+        .emulator
+        .update_settings(|s| s.federation.issuer_ca_pems = vec![ca]);
+    allow_anonymous_issuer_discovery(&session).await;
+    let mut values = session.values();
+    values.extend([
+        "federation.enabled=true".to_owned(),
+        "federation.manageCredentials=true".to_owned(),
+        // The agent reaches the local Entra, whose CA is in the chart's Azure Secret.
+        format!("agent.extraCaSecret={}", harness::AZURE_SECRET),
+    ]);
+    session.helm_release("upgrade", &values).unwrap();
+    session.wait_agent_ready().await.unwrap();
+    session.wait_controller_ready().await.unwrap();
+
+    session.namespace("federated").await.unwrap();
+    session
+        .bind("federated", "id-b", harness::CLIENT_B, "federated")
+        .await
+        .unwrap();
+    let since = session.emulator.last_seq();
+    let identities = Api::<pod_identity_api::AzureIdentity>::namespaced(session.client.clone(), "federated");
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {BACKEND_ANNOTATION: "federated"}},
+        "spec": {"tenantID": harness::TENANT, "adEndpoint": format!("https://{}/", net::NODE_IP)},
+    });
+    identities
+        .patch("id-b", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let pod = session.pod("federated", "app", Some("federated")).await.unwrap();
+    let token = served(&session, &pod).await;
+    let claims: serde_json::Value = {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(claims["appid"], harness::CLIENT_B);
+
+    // The controller wrote the federated credential, and nothing to the scale set.
+    let writes: Vec<_> = session
+        .emulator
+        .requests(&pod_identity_emulator::LogFilter {
+            service: Some(pod_identity_emulator::Service::Arm),
+            since: Some(since),
+            ..Default::default()
+        })
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .collect();
+    assert!(
+        writes
+            .iter()
+            .all(|r| r.path.contains("/federatedIdentityCredentials/")),
+        "only the federated credential was written: {writes:#?}"
+    );
+    assert!(!writes.is_empty(), "the controller created the credential");
+    let status = identities
+        .get("id-b")
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap_or_default()[CREDENTIAL_STATUS_ANNOTATION]
+        .clone();
+    assert!(status.starts_with("managed: "), "{status}");
+    let stranger = session.pod("federated", "stranger", None).await.unwrap();
+    let (status, body) = session.token(&stranger).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert_no_pod_reached_imds(&session);
+
+    // Leave the release as it was: the identity deleted (its credential and subject go with it), then
+    // federation off again.
+    identities.delete("id-b", &DeleteParams::default()).await.unwrap();
+    eventually(|| async {
+        let left = session.emulator.with_state(|s| {
+            s.uami(&identity_id("id-b"))
+                .map(|u| u.federated_credentials.len())
+                .unwrap_or_default()
+        });
+        if left == 0 {
+            Ok(())
+        } else {
+            bail!("{left} federated credentials left on id-b")
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("controller")));
+    session.helm_release("upgrade", &session.values()).unwrap();
+    session.wait_agent_ready().await.unwrap();
+    session.wait_controller_ready().await.unwrap();
+}
+
+/// Lets anonymous clients read the issuer's discovery documents, as Entra fetches them (idempotent).
+async fn allow_anonymous_issuer_discovery(session: &Session<'_>) {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "anonymous-issuer-discovery"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:service-account-issuer-discovery"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:unauthenticated"}],
+    }))
+    .unwrap();
+    match Api::<ClusterRoleBinding>::all(session.client.clone())
+        .create(&kube::api::PostParams::default(), &binding)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => panic!("binding issuer discovery to system:unauthenticated: {error}"),
+    }
 }
 
 #[tokio::test]

@@ -633,6 +633,120 @@ impl Harness {
             .unwrap()
     }
 
+    /// Lets the emulator's Entra exchange the test cluster's service-account tokens as Entra would: it
+    /// trusts the cluster's CA and, like Entra, fetches the issuer's discovery documents anonymously (which
+    /// the cluster then allows, once for the whole control plane).
+    pub async fn trust_the_cluster_issuer(&self) {
+        let plane = ControlPlane::shared().await;
+        let ca = std::fs::read_to_string(plane.ca_cert()).unwrap();
+        self.emulator
+            .update_settings(|s| s.federation.issuer_ca_pems = vec![ca]);
+        allow_anonymous_issuer_discovery(&self.ns.client).await;
+    }
+
+    /// The cluster's service-account issuer (the `iss` of its tokens).
+    pub async fn issuer(&self) -> String {
+        ControlPlane::shared().await.server_url().to_owned()
+    }
+
+    /// Moves identity `name` (id-a or id-b, created by [`Self::bind`]) to the federated backend, in the tenant
+    /// of the emulator's subscription.
+    pub async fn federate(&self, name: &str) {
+        let patch = json!({
+            "metadata": {"annotations": {pod_identity_api::federation::BACKEND_ANNOTATION: "federated"}},
+            "spec": {"tenantID": TENANT},
+        });
+        Api::<AzureIdentity>::namespaced(self.ns.client.clone(), &self.ns.name)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    /// The subject ServiceAccount of identity `name` of the test namespace, in `subjects`, as the controller
+    /// creates it; returns its `sub`.
+    pub async fn create_subject(&self, subjects: &str, name: &str) -> String {
+        let account = pod_identity_api::federation::subject_account(&pod_identity_api::ObjectKey::new(
+            self.ns.name.clone(),
+            name,
+        ));
+        let object: k8s_openapi::api::core::v1::ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": account}})).unwrap();
+        match Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(self.ns.client.clone(), subjects)
+            .create(&PostParams::default(), &object)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => panic!("creating subject {subjects}/{account}: {error}"),
+        }
+        pod_identity_api::federation::subject(subjects, &account)
+    }
+
+    /// Replaces the federated identity credentials of user-assigned identity `identity` (id-a or id-b),
+    /// behind ARM's back: `(name, issuer, subject, audience)`.
+    pub fn set_federated_credentials(&self, identity: &str, credentials: &[(&str, &str, &str, &str)]) {
+        let seeds: Vec<pod_identity_emulator::seed::FederatedCredentialSeed> = credentials
+            .iter()
+            .map(
+                |(name, issuer, subject, audience)| pod_identity_emulator::seed::FederatedCredentialSeed {
+                    name: (*name).into(),
+                    issuer: (*issuer).into(),
+                    subject: (*subject).into(),
+                    audiences: vec![(*audience).into()],
+                },
+            )
+            .collect();
+        let parsed = pod_identity_emulator::federated_credentials::from_seeds(&seeds).unwrap();
+        self.emulator.with_state(|s| {
+            s.uami_mut(&identity_resource_id(identity))
+                .unwrap()
+                .federated_credentials = parsed;
+        });
+    }
+
+    /// The federated identity credentials of user-assigned identity `identity`: `(name, issuer, subject)`.
+    pub fn federated_credentials(&self, identity: &str) -> Vec<(String, String, String)> {
+        self.emulator.with_state(|s| {
+            s.uami(&identity_resource_id(identity))
+                .unwrap()
+                .federated_credentials
+                .iter()
+                .map(|c| (c.name.clone(), c.issuer.clone(), c.subject.clone()))
+                .collect()
+        })
+    }
+
+    /// ARM requests other than reads the emulator saw after sequence number `since`.
+    pub fn arm_writes(&self, since: u64) -> Vec<RequestRecord> {
+        self.emulator
+            .requests(&LogFilter {
+                service: Some(Service::Arm),
+                since: Some(since),
+                ..LogFilter::default()
+            })
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .collect()
+    }
+
+    /// The user-assigned identities (lower-case IDs) on the node's scale set now.
+    pub fn scale_set_identities(&self) -> Vec<String> {
+        self.emulator
+            .snapshot()
+            .subscriptions
+            .iter()
+            .flat_map(|s| &s.resource_groups)
+            .flat_map(|g| &g.virtual_machine_scale_sets)
+            .filter(|ss| ss.name == "nodepool")
+            .flat_map(|ss| {
+                ss.identity
+                    .user_assigned_identities
+                    .iter()
+                    .map(|i| i.to_lowercase())
+            })
+            .collect()
+    }
+
     /// Puts a user-assigned identity on the node's scale set, behind ARM's back.
     pub fn emulator_assign(&self, identity: &str) {
         assert!(self.emulator.set_identities_directly(
@@ -760,6 +874,67 @@ impl Drop for Harness {
             eprintln!("--- agent log ---\n{}", self.agent_log_text());
         }
     }
+}
+
+/// Lets anonymous clients read the service-account issuer's discovery documents, as a cluster whose tokens
+/// Entra exchanges must (Entra fetches them without credentials). Idempotent: one binding per control plane.
+pub async fn allow_anonymous_issuer_discovery(client: &kube::Client) {
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some("pod-identity-test-anonymous-issuer-discovery".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: "system:service-account-issuer-discovery".into(),
+        },
+        subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Group".into(),
+            name: "system:unauthenticated".into(),
+            namespace: None,
+        }]),
+    };
+    match Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("binding issuer discovery to system:unauthenticated: {e}"),
+    }
+}
+
+/// Installs the chart into a fresh namespace with `helm install` (extra arguments such as `--set`);
+/// returns the namespace, also the release name.
+pub async fn install_chart(plane: &ControlPlane, extra: &[&str]) -> String {
+    let ns = plane.namespace().await.unwrap();
+    let chart = pod_identity_test_support::tools::repository().join("charts/pod-identity");
+    let home = std::env::temp_dir().join("pod-identity-helm-home");
+    let output = Command::new(pod_identity_test_support::tools::helm().unwrap())
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .arg("--kubeconfig")
+        .arg(plane.admin_kubeconfig())
+        .args([
+            "install",
+            &ns.name,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns.name,
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ns.name
 }
 
 /// Python's standard library only, so it runs without the SDK venv.

@@ -200,13 +200,18 @@ impl Cluster {
         }];
         config.azure_addr = SocketAddr::from((net::NODE_IP, 443));
         config.tls_names = vec![net::NODE_IP.to_string()];
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("local-azure")
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
+        // Built inside the node's network namespace, so that its threads (which inherit it) make the local
+        // Azure's own connections from there too: Entra fetching the cluster's issuer documents reaches the
+        // API server at the node's address, as from anywhere on the node's network.
         let netns = node.netns();
+        let runtime = netns::run_in(&netns, || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("local-azure")
+                .enable_all()
+                .build()
+        })??;
+        let handle = runtime.handle().clone();
         let emulator = tokio::task::spawn_blocking(move || {
             netns::run_in(&netns, move || handle.block_on(Emulator::start(config)))
         })

@@ -41,9 +41,11 @@ enum Task {
 }
 
 /// Debian packages the tests and the demo run: the network tiers' tools, the real node's parts
-/// (containerd, runc, the CNI plugins, nsenter), image packing (umoci; busybox for test pods), and for
+/// (containerd, runc, the CNI plugins, nsenter), image packing (umoci; busybox for test pods), openssl for
+/// the API servers' RSA service-account keys (Entra accepts only RSA-signed federated tokens), and for
 /// the tests alone, buildah and debootstrap to build the Dockerfile.
 const DEMO_PACKAGES: &[&str] = &[
+    "openssl",
     "iproute2",
     "iptables",
     "conntrack",

@@ -120,6 +120,7 @@ impl HttpUpstream {
                 key_pkcs8,
                 certificate,
             } => ClientCredential::Certificate(ClientCertificate::from_pem(&pem(certificate, key_pkcs8))?),
+            Secret::Assertion(token) => ClientCredential::Assertion(token.clone()),
         };
         let client = EntraClient::new(
             self.entra.clone(),

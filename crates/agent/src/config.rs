@@ -184,6 +184,16 @@ pub struct Args {
     #[arg(long, env = "UPSTREAM_RETRIES", default_value_t = 3)]
     pub upstream_retries: usize,
 
+    /// Namespace of the subjects of federated identities (the ServiceAccounts whose tokens are exchanged
+    /// with Entra ID). Unset: federated identities are refused with that reason.
+    #[arg(long, env = "POD_IDENTITY_FEDERATION_NAMESPACE")]
+    pub federation_namespace: Option<String>,
+
+    /// Lifetime, in seconds, of the subject tokens requested for federated identities (at least 600, the
+    /// API server's minimum); each is reused for every resource until half of it is gone.
+    #[arg(long, env = "POD_IDENTITY_FEDERATION_TOKEN_SEC", default_value_t = 3600)]
+    pub federation_token_sec: u64,
+
     /// PEM file of extra CA certificates trusted for Entra (a private cloud's authority).
     #[arg(long, env = "POD_IDENTITY_EXTRA_CA_FILE")]
     pub extra_ca_file: Option<PathBuf>,

@@ -4,7 +4,8 @@
 //! for every identity of the VM. The agent redirects that traffic to itself ([`rules`], [`netfilter`], [`redirect`]),
 //! works out which pod is calling from the connection's source address ([`world`], [`watch`]), which of
 //! that pod's identities the request names ([`resolve`]), and answers with that identity's token from a
-//! node-wide cache ([`cache`], [`tokens`]) filled from IMDS or Entra ID ([`upstream`], [`azure`]), in the
+//! node-wide cache ([`cache`], [`tokens`]) filled from IMDS or Entra ID ([`upstream`], [`azure`]; for a
+//! federated identity, in exchange for its subject's token from the API server, [`federation`]), in the
 //! exact shape IMDS uses ([`response`]), so that every SDK works unchanged.
 //!
 //! Decisions are plain functions over plain data ([`rules`], [`request`], [`resolve`], the freshness rules
@@ -18,6 +19,7 @@ pub mod config;
 pub mod connections;
 pub mod credentials;
 pub mod events;
+pub mod federation;
 pub mod health;
 pub mod metrics;
 pub mod netfilter;

@@ -13,6 +13,7 @@ pub use pod_identity_api::answer::Mode;
 use pod_identity_api::{
     AssignmentStatus, AzureIdentity, IdentityType, ObjectKey,
     answer::{self, Answer, AssignmentPending, PodIdentity},
+    federation::Backend,
     matching::{Index, Scope, World as MatchWorld},
 };
 
@@ -50,6 +51,15 @@ pub enum Principal {
         /// Its UID, so that a deleted and recreated object starts afresh.
         uid: Option<String>,
     },
+    /// A user-assigned identity served by workload identity federation: its tokens come from Entra in
+    /// exchange for a token of the identity's subject ([`crate::federation`]). Never shared between
+    /// objects, because each object has its own subject (and Entra may trust one and not the other).
+    Federated {
+        /// The AzureIdentity.
+        identity: ObjectKey,
+        /// Its UID, so that a deleted and recreated object starts afresh.
+        uid: Option<String>,
+    },
     /// What the node's IMDS gives an excepted pod for this selector.
     Node(Selector),
 }
@@ -60,6 +70,7 @@ impl Principal {
         match self {
             Self::Managed { .. } => "managed_identity",
             Self::ServicePrincipal { .. } => "service_principal",
+            Self::Federated { .. } => "federated_identity",
             Self::Node(_) => "node",
         }
     }
@@ -292,14 +303,23 @@ fn match_world(world: &World, policy: Policy) -> MatchWorld<'_> {
 
 fn grant(identity: PodIdentity<'_>) -> Grant {
     Grant {
-        principal: principal_of(identity.object, identity.kind, &identity.assignment.identity),
+        principal: principal_of(
+            identity.object,
+            identity.kind,
+            identity.backend,
+            &identity.assignment.identity,
+        ),
         identity: identity.assignment.identity,
         object: identity.object.clone(),
     }
 }
 
-fn principal_of(object: &AzureIdentity, kind: IdentityType, key: &ObjectKey) -> Principal {
+fn principal_of(object: &AzureIdentity, kind: IdentityType, backend: Backend, key: &ObjectKey) -> Principal {
     match kind {
+        IdentityType::UserAssignedManagedIdentity if backend == Backend::Federated => Principal::Federated {
+            identity: key.clone(),
+            uid: object.metadata.uid.clone(),
+        },
         IdentityType::UserAssignedManagedIdentity => Principal::Managed {
             client_id: object
                 .spec

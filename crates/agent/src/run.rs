@@ -15,6 +15,7 @@ use crate::{
     config::Args,
     connections,
     events::Events,
+    federation::{KubeTokenRequests, ServiceAccountTokens, Subjects},
     health::{self, AdminState, Health},
     metrics::Metrics,
     netfilter::{self, Iptables, Netfilter},
@@ -77,6 +78,8 @@ pub struct Parts {
     pub netfilter: Option<Arc<dyn Netfilter>>,
     /// The client forwarding allowed metadata paths.
     pub proxy_client: reqwest::Client,
+    /// Tokens of the subjects of federated identities (the TokenRequest API).
+    pub subject_tokens: Arc<dyn ServiceAccountTokens>,
 }
 
 impl Parts {
@@ -105,6 +108,7 @@ impl Parts {
         };
         Ok(Self {
             credentials: Arc::new(SecretCredentials(client.clone())),
+            subject_tokens: Arc::new(KubeTokenRequests(client.clone())),
             proxy_client: upstream.imds_client().clone(),
             upstream: Arc::new(upstream),
             client,
@@ -178,13 +182,22 @@ pub async fn start(
     watch::spawn_all(&parts.client, &args.node, policy.mode, &shared, &metrics);
 
     let cache = TokenCache::new(args.freshness(), Duration::from_secs(1));
-    let tokens = Arc::new(TokenService::new(
+    let mut tokens = TokenService::new(
         cache,
         parts.upstream,
         parts.credentials,
         args.retry_policy(),
         metrics.clone(),
-    ));
+    );
+    if let Some(namespace) = args.federation_namespace.clone().filter(|n| !n.is_empty()) {
+        tracing::info!(%namespace, "serving federated identities with the tokens of their subjects");
+        tokens = tokens.with_federation(Arc::new(Subjects::new(
+            namespace,
+            parts.subject_tokens,
+            Duration::from_secs(args.federation_token_sec),
+        )));
+    }
+    let tokens = Arc::new(tokens);
     background.push(tokio::spawn(tokens.clone().maintain(
         shared.clone(),
         policy,

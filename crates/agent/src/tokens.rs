@@ -1,5 +1,6 @@
-//! Getting a principal's tokens: through the cache, from IMDS or Entra, with retries, and keeping the
-//! cache in step with the world (renewing entries in use before they expire, dropping those no pod may
+//! Getting a principal's tokens: through the cache, from IMDS or Entra (for a federated identity, in
+//! exchange for its subject's token: [`crate::federation`]), with retries, and keeping the cache in step
+//! with the world (renewing entries in use before they expire, dropping those no pod may
 //! use any more).
 
 use std::{sync::Arc, time::Duration};
@@ -9,6 +10,7 @@ use pod_identity_azure::retry::{RetryPolicy, with_retries};
 
 use crate::{
     cache::{Key, Outcome, Token, TokenCache, Tokens},
+    federation::{SubjectToken, Subjects},
     metrics::{Metrics, ResultLabels, UpstreamLabels, UpstreamOnly},
     request::Selector,
     resolve::{self, Policy, Principal},
@@ -43,6 +45,7 @@ pub struct TokenService {
     cache: TokenCache,
     upstream: Arc<dyn Upstream>,
     credentials: Arc<dyn Credentials>,
+    subjects: Option<Arc<Subjects>>,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
 }
@@ -68,9 +71,17 @@ impl TokenService {
             cache,
             upstream,
             credentials,
+            subjects: None,
             retry,
             metrics,
         }
+    }
+
+    /// Serves federated identities with the tokens of these subjects; without them, a federated identity's
+    /// request is refused with the reason.
+    pub fn with_federation(mut self, subjects: Arc<Subjects>) -> Self {
+        self.subjects = Some(subjects);
+        self
     }
 
     /// The cache (for object IDs and sizes).
@@ -131,7 +142,48 @@ impl TokenService {
                 }
                 Ok(tokens)
             }
+            Principal::Federated { .. } => {
+                let identity = identity.ok_or_else(|| {
+                    UpstreamError::Credential("the federated identity's AzureIdentity is gone".into())
+                })?;
+                Ok(vec![self.federated(identity, resource).await?])
+            }
         }
+    }
+
+    /// A token of a federated identity: its subject's token, exchanged with Entra.
+    async fn federated(&self, identity: &AzureIdentity, resource: &str) -> Result<Token, UpstreamError> {
+        let subjects = self.subjects.as_ref().ok_or_else(|| {
+            UpstreamError::Credential(format!(
+                "identity {} is federated, and this agent serves no federated identity: start it with                  --federation-namespace (the chart's federation.enabled)",
+                crate::world::key_of(identity)
+            ))
+        })?;
+        let exchange = subjects.exchange(identity);
+        let subject: SubjectToken = self
+            .observed("kubernetes", || {
+                let exchange = &exchange;
+                Box::pin(async move { subjects.token(exchange, crate::clock::now()).await })
+            })
+            .await?;
+        let principal = exchange.principal(&subject)?;
+        let attempt = || async {
+            let result = self
+                .observed_once("entra", || {
+                    self.upstream
+                        .entra_token(&principal, &principal.tenant_id, resource)
+                })
+                .await;
+            result.map_err(|error| exchange.explain(error, &subject))
+        };
+        let result = with_retries(&self.retry, attempt, |error: &UpstreamError, delay| {
+            tracing::info!(upstream = "entra", %error, delay_ms = delay.as_millis() as u64, "retrying a federated token exchange");
+        })
+        .await;
+        if result.is_err() {
+            subjects.forget(&exchange);
+        }
+        result
     }
 
     async fn imds(&self, selector: &Selector, resource: &str) -> Result<Token, UpstreamError> {
@@ -149,34 +201,40 @@ impl TokenService {
             .await
     }
 
-    async fn observed<'a, F>(&self, upstream: &'static str, call: F) -> Result<Token, UpstreamError>
+    async fn observed<'a, T, F>(&self, upstream: &'static str, call: F) -> Result<T, UpstreamError>
     where
-        F: Fn() -> BoxFuture<'a, Result<Token, UpstreamError>>,
+        F: Fn() -> BoxFuture<'a, Result<T, UpstreamError>>,
     {
-        let attempt = || async {
-            let started = std::time::Instant::now();
-            let result = call().await;
-            self.metrics
-                .upstream_duration
-                .get_or_create(&UpstreamOnly { upstream })
-                .observe(started.elapsed().as_secs_f64());
-            let label = match &result {
-                Ok(_) => "ok",
-                Err(error) => error.label(),
-            };
-            self.metrics
-                .upstream
-                .get_or_create(&UpstreamLabels {
-                    upstream,
-                    result: label,
-                })
-                .inc();
-            result
-        };
+        let attempt = || self.observed_once(upstream, &call);
         with_retries(&self.retry, attempt, |error: &UpstreamError, delay| {
             tracing::info!(upstream, %error, delay_ms = delay.as_millis() as u64, "retrying upstream token request");
         })
         .await
+    }
+
+    /// One call, timed and counted.
+    async fn observed_once<'a, T, F>(&self, upstream: &'static str, call: F) -> Result<T, UpstreamError>
+    where
+        F: Fn() -> BoxFuture<'a, Result<T, UpstreamError>>,
+    {
+        let started = std::time::Instant::now();
+        let result = call().await;
+        self.metrics
+            .upstream_duration
+            .get_or_create(&UpstreamOnly { upstream })
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(error) => error.label(),
+        };
+        self.metrics
+            .upstream
+            .get_or_create(&UpstreamLabels {
+                upstream,
+                result: label,
+            })
+            .inc();
+        result
     }
 
     /// Renews entries in use before they expire and drops those no live pod may use; runs until the
@@ -226,7 +284,7 @@ impl TokenService {
     async fn renew_due(&self, shared: &Shared, now: i64, used_since: i64) {
         for key in self.cache.due_for_renewal(now, used_since) {
             let identity = match &key.principal {
-                Principal::ServicePrincipal { identity, .. } => {
+                Principal::ServicePrincipal { identity, .. } | Principal::Federated { identity, .. } => {
                     let world = shared.read();
                     let found = world
                         .identities

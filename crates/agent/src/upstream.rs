@@ -1,5 +1,5 @@
-//! Where tokens come from: the node's IMDS for managed identities (and for excepted pods), Entra ID for
-//! service principals. [`Upstream`] is the boundary the rest of the agent is tested against; the HTTP
+//! Where tokens come from: the node's IMDS for managed identities on the node (and for excepted pods),
+//! Entra ID for service principals and federated identities. [`Upstream`] is the boundary the rest of the agent is tested against; the HTTP
 //! implementation lives in [`crate::azure`].
 //!
 //! Retries happen under one fetch of the cache ([`crate::tokens`]), so they are never multiplied by the
@@ -78,6 +78,9 @@ pub enum Secret {
         /// DER of the certificate registered on the application.
         certificate: Vec<u8>,
     },
+    /// A token of another issuer Entra trusts through a federated identity credential (a federated
+    /// identity's subject token, [`crate::federation`]).
+    Assertion(String),
 }
 
 impl std::fmt::Debug for Secret {
@@ -85,6 +88,7 @@ impl std::fmt::Debug for Secret {
         match self {
             Self::Password(_) => f.write_str("Password(..)"),
             Self::Certificate { .. } => f.write_str("Certificate(..)"),
+            Self::Assertion(_) => f.write_str("Assertion(..)"),
         }
     }
 }

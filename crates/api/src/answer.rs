@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::{
     AssignmentStatus, AzureAssignedIdentity, AzureIdentity, IdentityType, POD_LABEL,
+    federation::{self, Backend},
     matching::{DesiredAssignment, Index, PodSkip, Rejection},
     naming::ObjectKey,
     pod::{Ending, PodView},
@@ -109,6 +110,8 @@ pub struct PodIdentity<'a> {
     pub object: &'a AzureIdentity,
     /// Its type.
     pub kind: IdentityType,
+    /// Where its tokens come from (always [`Backend::Node`] for service principals, which have no choice).
+    pub backend: Backend,
     /// Why it may not be used yet; `None` when it may.
     pub pending: Option<AssignmentPending>,
 }
@@ -247,14 +250,18 @@ pub fn answer<'a>(index: &Index<'a>, pod: &PodView, mode: Mode, assigned: &dyn A
         .filter_map(|assignment| {
             let object = index.identity(&assignment.identity.namespace, &assignment.identity.name)?;
             let kind = object.spec.identity_type().ok()?;
-            let pending = match (mode, kind) {
-                (Mode::Managed, _) => None,
+            let backend = federation::backend(object).ok()?;
+            let pending = match (mode, kind, backend) {
+                (Mode::Managed, _, _) => None,
                 // Service principals live in Entra, not on the VM: nothing to wait for.
                 (
                     Mode::Standard,
                     IdentityType::ServicePrincipalSecret | IdentityType::ServicePrincipalCertificate,
+                    _,
                 ) => None,
-                (Mode::Standard, IdentityType::UserAssignedManagedIdentity) => {
+                // Nor do federated identities: nothing is assigned, Entra answers for them.
+                (Mode::Standard, IdentityType::UserAssignedManagedIdentity, Backend::Federated) => None,
+                (Mode::Standard, IdentityType::UserAssignedManagedIdentity, Backend::Node) => {
                     assignment_pending(assigned, &assignment, key, object)
                 }
             };
@@ -262,6 +269,7 @@ pub fn answer<'a>(index: &Index<'a>, pod: &PodView, mode: Mode, assigned: &dyn A
                 assignment,
                 object,
                 kind,
+                backend,
                 pending,
             })
         })

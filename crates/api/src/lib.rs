@@ -10,13 +10,15 @@
 //! shared by the controller (what to assign), the agent (what a caller may use) and the CLI (explain).
 //! [`pod`] holds the one rule of a pod's life (from its first container start to the end of its grace
 //! period) and of which pod an address belongs to; [`answer`] is what the node agent answers a pod, so
-//! that the CLI explains exactly what the agent does.
+//! that the CLI explains exactly what the agent does. [`federation`] says which backend serves an identity
+//! (the node's VM or scale set, or workload identity federation) and names what federation uses.
 
 pub mod answer;
 pub mod assigned;
 pub mod binding;
 pub mod crds;
 pub mod exception;
+pub mod federation;
 pub mod identity;
 pub mod matching;
 pub mod naming;

@@ -278,7 +278,8 @@ impl<'a> Index<'a> {
         if namespaced_identity && identity_key.namespace != pod.key.namespace {
             return Err(Rejection::IdentityNamespaced);
         }
-        let identity_errors = identity.spec.validate();
+        let mut identity_errors = identity.spec.validate();
+        identity_errors.extend(crate::federation::backend_errors(identity));
         if !identity_errors.is_empty() {
             return Err(Rejection::InvalidIdentity(identity_key.clone(), identity_errors));
         }

@@ -49,7 +49,7 @@ pub fn assigned_identity_name(pod: &str, pod_namespace: &str, identity: &str) ->
 }
 
 /// FNV-1a: a hash with a fixed definition, so that names stay the same across versions and builds.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })

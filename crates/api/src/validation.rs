@@ -13,7 +13,8 @@ use crate::{AzureIdentityBindingSpec, AzureIdentitySpec, IdentityType};
 /// One problem of a spec: the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct SpecError {
-    /// JSON name of the field within `spec`.
+    /// JSON name of the field within `spec`, or a path from the object's root starting with `metadata.`
+    /// (an annotation).
     pub field: &'static str,
     /// What is wrong, in words a user can act on.
     pub message: String,
@@ -26,11 +27,23 @@ impl SpecError {
             message: message.into(),
         }
     }
+
+    /// A problem of an annotation; `path` is `metadata.annotations[<key>]`.
+    pub(crate) fn annotation(path: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: path,
+            message: message.into(),
+        }
+    }
 }
 
 impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spec.{}: {}", self.field, self.message)
+        if self.field.starts_with("metadata.") {
+            write!(f, "{}: {}", self.field, self.message)
+        } else {
+            write!(f, "spec.{}: {}", self.field, self.message)
+        }
     }
 }
 

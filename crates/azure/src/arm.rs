@@ -16,6 +16,8 @@ use crate::machine::Machine;
 use crate::retry::{RetryPolicy, ThrottleGate, log_retry, parse_retry_after, with_retries};
 use crate::token::TokenSource;
 
+pub mod federated_credentials;
+
 pub const PUBLIC_ENDPOINT: &str = "https://management.azure.com";
 pub const PUBLIC_AUDIENCE: &str = "https://management.azure.com/";
 
@@ -60,6 +62,7 @@ impl Default for ArmConfig {
 /// What ARM answered, once the status was acceptable.
 #[derive(Debug)]
 struct Answer {
+    status: u16,
     headers: HeaderMap,
     body: Value,
 }
@@ -235,7 +238,11 @@ impl ArmClient {
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         if (200..300).contains(&status) {
-            return Ok(Answer { headers, body });
+            return Ok(Answer {
+                status,
+                headers,
+                body,
+            });
         }
         let ra = retry_after(&headers);
         if status == 429 {

@@ -1,5 +1,6 @@
-//! The client-credentials grant against Entra ID's v2 endpoint, with a client secret or a certificate (a
-//! JWT client assertion signed with the certificate's key: ES256 for a P-256 key, RS256 for RSA).
+//! The client-credentials grant against Entra ID's v2 endpoint, with a client secret, a certificate (a
+//! JWT client assertion signed with the certificate's key: ES256 for a P-256 key, RS256 for RSA), or a token
+//! of another issuer (workload identity federation).
 
 use std::sync::Arc;
 
@@ -110,6 +111,9 @@ impl ClientCertificate {
 pub enum ClientCredential {
     Secret(String),
     Certificate(ClientCertificate),
+    /// A token another issuer signed, presented as is (workload identity federation: Entra checks it against
+    /// the application's or identity's federated identity credentials).
+    Assertion(String),
 }
 
 impl std::fmt::Debug for ClientCredential {
@@ -117,6 +121,7 @@ impl std::fmt::Debug for ClientCredential {
         match self {
             Self::Secret(_) => f.write_str("Secret(..)"),
             Self::Certificate(c) => c.fmt(f),
+            Self::Assertion(_) => f.write_str("Assertion(..)"),
         }
     }
 }
@@ -189,6 +194,13 @@ impl EntraClient {
                     "client_assertion",
                     c.assertion(&self.client_id, &url, now_secs())?,
                 ));
+            }
+            ClientCredential::Assertion(token) => {
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push(("client_assertion", token.clone()));
             }
         }
         let resp = self

@@ -90,8 +90,13 @@ pub enum AzureError {
 /// 404 codes that say the addressed resource (or its group) is gone, rather than that the path was wrong.
 const NOT_FOUND_CODES: [&str; 3] = ["ResourceNotFound", "ResourceGroupNotFound", "NotFound"];
 
-/// 409 codes that pass by themselves: another operation on the resource is still running.
-const BUSY_CODES: [&str; 2] = ["AnotherOperationInProgress", "Conflict"];
+/// 409 codes that pass by themselves: another operation on the resource is still running (for federated
+/// identity credentials: another write under the same identity).
+const BUSY_CODES: [&str; 3] = [
+    "AnotherOperationInProgress",
+    "Conflict",
+    crate::arm::federated_credentials::CONCURRENT_WRITES,
+];
 
 impl AzureError {
     /// Sorts an error answer of ARM, Entra or Key Vault by status, error `code` and message: the one

@@ -5,8 +5,9 @@
 //! the emulator all read IDs through it.
 //!
 //! The clients, behind the default feature `client`: ARM identity GET/PATCH on VMs and scale sets (with
-//! long-running operations, throttling, `If-Match` and 150-per-request chunks), the IMDS token call,
-//! Entra's client-credentials grant, and reading `azure.json`. Errors say what the caller should do
+//! long-running operations, throttling, `If-Match` and 150-per-request chunks), the federated identity
+//! credentials of user-assigned identities, the IMDS token call, Entra's client-credentials grant (with a
+//! secret, a certificate or a federated token), and reading `azure.json`. Errors say what the caller should do
 //! ([`AzureError`]); retrying is one policy ([`RetryPolicy`]).
 //!
 //! reqwest is built without a TLS provider of its own; the workspace uses ring. Clients built here install

@@ -522,3 +522,71 @@ async fn managed_identity_token_source_drives_arm() {
     );
     assert!(c.get_identity(&vmss()).await.is_ok());
 }
+
+#[tokio::test]
+async fn federated_credentials_are_listed_written_and_deleted_within_arms_limit() {
+    use pod_identity_azure::arm::federated_credentials::is_concurrent_write;
+    let em = start().await;
+    let c = arm(&em);
+    let identity = uami("id-a");
+    let denied = c
+        .put_federated_credential(
+            &identity,
+            "kube",
+            "https://issuer.example",
+            "system:serviceaccount:n:a",
+            "api://AzureADTokenExchange",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(denied, AzureError::Unauthorized { status: 403, .. }),
+        "Managed Identity Operator may not write them: {denied:?}"
+    );
+    em.with_state(|s| {
+        s.role_assignments
+            .push(pod_identity_emulator::seed::RoleAssignmentSeed {
+                principal_id: CTL_OBJECT.into(),
+                scope: rg_id(),
+                role_definition_name: "Contributor".into(),
+            })
+    });
+    assert!(c.list_federated_credentials(&identity).await.unwrap().is_empty());
+    for n in 0..20 {
+        let written = c
+            .put_federated_credential(
+                &identity,
+                &format!("fic-{n}"),
+                "https://issuer.example",
+                &format!("system:serviceaccount:n:a{n}"),
+                "api://AzureADTokenExchange",
+            )
+            .await
+            .unwrap();
+        assert_eq!(written.name, format!("fic-{n}"));
+    }
+    let listed = c.list_federated_credentials(&identity).await.unwrap();
+    assert_eq!(listed.len(), 20);
+    let third = listed.iter().find(|f| f.name == "fic-3").unwrap();
+    assert_eq!(third.subject, "system:serviceaccount:n:a3");
+    assert_eq!(third.audiences, ["api://AzureADTokenExchange"]);
+    let full = c
+        .put_federated_credential(
+            &identity,
+            "fic-20",
+            "https://issuer.example",
+            "system:serviceaccount:n:a20",
+            "api://AzureADTokenExchange",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(full, AzureError::Other { status: 400, .. }), "{full:?}");
+    assert!(full.to_string().contains("maximum of 20"), "{full}");
+    assert!(!is_concurrent_write(&full));
+    assert!(c.delete_federated_credential(&identity, "fic-0").await.unwrap());
+    assert!(
+        !c.delete_federated_credential(&identity, "fic-0").await.unwrap(),
+        "204: nothing to delete"
+    );
+    assert_eq!(c.list_federated_credentials(&identity).await.unwrap().len(), 19);
+}

@@ -6,13 +6,17 @@ use kube::ResourceExt;
 use pod_identity_api::{
     AssignmentStatus, ObjectKey, POD_LABEL,
     answer::{self, Answer, AssignedView, Mode},
+    federation,
     matching::{Index, PodDecision, PodSkip, Rejection, Scope, World},
     pod::{self, Life, PodView},
     validation::SpecError,
 };
 use serde::Serialize;
 
+pub use self::backends::BackendReport;
 use crate::cluster::ClusterState;
+
+mod backends;
 
 /// Why a pod cannot be explained.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ pub struct Explanation {
     pub selectors_in_namespace: Vec<String>,
     /// The pod's assignments and their state.
     pub assignments: Vec<AssignmentReport>,
+    /// Which backend serves each identity of the pod, and why a federation fails.
+    pub backends: Vec<BackendReport>,
     /// What the node agent answers a token request from this pod.
     pub agent: AgentAnswer,
     /// One sentence: does the pod get an identity, and which.
@@ -175,6 +181,12 @@ pub fn explain(
             name: desired.assignment.to_string(),
             identity: desired.identity.to_string(),
             status: match assigned.get(&desired.assignment).map(|a| &a.status) {
+                None if index
+                    .identity(&desired.identity.namespace, &desired.identity.name)
+                    .is_some_and(federation::is_federated) =>
+                {
+                    "none needed: a federated identity is not assigned to nodes".to_owned()
+                }
                 None => "not recorded yet".to_owned(),
                 Some(AssignmentStatus::Legacy) => {
                     "Assigned (no status, written by aad-pod-identity)".to_owned()
@@ -183,6 +195,7 @@ pub fn explain(
             },
         })
         .collect();
+    let backends = backends::reports(&decision.assignments, &index, &state.federation);
     let agent = agent_answer(view, &views, &index, mode, &assigned);
     let verdict = verdict_text(&decision, &agent, &bindings);
     Ok(Explanation {
@@ -197,6 +210,7 @@ pub fn explain(
         bindings,
         selectors_in_namespace,
         assignments,
+        backends,
         agent,
         verdict,
     })
@@ -507,6 +521,19 @@ impl Explanation {
                 "  assignment {} ({}): {}",
                 assignment.name, assignment.identity, assignment.status
             );
+        }
+        for backend in &self.backends {
+            let _ = writeln!(
+                out,
+                "  identity {}: {} backend ({}): {}",
+                backend.identity, backend.backend, backend.because, backend.serves
+            );
+            if let Some(credential) = &backend.credential {
+                let _ = writeln!(out, "    federated identity credential: {credential}");
+            }
+            for problem in &backend.problems {
+                let _ = writeln!(out, "    problem: {problem}");
+            }
         }
         let _ = writeln!(out, "Agent: {}", self.agent.detail);
         let _ = writeln!(out, "{}", self.verdict);

@@ -43,6 +43,10 @@ pub struct Args {
     #[arg(long, global = true)]
     pub cross_namespace: bool,
 
+    /// Namespace of the subjects of federated identities (the installation's `--federation-namespace`).
+    #[arg(long, global = true, default_value = pod_identity_api::federation::DEFAULT_SUBJECTS_NAMESPACE)]
+    pub federation_namespace: String,
+
     /// How the installation runs: `standard` (the controller records assignments) or `managed`
     /// (identities are pre-assigned and the agent matches bindings itself).
     #[arg(long, global = true, value_enum, default_value_t = Mode::Standard)]
@@ -123,7 +127,9 @@ pub async fn run(args: Args, out: &mut impl Write) -> Result<()> {
         .unwrap_or_else(|| client.default_namespace().to_owned());
     match &args.command {
         Command::Explain { pod } => {
-            let state = cluster::ClusterState::read(&client).await?;
+            let mut state = cluster::ClusterState::read(&client).await?;
+            state.federation = cluster::FederationView::read(&client, &args.federation_namespace).await;
+            state.federation.pod_events = cluster::pod_events(&client, &namespace, pod).await;
             let explanation = explain::explain(&state, &namespace, pod, args.scope(), args.mode)
                 .with_context(|| format!("explaining pod {namespace}/{pod}"))?;
             match args.output {

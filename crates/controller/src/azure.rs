@@ -43,6 +43,12 @@ impl ArmCompute {
         }
     }
 
+    /// A client for user-assigned identities (their federated identity credentials), sharing these
+    /// clients' connections and tokens; Microsoft.ManagedIdentity throttles apart from Compute.
+    pub fn identity_client(&self) -> ArmClient {
+        ArmClient::new(self.http.clone(), self.config.clone(), self.tokens.clone())
+    }
+
     fn client(&self, machine: &Machine) -> Arc<ArmClient> {
         let mut clients = self
             .clients

@@ -18,7 +18,8 @@ use pod_identity_azure::{AzureConfig, RetryPolicy};
 use pod_identity_runtime::LogFormat;
 
 use crate::{
-    ControllerConfig, azure::Endpoints, cloud_config::OwnPod, leader::LeaseConfig, worker::WorkerSettings,
+    ControllerConfig, azure::Endpoints, cloud_config::OwnPod, federation::FederationConfig,
+    leader::LeaseConfig, worker::WorkerSettings,
 };
 
 /// Parses `500ms`, `15s`, `3m`, `1h` or plain seconds (`3600`, as the original's `3600s` also parses).
@@ -183,6 +184,23 @@ pub struct Args {
     #[arg(long = "azure-ca-file", env = "AZURE_CA_FILE")]
     pub azure_ca_file: Option<PathBuf>,
 
+    /// Namespace of the subjects of federated identities: the controller keeps there one ServiceAccount per
+    /// identity annotated `aadpodidentity.k8s.io/backend: federated`, whose tokens the agents exchange with
+    /// Entra ID. Unset: no subjects are kept (federated identities are still never put on a VM).
+    #[arg(long = "federation-namespace", env = "POD_IDENTITY_FEDERATION_NAMESPACE")]
+    pub federation_namespace: Option<String>,
+
+    /// Create (and remove) the federated identity credential each federated identity needs on its
+    /// user-assigned identity; never one pod-identity did not create. Needs
+    /// `federatedIdentityCredentials/write` and `delete` on the identities (Contributor or Owner).
+    #[arg(long = "manage-federated-credentials", env = "POD_IDENTITY_MANAGE_FEDERATED_CREDENTIALS", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub manage_federated_credentials: bool,
+
+    /// The cluster's service-account issuer as federated credentials must name it; read from the API
+    /// server's `/.well-known/openid-configuration` when unset.
+    #[arg(long = "federation-issuer", env = "POD_IDENTITY_FEDERATION_ISSUER")]
+    pub federation_issuer: Option<String>,
+
     /// Log format: `text` (also `plain`) or `json`; the level comes from RUST_LOG (default `info`).
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -241,7 +259,17 @@ impl Args {
             resync: self.sync_retry_duration,
             quarantine_initial: self.quarantine_duration,
             quarantine_max: self.quarantine_max,
+            federation: self.federation(),
         }
+    }
+
+    /// What the controller does for federated identities; managing their credentials needs ARM, which
+    /// [`crate::start`] adds.
+    pub fn federation(&self) -> FederationConfig {
+        let mut federation =
+            FederationConfig::new(self.federation_namespace.clone().filter(|n| !n.is_empty()));
+        federation.issuer = self.federation_issuer.clone().filter(|i| !i.is_empty());
+        federation
     }
 
     /// Where ARM, Entra and IMDS are, with the CA certificates of `--azure-ca-file` read.
@@ -375,6 +403,8 @@ mod tests {
             "--http-probe-port=8085",
             "--prometheus-port=8085",
             "--log-format=plain",
+            "--federation-namespace=pod-identity-subjects",
+            "--federation-issuer=https://issuer.example",
         ])
         .unwrap();
         let config = args.controller_config(&azure("/subscriptions/s/kubelet"), Some("host".into()));
@@ -396,6 +426,14 @@ mod tests {
         assert_eq!(config.quarantine_initial, Duration::from_secs(30));
         assert_eq!(config.quarantine_max, Duration::from_secs(7200));
         assert_eq!(config.resync, Duration::from_secs(900));
+        assert_eq!(
+            config.federation.namespace.as_deref(),
+            Some("pod-identity-subjects")
+        );
+        assert_eq!(
+            config.federation.issuer.as_deref(),
+            Some("https://issuer.example")
+        );
         assert_eq!(
             args.admin_addresses(),
             vec!["0.0.0.0:8085".parse::<SocketAddr>().unwrap()],

@@ -15,6 +15,8 @@
 //! - [`record`]: the assignment objects and the annotations that make removal safe.
 //! - [`leader`]: only the Lease holder runs planner and workers; the standby keeps its caches warm.
 //! - [`arm`] and [`azure`]: the ARM boundary and its implementation.
+//! - [`federation`]: identities served by workload identity federation never reach the workers; their
+//!   subjects and (opted in) federated identity credentials are kept instead.
 //! - [`metrics`], [`events`], [`admin`]: what operators see; [`cloud_config`]: what they see when the
 //!   Azure configuration is missing.
 //! - [`config`] and [`start`]: the command line and what it makes of the controller; the binary only
@@ -27,6 +29,7 @@ pub mod backoff;
 pub mod cloud_config;
 pub mod config;
 pub mod events;
+pub mod federation;
 pub mod kube_store;
 pub mod leader;
 pub mod machine;
@@ -86,6 +89,8 @@ pub struct ControllerConfig {
     pub quarantine_initial: Duration,
     /// Longest quarantine period.
     pub quarantine_max: Duration,
+    /// Subjects and federated credentials of federated identities.
+    pub federation: federation::FederationConfig,
 }
 
 impl Default for ControllerConfig {
@@ -101,6 +106,7 @@ impl Default for ControllerConfig {
             resync: Duration::from_secs(3600),
             quarantine_initial: Duration::from_secs(300),
             quarantine_max: Duration::from_secs(3600),
+            federation: federation::FederationConfig::new(None),
         }
     }
 }
@@ -188,13 +194,24 @@ pub async fn run(
             () = &mut shutdown => break,
         }
         info!(instance = %config.instance, "leading: planning and assigning");
-        let planning = planner::run(
-            stores.clone(),
-            notify.clone(),
-            shared.clone(),
-            config.scope,
-            config.resync,
-        );
+        let planning = async {
+            tokio::join!(
+                planner::run(
+                    stores.clone(),
+                    notify.clone(),
+                    shared.clone(),
+                    config.scope,
+                    config.resync,
+                ),
+                federation::reconciler::run(
+                    client.clone(),
+                    config.federation.clone(),
+                    config.namespace.clone(),
+                    shared.events.clone(),
+                    metrics.clone(),
+                ),
+            );
+        };
         let mut lost = leadership.clone();
         tokio::select! {
             () = planning => {}

@@ -300,7 +300,8 @@ fn pass(
         .zip(&pod_objects)
         .filter_map(|(view, pod)| scheduled_at(pod).map(|t| (view.key.clone(), t)))
         .collect();
-    let identities: Vec<AzureIdentity> = owned(&stores.identities);
+    // Federated identities never touch a VM or scale set: the workers never see them.
+    let identities: Vec<AzureIdentity> = crate::federation::served_on_nodes(owned(&stores.identities));
     let bindings: Vec<AzureIdentityBinding> = owned(&stores.bindings);
     let exceptions: Vec<AzurePodIdentityException> = owned(&stores.exceptions);
     let nodes: HashMap<String, Option<Machine>> = stores

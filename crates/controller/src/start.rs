@@ -40,6 +40,9 @@ pub enum StartError {
     /// ARM access could not be set up from the Azure configuration.
     #[error(transparent)]
     Azure(#[from] SetupError),
+    /// The command line asks for something it does not configure.
+    #[error("{0}")]
+    Usage(&'static str),
     /// The controller stopped.
     #[error(transparent)]
     Run(#[from] crate::Error),
@@ -47,6 +50,11 @@ pub enum StartError {
 
 /// Runs the controller the command line describes until `shutdown` resolves.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    if args.manage_federated_credentials && args.federation().namespace.is_none() {
+        return Err(StartError::Usage(
+            "--manage-federated-credentials needs --federation-namespace",
+        ));
+    }
     let client = pod_identity_runtime::client(args.kubeconfig.as_deref()).await?;
     let mut admin = Vec::new();
     for addr in args.admin_addresses() {
@@ -72,7 +80,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), S
         azure
     };
     let compute = connect(&azure, &args.endpoints().map_err(StartError::Read)?)?;
-    let config = args.controller_config(&azure, std::env::var("HOSTNAME").ok());
+    let mut config = args.controller_config(&azure, std::env::var("HOSTNAME").ok());
+    if args.manage_federated_credentials {
+        config.federation.credentials = Some(Arc::new(compute.identity_client()));
+    }
     let admin = admin
         .into_iter()
         .map(TcpListener::from_std)

@@ -389,6 +389,34 @@ fn sign_es256(pem: &str, kid: &str, claims: &Value) -> String {
     format!("{input}.{}", B64.encode(sig.as_ref()))
 }
 
+/// Signs `claims` as RS256 with the PKCS#8 RSA key `pem` (the test cluster's service-account key), naming
+/// key `kid`.
+fn sign_rs256(pem: &str, kid: &str, claims: &Value) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
+    use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let key = match &der {
+        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()).unwrap(),
+        other => panic!("expected a PKCS#8 RSA key, got {other:?}"),
+    };
+    let input = format!(
+        "{}.{}",
+        B64.encode(serde_json::json!({"alg": "RS256", "kid": kid}).to_string()),
+        B64.encode(claims.to_string())
+    );
+    let mut sig = vec![0; key.public().modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
+    format!("{input}.{}", B64.encode(sig))
+}
+
 fn jwt_part(token: &str, n: usize) -> Value {
     use base64::Engine;
     let part = token.split('.').nth(n).unwrap();
@@ -469,7 +497,7 @@ async fn python_workload_identity_credential_exchanges_a_kubernetes_token() {
         serde_json::json!(now - 7200),
         serde_json::json!(now - 3600),
     );
-    let unpublished_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let p256_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, content: &str| {
         let p = dir.path().join(name);
@@ -486,11 +514,9 @@ async fn python_workload_identity_credential_exchanges_a_kubernetes_token() {
             "audience",
             service_account_token(client, &ns.name, "workload", "api://other", None).await,
         ),
-        ("expired", sign_es256(&sa_key, &kid, &old)),
-        (
-            "unpublished",
-            sign_es256(&unpublished_key, "unpublished", &claims),
-        ),
+        ("expired", sign_rs256(&sa_key, &kid, &old)),
+        ("unpublished", sign_rs256(&sa_key, "unpublished", &claims)),
+        ("es256", sign_es256(&p256_key, &kid, &claims)),
     ]
     .map(|(n, t)| file(n, &t));
     let [
@@ -499,6 +525,7 @@ async fn python_workload_identity_credential_exchanges_a_kubernetes_token() {
         audience_file,
         expired_file,
         unpublished_file,
+        es256_file,
     ] = files.each_ref().map(|p| p.as_path());
 
     let em = start_with(|c| c.settings.federation.issuer_ca_pems = vec![ca_pem]).await;
@@ -528,16 +555,9 @@ async fn python_workload_identity_credential_exchanges_a_kubernetes_token() {
         }
     });
 
-    // kube-apiserver signs with the P-256 key test clusters are given: Entra refuses ES256 (AADSTS5002738).
-    let refused = workload_identity(&em, &[("es256", "workload", client_of("id-a"), token_file)]).await;
-    assert!(
-        refused["es256"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("AADSTS5002738"),
-        "{refused}"
-    );
-    em.update_settings(|s| s.federation.signing_algorithms.push("ES256".into()));
+    // Test clusters sign with RSA, as Entra wants; a token signed with a P-256 key is refused
+    // (AADSTS5002738) before any key is looked up.
+    assert_eq!(jwt_part(&token, 0)["alg"], "RS256");
     let out = workload_identity(
         &em,
         &[
@@ -559,6 +579,7 @@ async fn python_workload_identity_credential_exchanges_a_kubernetes_token() {
             ("wrong_audience", "workload", client_of("id-a"), audience_file),
             ("expired", "workload", client_of("id-a"), expired_file),
             ("unpublished_key", "workload", client_of("id-a"), unpublished_file),
+            ("es256", "workload", client_of("id-a"), es256_file),
             (
                 "unknown_client",
                 "workload",
@@ -580,6 +601,7 @@ async fn python_workload_identity_credential_exchanges_a_kubernetes_token() {
         ("wrong_audience", "AADSTS700212"),
         ("expired", "AADSTS700024"),
         ("unpublished_key", "AADSTS7000272"),
+        ("es256", "AADSTS5002738"),
         ("unknown_client", "AADSTS700016"),
     ] {
         assert_eq!(out[case]["error"], "ClientAuthenticationError", "{case}: {out}");

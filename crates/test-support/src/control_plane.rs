@@ -196,6 +196,12 @@ impl ControlPlane {
         &self.server
     }
 
+    /// The CA certificate (PEM file) that signed the API server's serving certificate, e.g. for a relying
+    /// party that fetches the service-account issuer's discovery documents.
+    pub fn ca_cert(&self) -> &Path {
+        &self.pki.ca_cert
+    }
+
     /// Path of a kubeconfig for a cluster admin (for kubectl, helm and spawned binaries).
     pub fn admin_kubeconfig(&self) -> &Path {
         &self.admin_kubeconfig

@@ -68,7 +68,6 @@ impl Pki {
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_cert = server.signed_by(&server_key, &ca)?;
 
-        let sa_key = KeyPair::generate()?;
         let pki = Self {
             ca_cert: dir.join("ca.crt"),
             server_cert: dir.join("apiserver.crt"),
@@ -81,8 +80,7 @@ impl Pki {
         write(&pki.ca_cert, &ca_cert.pem())?;
         write(&pki.server_cert, &server_cert.pem())?;
         write(&pki.server_key, &server_key.serialize_pem())?;
-        write(&pki.service_account_key, &sa_key.serialize_pem())?;
-        write(&pki.service_account_public_key, &sa_key.public_key_pem())?;
+        service_account_key(&pki.service_account_key, &pki.service_account_public_key)?;
         Ok(pki)
     }
 
@@ -105,6 +103,42 @@ impl Pki {
         write(&files.key, &key.serialize_pem())?;
         Ok(files)
     }
+}
+
+/// The key kube-apiserver signs service-account tokens with: RSA (2048 bits), so that tokens are RS256 as
+/// Entra ID wants them for workload identity federation (it refuses ES256 with AADSTS5002738). rcgen on
+/// ring cannot generate RSA keys; `openssl genpkey` does, in a fraction of a second.
+fn service_account_key(private: &Path, public: &Path) -> Result<()> {
+    let openssl = |args: &[&std::ffi::OsStr]| -> Result<()> {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .context("running openssl (install the openssl package): it makes the service-account RSA key")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "openssl {:?}: {}",
+            args,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    openssl(&[
+        "genpkey".as_ref(),
+        "-algorithm".as_ref(),
+        "RSA".as_ref(),
+        "-pkeyopt".as_ref(),
+        "rsa_keygen_bits:2048".as_ref(),
+        "-out".as_ref(),
+        private.as_os_str(),
+    ])?;
+    openssl(&[
+        "pkey".as_ref(),
+        "-in".as_ref(),
+        private.as_os_str(),
+        "-pubout".as_ref(),
+        "-out".as_ref(),
+        public.as_os_str(),
+    ])
 }
 
 /// A subject with at most one organisation: rcgen keeps one value per attribute type.

@@ -414,6 +414,60 @@ fn service_principals_need_no_assignment() {
     assert!(matches!(grant.principal, Principal::ServicePrincipal { .. }));
 }
 
+pub(crate) fn federated(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
+    let mut object = identity(namespace, name, client_id);
+    object.metadata.annotations = Some(BTreeMap::from([(
+        pod_identity_api::federation::BACKEND_ANNOTATION.to_owned(),
+        "federated".to_owned(),
+    )]));
+    object.spec.tenant_id = Some("tenant".into());
+    object
+}
+
+#[test]
+fn a_federated_identity_needs_no_assignment_and_is_its_own_principal() {
+    let mut world = synced_world();
+    world.identities.push(federated("ns", "fed", CLIENT_A));
+    // Another object naming the same client ID, on the node backend.
+    world.identities.push(identity("ns", "plain", CLIENT_A));
+    world.bindings.push(binding("ns", "b", "fed", "web", None));
+    world.bindings.push(binding("ns", "b2", "plain", "other", None));
+    let web = pod("ns", "web", Some("web"));
+    world.upsert_pod(web.clone());
+    let resolution = resolve(
+        &world,
+        standard(),
+        &web,
+        &Selector::ClientId(CLIENT_A.into()),
+        &(),
+    );
+    let Resolution::Serve(grant) = resolution else {
+        panic!("{resolution:?}")
+    };
+    assert_eq!(
+        grant.principal,
+        Principal::Federated {
+            identity: ObjectKey::new("ns", "fed"),
+            uid: Some("uid-ns-fed".into()),
+        }
+    );
+    assert_eq!(grant.principal.kind(), "federated_identity");
+    let auth = authorized(&world, standard()).unwrap();
+    assert!(auth.allows(&grant.principal));
+    assert!(
+        !auth.allows(&Principal::Managed {
+            client_id: CLIENT_A.into()
+        }),
+        "the same client on the node backend is not what this pod uses"
+    );
+    // Back on the node backend, the pod waits for its assignment again.
+    world.identities[0].metadata.annotations = None;
+    assert!(matches!(
+        resolve(&world, standard(), &web, &Selector::Default, &()),
+        Resolution::Wait(Pending::Assignment { .. })
+    ));
+}
+
 #[test]
 fn an_excepted_pod_goes_to_the_node() {
     let mut world = synced_world();

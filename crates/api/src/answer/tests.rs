@@ -200,3 +200,44 @@ fn an_excepted_pod_goes_to_the_node() {
     });
     assert_eq!(fx.answer(&pod(Some("web")), Mode::Standard), "excepted");
 }
+
+fn federate(identity: &mut AzureIdentity, tenant: Option<&str>, value: &str) {
+    identity.metadata.annotations = Some(BTreeMap::from([(
+        crate::federation::BACKEND_ANNOTATION.to_owned(),
+        value.to_owned(),
+    )]));
+    identity.spec.tenant_id = tenant.map(str::to_owned);
+}
+
+#[test]
+fn a_federated_identity_never_waits_for_a_record_and_a_stale_record_does_not_hold_it() {
+    let mut fx = Fixture::new();
+    federate(&mut fx.identities[0], Some("tenant"), "federated");
+    let web = pod(Some("web"));
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a ready");
+    // Moved from the node backend: the old record, even one being released, changes nothing.
+    fx.assign("web", "id-a", Some("Unassigned"));
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a ready");
+    // Moved back: the record counts again.
+    federate(&mut fx.identities[0], Some("tenant"), "node");
+    assert_eq!(fx.answer(&web, Mode::Standard), "id-a pending Some(Unassigned)");
+}
+
+#[test]
+fn a_federated_identity_without_a_tenant_or_with_a_misspelt_backend_is_refused_by_name() {
+    let mut fx = Fixture::new();
+    federate(&mut fx.identities[0], None, "federated");
+    let refused = fx.answer(&pod(Some("web")), Mode::Standard);
+    assert!(
+        refused.contains("tenantID is required for a federated identity"),
+        "{refused}"
+    );
+    federate(&mut fx.identities[0], Some("tenant"), "federate");
+    let refused = fx.answer(&pod(Some("web")), Mode::Standard);
+    assert!(
+        refused.contains(
+            "metadata.annotations[aadpodidentity.k8s.io/backend]: must be \"node\" or \"federated\""
+        ),
+        "{refused}"
+    );
+}

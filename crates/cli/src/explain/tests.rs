@@ -253,3 +253,86 @@ fn a_host_network_pod_reaches_the_metadata_service_directly() {
         "its identity is still assigned to the node"
     );
 }
+
+fn federated_state() -> ClusterState {
+    let mut state = state();
+    let identity = &mut state.identities[0];
+    identity.metadata.annotations = Some(std::collections::BTreeMap::from([(
+        pod_identity_api::federation::BACKEND_ANNOTATION.to_owned(),
+        "federated".to_owned(),
+    )]));
+    identity.spec.tenant_id = Some("tenant-1".into());
+    state.federation = crate::cluster::FederationView {
+        namespace: "subjects".into(),
+        subjects: Some(vec!["shop.payments".into()]),
+        issuer: Some("https://issuer.example".into()),
+        signing_algorithms: Some(vec!["RS256".into()]),
+        pod_events: Vec::new(),
+    };
+    state
+}
+
+#[test]
+fn a_federated_identity_is_served_without_an_assignment_and_its_backend_is_named() {
+    let e = explained(&federated_state(), "web");
+    assert_eq!(e.agent.verdict, Verdict::Serve, "{}", e.agent.detail);
+    assert!(
+        e.assignments[0].status.starts_with("none needed"),
+        "{:?}",
+        e.assignments
+    );
+    let backend = &e.backends[0];
+    assert_eq!(backend.backend, pod_identity_api::federation::Backend::Federated);
+    assert_eq!(
+        backend.because,
+        "annotation aadpodidentity.k8s.io/backend: federated"
+    );
+    assert_eq!(
+        backend.subject.as_deref(),
+        Some("system:serviceaccount:subjects:shop.payments")
+    );
+    assert!(backend.problems.is_empty(), "{:?}", backend.problems);
+    let human = e.to_human();
+    assert!(
+        human.contains("identity shop/payments: federated backend"),
+        "{human}"
+    );
+    assert!(human.contains("with issuer https://issuer.example"), "{human}");
+}
+
+#[test]
+fn the_node_backend_is_the_default_and_said_so() {
+    let e = explained(&state(), "web");
+    assert_eq!(e.backends[0].backend, pod_identity_api::federation::Backend::Node);
+    assert!(e.backends[0].because.contains("the default"));
+    assert!(e.backends[0].serves.contains("Instance Metadata Service"));
+}
+
+#[test]
+fn why_a_federation_fails_is_listed() {
+    let mut state = federated_state();
+    state.federation.subjects = Some(Vec::new());
+    state.federation.signing_algorithms = Some(vec!["ES256".into()]);
+    state.identities[0].metadata.annotations.as_mut().unwrap().insert(
+        pod_identity_api::federation::CREDENTIAL_STATUS_ANNOTATION.to_owned(),
+        "not created: /x has 20 federated identity credentials, the most Entra ID allows (20)".to_owned(),
+    );
+    state.federation.pod_events = vec![
+        ("TokenUpstreamError".into(), "could not get a token for shop/other: ...".into()),
+        (
+            "TokenUpstreamError".into(),
+            "could not get a token for shop/payments: refused (401 invalid_client): no federated identity credential matches".into(),
+        ),
+    ];
+    let e = explained(&state, "web");
+    let problems = e.backends[0].problems.join("\n");
+    for part in [
+        "ServiceAccount subjects/shop.payments, does not exist",
+        "signs service-account tokens with ES256",
+        "20 federated identity credentials",
+        "the agent last reported (TokenUpstreamError): could not get a token for shop/payments",
+    ] {
+        assert!(problems.contains(part), "{part}:\n{problems}");
+    }
+    assert!(!problems.contains("shop/other"), "{problems}");
+}
