@@ -398,7 +398,10 @@ async fn check_pod_network(
             "the pod of the caller's address has no UID yet",
         ));
     };
-    match attestor.pod_network(uid, peer, connection.local).await {
+    match attestor
+        .pod_network(&connection.attestation, uid, peer, connection.local)
+        .await
+    {
         Attestation::Pod(_) => None,
         Attestation::Spoofed { .. } => {
             let why = format!(

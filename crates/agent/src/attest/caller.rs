@@ -4,7 +4,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -24,9 +24,14 @@ pub enum Placement {
     PodNetwork,
 }
 
-/// The attestation of one connection, filled by its first request.
+/// The attestation of one connection, filled by its first request: where its caller is, and for a
+/// pod-network caller, the pod it was last checked against and the answer (a keep-alive connection asks
+/// again only when its address has passed to another pod).
 #[derive(Debug, Default)]
-pub struct ConnectionAttestation(OnceCell<Placement>);
+pub struct ConnectionAttestation {
+    placement: OnceCell<Placement>,
+    checked: Mutex<Option<(PodUid, Attestation)>>,
+}
 
 /// The endpoint's attestation of callers.
 #[derive(Debug)]
@@ -64,7 +69,7 @@ impl Attestor {
         local: SocketAddr,
     ) -> Placement {
         connection
-            .0
+            .placement
             .get_or_init(|| async {
                 let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
                     // The endpoint listens on IPv4 only; IMDS has no IPv6 address.
@@ -97,8 +102,33 @@ impl Attestor {
 
     /// Whether the caller `peer` of a pod-network connection to `local` is `owner`, the pod its address
     /// names: [`Attestation::Pod`], or [`Attestation::Spoofed`] when its socket is not in that pod's
-    /// network namespace.
-    pub async fn pod_network(&self, owner: &PodUid, peer: SocketAddr, local: SocketAddr) -> Attestation {
+    /// network namespace. A decided answer is remembered for the connection.
+    pub async fn pod_network(
+        &self,
+        connection: &ConnectionAttestation,
+        owner: &PodUid,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Attestation {
+        let remembered = connection
+            .checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(checked, _)| checked == owner)
+            .map(|(_, attestation)| attestation.clone());
+        if let Some(attestation) = remembered {
+            return attestation;
+        }
+        let attestation = self.check_pod_network(owner, peer, local).await;
+        if !matches!(attestation, Attestation::Unknown(_)) {
+            *connection.checked.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((owner.clone(), attestation.clone()));
+        }
+        attestation
+    }
+
+    async fn check_pod_network(&self, owner: &PodUid, peer: SocketAddr, local: SocketAddr) -> Attestation {
         let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
             return Attestation::Unknown("an IPv6 caller cannot be attested");
         };
@@ -143,5 +173,65 @@ impl Attestor {
             .attestations
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, time::Duration};
+
+    use super::*;
+
+    fn attestor() -> Attestor {
+        Attestor::new(
+            Lookup::new("/proc", Duration::from_secs(10)),
+            SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80),
+            NodeCallers::Passthrough,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_direct_caller_on_the_node_is_the_node_and_counted_once_per_connection() {
+        let attestor = attestor();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, peer) = listener.accept().unwrap();
+        let connection = ConnectionAttestation::default();
+        let local = listener.local_addr().unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                attestor.placement(&connection, peer, local).await,
+                Placement::Host(Attestation::Node)
+            );
+        }
+        let metrics = attestor.metrics.render();
+        assert!(
+            metrics.contains("pod_identity_caller_attestations_total{result=\"node\"} 1"),
+            "{metrics}"
+        );
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_socket_is_not_on_the_node_is_on_a_pod_network() {
+        let attestor = attestor();
+        let connection = ConnectionAttestation::default();
+        // No socket of this namespace has these ends: the caller is in another network namespace.
+        let peer = SocketAddr::from(([10, 244, 0, 9], 40000));
+        let local = SocketAddr::from(([169, 254, 79, 1], 2579));
+        assert_eq!(
+            attestor.placement(&connection, peer, local).await,
+            Placement::PodNetwork
+        );
+        // A pod whose processes cannot be found is not decided, and not remembered as decided.
+        let owner = "0d9e7c1a-5b2f-4e3d-9a8b-7c6d5e4f3a2b".to_owned();
+        for _ in 0..2 {
+            assert!(matches!(
+                attestor.pod_network(&connection, &owner, peer, local).await,
+                Attestation::Unknown(_)
+            ));
+        }
+        assert!(connection.checked.lock().unwrap().is_none());
     }
 }

@@ -195,14 +195,23 @@ pub fn socket_inode(local: SocketAddrV4, remote: SocketAddrV4) -> io::Result<Opt
     }
 }
 
-/// Whether `proc` shows processes beyond the agent's own container, as with `hostPID`: without it the
-/// first process is the agent's container's own (in its cgroup), or a pod's sandbox (in a pod's cgroup).
+/// Whether `proc` shows processes beyond the agent's own container, as with `hostPID`: without it every
+/// process it shows is in the agent's own cgroup.
 pub fn sees_host_processes(proc: &Path) -> bool {
-    let cgroup = |pid: &str| std::fs::read_to_string(proc.join(pid).join("cgroup"));
-    match (cgroup("1"), cgroup("self")) {
-        (Ok(first), Ok(own)) => first != own && pod_uid(&first).is_none(),
-        _ => false,
-    }
+    let Ok(own) = std::fs::read_to_string(proc.join("self/cgroup")) else {
+        return false;
+    };
+    std::fs::read_dir(proc)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .any(|entry| std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroup| cgroup != own))
 }
 
 #[cfg(test)]
@@ -230,6 +239,26 @@ mod tests {
         );
         let missing = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1);
         assert_eq!(socket_inode(missing, remote).unwrap(), None);
+    }
+
+    #[test]
+    fn only_a_proc_showing_processes_of_other_cgroups_is_the_hosts() {
+        let proc = tempfile::tempdir().unwrap();
+        let write = |pid: &str, cgroup: &str| {
+            std::fs::create_dir_all(proc.path().join(pid)).unwrap();
+            std::fs::write(proc.path().join(pid).join("cgroup"), cgroup).unwrap();
+        };
+        let own = "0::/\n";
+        write("self", own);
+        write("1", own);
+        write("7", own);
+        assert!(
+            !sees_host_processes(proc.path()),
+            "the agent's own container only"
+        );
+        write("812", "0::/../../../system.slice/kubelet.service\n");
+        assert!(sees_host_processes(proc.path()));
+        assert!(!sees_host_processes(&proc.path().join("missing")));
     }
 
     #[test]
