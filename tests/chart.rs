@@ -137,6 +137,9 @@ fn default_render_has_every_part_and_least_privilege() {
     let env = &pod["containers"][0]["env"][0];
     assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
 
+    // Attestation is opt-in: without it the agent does not share the host's PID namespace.
+    assert!(pod["hostPID"].is_null(), "{pod}");
+
     let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
     assert_eq!(deployment["spec"]["replicas"], 2);
     // The Lease is the only thing the controller may write in its namespace, and only by name.
@@ -271,6 +274,50 @@ fn federation_grants_the_agent_subject_tokens_only_and_the_controller_the_subjec
         1,
         "no discovery read: {cluster}"
     );
+}
+
+#[test]
+fn attesting_host_network_callers_adds_only_what_it_needs() {
+    let objects = render("pod-identity", &["--set", "agent.attestHostNetwork=true"]);
+    let daemonset = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW", "SYS_PTRACE", "DAC_READ_SEARCH"])
+    );
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for expected in [
+        "--attest-callers",
+        "--node-callers=passthrough",
+        "--upstream-mark=0x2000",
+    ] {
+        assert!(args.contains(&expected), "{expected} missing from {args:?}");
+    }
+    // No host path is mounted for it: /proc of the host's PID namespace is the container's own.
+    assert_eq!(pod["volumes"].as_array().unwrap().len(), 2, "{}", pod["volumes"]);
+
+    let chart = chart();
+    for (value, expected) in [
+        ("agent.nodeCallers=allow", "at '/agent/nodeCallers'"),
+        ("agent.upstreamMark=0", "at '/agent/upstreamMark'"),
+        ("agent.upstreamMark=mark", "at '/agent/upstreamMark'"),
+    ] {
+        let (ok, _, err) = helm(
+            &["template", "release", chart.to_str().unwrap(), "--set", value],
+            None,
+        );
+        assert!(!ok, "{value} was accepted");
+        assert!(err.contains(expected), "{value}: {err}");
+    }
 }
 
 #[test]
@@ -491,6 +538,10 @@ fn the_binaries_accept_the_arguments_the_chart_gives_them() {
         &[
             "--set",
             "agent.enableHostToken=true",
+            "--set",
+            "agent.attestHostNetwork=true",
+            "--set",
+            "agent.nodeCallers=refuse",
             "--set",
             "controller.immutableUserMSIs[0]=5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
             "--set",

@@ -583,6 +583,213 @@ async fn default_values_on_a_node_without_azure_json_say_which_value_to_set() {
         .unwrap();
 }
 
+/// `curl` from the node itself (a process in no pod): the HTTP status and the body.
+fn curl_from_node(session: &Session<'_>, url: &str) -> (u16, String) {
+    let output = session
+        .node
+        .in_node_ok(&[
+            "curl",
+            "-s",
+            "-S",
+            "-m",
+            "30",
+            "-H",
+            "Metadata: true",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn host_network(pod: &mut serde_json::Value) {
+    pod["spec"]["hostNetwork"] = serde_json::json!(true);
+    pod["spec"]["dnsPolicy"] = serde_json::json!("ClusterFirstWithHostNet");
+}
+
+#[tokio::test]
+async fn with_attested_callers_host_network_pods_get_only_their_own_identities_and_forged_addresses_are_refused()
+ {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    let mut values = session.values();
+    values.push("agent.attestHostNetwork=true".into());
+    session.helm_release("upgrade", &values).unwrap();
+    session.wait_agent_ready().await.unwrap();
+    let nat = |hook: &str| {
+        let listed = session
+            .node
+            .in_node_ok(&["iptables", "-t", "nat", "-S", hook])
+            .unwrap();
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    };
+    assert!(nat("OUTPUT").contains("-j POD-IDENTITY"), "{}", nat("OUTPUT"));
+    assert!(
+        nat("POD-IDENTITY").contains("--mark 0x2000/0x2000"),
+        "{}",
+        nat("POD-IDENTITY")
+    );
+
+    // Identity B is on the scale set for another pod, so the node holds both A and B.
+    let namespace = "attest";
+    session.namespace(namespace).await.unwrap();
+    session
+        .bind(namespace, "id-a", harness::CLIENT_A, "host-a")
+        .await
+        .unwrap();
+    session
+        .bind(namespace, "id-b", harness::CLIENT_B, "holder-b")
+        .await
+        .unwrap();
+    let holder = session.pod(namespace, "holder", Some("holder-b")).await.unwrap();
+    served(&session, &holder).await;
+
+    // A bound host-network pod gets A, asked or by default, and never B, which the node also holds.
+    let host_a = session
+        .pod_with(namespace, "host-a", Some("host-a"), host_network)
+        .await
+        .unwrap();
+    let token = served(&session, &host_a).await;
+    assert!(!token.is_empty());
+    let (status, body) = session.token(&host_a).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, answer["client_id"].as_str()),
+        (200, Some(harness::CLIENT_A)),
+        "{body}"
+    );
+    let for_b = format!("{}&client_id={}", harness::TOKEN_URL, harness::CLIENT_B);
+    let (status, body) = session.curl(&host_a, &["-H", "Metadata: true", &for_b]).unwrap();
+    assert_eq!(status, 403, "{body}");
+    // An unbound host-network pod is refused, not answered with the node's identities.
+    let host_stranger = session
+        .pod_with(namespace, "host-stranger", None, host_network)
+        .await
+        .unwrap();
+    let (status, body) = session.token(&host_stranger).unwrap();
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = session
+        .curl(&host_stranger, &["-H", "Metadata: true", &for_b])
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+
+    // The node itself (a process in no pod, as the kubelet is) is passed through: what IMDS gives it.
+    let (status, body) = curl_from_node(
+        &session,
+        "http://169.254.169.254/metadata/instance?api-version=2021-02-01",
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = curl_from_node(&session, &for_b);
+    assert_eq!(status, 200, "{body}");
+
+    // A pod that takes another pod's address (kubenet's ARP spoofing, CVE-2021-1677: here the node's
+    // neighbour entry for the victim's address is pointed at the forger, as poisoned ARP would) reaches
+    // the agent from the victim's address, and is refused: its socket is not in the victim's namespace.
+    let victim = session.pod(namespace, "victim", Some("host-a")).await.unwrap();
+    served(&session, &victim).await;
+    let forger = session
+        .pod_with(namespace, "forger", None, |pod| {
+            pod["spec"]["containers"][0]["securityContext"] =
+                serde_json::json!({"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}});
+        })
+        .await
+        .unwrap();
+    let (ok, mac, err) = session
+        .exec(&forger, &["cat", "/sys/class/net/eth0/address"])
+        .unwrap();
+    assert!(ok, "{err}");
+    let victim_address = format!("{}/32", victim.ip);
+    let (ok, _, err) = session
+        .exec(
+            &forger,
+            &["busybox", "ip", "addr", "add", &victim_address, "dev", "eth0"],
+        )
+        .unwrap();
+    assert!(ok, "{err}");
+    session
+        .node
+        .in_node_ok(&[
+            "ip",
+            "neigh",
+            "replace",
+            &victim.ip,
+            "lladdr",
+            mac.trim(),
+            "dev",
+            "cni0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    let forged = session.curl(
+        &forger,
+        &[
+            "--interface",
+            &victim.ip,
+            "-H",
+            "Metadata: true",
+            harness::TOKEN_URL,
+        ],
+    );
+    session
+        .node
+        .in_node_ok(&["ip", "neigh", "del", &victim.ip, "dev", "cni0"])
+        .unwrap();
+    let (status, body) = forged.unwrap();
+    assert_eq!(status, 403, "the forger was answered {status}: {body}");
+    assert!(body.contains("not its own"), "{body}");
+    let events = Api::<CoreEvent>::namespaced(session.client.clone(), namespace);
+    eventually(|| async {
+        let found = events.list(&ListParams::default()).await?;
+        found
+            .items
+            .iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("CallerSpoofed")
+                    && e.involved_object.name.as_deref() == Some("victim")
+            })
+            .map(|_| ())
+            .context("no CallerSpoofed Event about the victim yet")
+    })
+    .await
+    .unwrap();
+    // The victim itself is still served.
+    served(&session, &victim).await;
+
+    // Nothing a pod sent reached IMDS unmediated: no request from a pod address (the host-network pods'
+    // refusals above are the agent's: IMDS would have given B, which the node holds).
+    assert_no_pod_reached_imds(&session);
+    let (status, metrics) = curl_from_node(&session, "http://127.0.0.1:9090/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for result in ["pod", "node", "spoofed"] {
+        assert!(
+            metrics.contains(&format!(
+                "pod_identity_caller_attestations_total{{result=\"{result}\"}}"
+            )),
+            "no {result} attestation counted:\n{metrics}"
+        );
+    }
+
+    // Attestation off again: the OUTPUT jump goes, so the agent's own (now unmarked) calls are not sent
+    // back to itself, and pods are served as before.
+    session.helm_release("upgrade", &session.values()).unwrap();
+    session.wait_agent_ready().await.unwrap();
+    eventually(|| async {
+        let output = nat("OUTPUT");
+        if output.contains("-j POD-IDENTITY") {
+            bail!("OUTPUT still jumps to the agent's chain: {output}")
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    served(&session, &holder).await;
+}
+
 /// A node with one pod running, for the teardown tests.
 async fn node_with_a_pod() -> Result<RealNode> {
     let bin = harness::test_bin_dir()?;

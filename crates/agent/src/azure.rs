@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::{Engine, engine::general_purpose::STANDARD};
 use pod_identity_azure::{
     AzureError, ClientCertificate, ClientCredential, EntraClient, IdentitySelector, ImdsClient, RetryPolicy,
-    imds::interpret,
+    imds::interpret, imds_http::ImdsHttp,
 };
 
 use crate::{
@@ -23,29 +23,34 @@ pub fn ensure_crypto_provider() {
     pod_identity_azure::http::ensure_crypto_provider();
 }
 
+/// How long a connection to IMDS may take to open: it is on the node's own link.
+const IMDS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Talks to IMDS and Entra.
 #[derive(Clone, Debug)]
 pub struct HttpUpstream {
     imds: ImdsClient,
-    imds_http: reqwest::Client,
+    imds_http: ImdsHttp,
     imds_base: String,
     entra: reqwest::Client,
 }
 
 impl HttpUpstream {
-    /// Clients for IMDS at `imds_base` (`http://169.254.169.254:80`) and for Entra, trusting
+    /// Clients for IMDS at `imds_base` (`http://169.254.169.254:80`), whose connections carry `mark` when
+    /// host traffic to IMDS is intercepted (so that the agent's own is not), and for Entra, trusting
     /// `extra_ca_pem` besides the system's roots.
     pub fn new(
         imds_base: String,
         timeout: Duration,
+        mark: Option<u32>,
         extra_ca_pem: Option<&str>,
     ) -> Result<Self, UpstreamError> {
         ensure_crypto_provider();
+        let imds_http = ImdsHttp::new(timeout, IMDS_CONNECT_TIMEOUT, mark);
         let imds = ImdsClient::new(&imds_base)
-            .and_then(|client| client.with_timeout(timeout))
             .map_err(UpstreamError::from)?
+            .with_http(imds_http.clone())
             .with_retry(RetryPolicy::none());
-        let imds_http = pod_identity_azure::http::imds_client(timeout).map_err(UpstreamError::from)?;
         // HTTP/1.1, as MSAL speaks to Entra: a token request is one small exchange, and some Entra
         // front ends (and the emulator) derive the assertion audience from the Host header, which
         // HTTP/2 requests do not carry.
@@ -71,7 +76,7 @@ impl HttpUpstream {
     }
 
     /// The plain IMDS HTTP client, for forwarding non-token requests.
-    pub fn imds_client(&self) -> &reqwest::Client {
+    pub fn imds_client(&self) -> &ImdsHttp {
         &self.imds_http
     }
 

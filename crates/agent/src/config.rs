@@ -18,6 +18,7 @@ use pod_identity_azure::RetryPolicy;
 use pod_identity_runtime::LogFormat;
 
 use crate::{
+    attest::NodeCallers,
     cache::Freshness,
     redirect::DEFAULT_REDIRECT_ADDRESS,
     resolve::{Mode, Policy},
@@ -146,6 +147,33 @@ pub struct Args {
     /// by default: any host-network process could ask for any pod's token by name.
     #[arg(long, env = "ENABLE_HOST_TOKEN", default_value_t = false)]
     pub enable_host_token: bool,
+
+    /// Attest every caller from the kernel's view of its socket (the process holding it and the pod of that
+    /// process), not from its source address alone; and intercept the node's own traffic to the metadata
+    /// address too, so that host-network pods get their own identities only. Needs the host's PID
+    /// namespace (`hostPID`) and `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH`.
+    #[arg(long, env = "ATTEST_CALLERS", default_value_t = false)]
+    pub attest_callers: bool,
+
+    /// With `--attest-callers`: what a caller in no pod (the kubelet, node daemons) gets: `passthrough`
+    /// (what IMDS gives it, as without the agent) or `refuse`.
+    #[arg(long, env = "NODE_CALLERS", value_enum, default_value_t = NodeCallers::Passthrough)]
+    pub node_callers: NodeCallers,
+
+    /// With `--attest-callers`: the socket mark (bits of it) of the agent's own connections to IMDS, which
+    /// the `OUTPUT` redirect lets through. Choose bits no other component of the node uses (kube-proxy
+    /// uses 0x4000 and 0x8000, Calico 0xffff0000 by default).
+    #[arg(long, env = "UPSTREAM_MARK", default_value = "0x2000", value_parser = parse_mark)]
+    pub upstream_mark: u32,
+
+    /// With `--attest-callers`: the `/proc` to read processes from (the host's, with `hostPID`).
+    #[arg(long, env = "PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
+    /// With `--attest-callers`: milliseconds one attestation may take before the caller gets 503 (it may
+    /// ask again).
+    #[arg(long, env = "ATTEST_TIMEOUT_MS", default_value_t = 250)]
+    pub attest_timeout_ms: u64,
 
     /// Seconds a request waits for an identity still being assigned to the node before it gets 503
     /// with Retry-After.
@@ -312,8 +340,18 @@ impl Args {
             redirect_ip: self.redirect_address,
             agent_port: self.listen_port,
             guard: self.imds_guard,
-            host_mark: None,
+            host_mark: self.upstream_mark().map(|mark| (mark, mark)),
         }
+    }
+
+    /// The socket mark of the agent's own IMDS connections: only when the node's own traffic is intercepted.
+    pub fn upstream_mark(&self) -> Option<u32> {
+        (self.attest_callers && !self.no_interception).then_some(self.upstream_mark)
+    }
+
+    /// The attestation deadline.
+    pub fn attest_timeout(&self) -> Duration {
+        Duration::from_millis(self.attest_timeout_ms.max(1))
     }
 
     /// The endpoint's behaviour.
@@ -360,6 +398,19 @@ impl Args {
     pub fn imds_base(&self) -> String {
         format!("http://{}:{}", self.metadata_ip, self.metadata_port)
     }
+}
+
+/// A socket mark, decimal or `0x` hexadecimal, not zero (a zero mark is every unmarked socket's).
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let mark = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("{text} is not a socket mark: {e}"))?;
+    if mark == 0 {
+        return Err("the socket mark must have at least one bit set".to_owned());
+    }
+    Ok(mark)
 }
 
 fn seconds(value: f64) -> Duration {
@@ -421,6 +472,40 @@ mod tests {
             vec!["--retry-attempts-for-created", "--enableScaleFeatures"]
         );
         assert!(parse(&["--node=n", "--forceNamespaced"]).force_namespaced);
+    }
+
+    #[test]
+    fn attestation_marks_the_agents_own_connections_only_when_on() {
+        let off = parse(&["--node=n1"]);
+        assert_eq!((off.upstream_mark(), off.rule_spec().host_mark), (None, None));
+        let on = parse(&["--node=n1", "--attest-callers"]);
+        assert_eq!(on.upstream_mark(), Some(0x2000));
+        assert_eq!(on.rule_spec().host_mark, Some((0x2000, 0x2000)));
+        assert_eq!(on.node_callers, NodeCallers::Passthrough);
+        let chosen = parse(&[
+            "--node=n1",
+            "--attest-callers",
+            "--upstream-mark=0x100",
+            "--node-callers=refuse",
+        ]);
+        assert_eq!(chosen.rule_spec().host_mark, Some((0x100, 0x100)));
+        assert_eq!(chosen.node_callers, NodeCallers::Refuse);
+        assert_eq!(
+            parse(&["--node=n1", "--attest-callers", "--upstream-mark=512"]).upstream_mark(),
+            Some(512)
+        );
+        // Interception that is someone else's has no rules to let the agent's connections through.
+        assert_eq!(
+            parse(&["--node=n1", "--attest-callers", "--no-interception"]).upstream_mark(),
+            None
+        );
+        for bad in ["0", "0x", "-1", "mark", "0x1_0000_0000"] {
+            let arg = format!("--upstream-mark={bad}");
+            assert!(
+                Args::try_parse_from(["pod-identity-agent", "--node=n1", arg.as_str()]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

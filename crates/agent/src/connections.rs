@@ -36,6 +36,7 @@ use tokio::{
 use tower::ServiceExt;
 
 use crate::{
+    attest::caller::ConnectionAttestation,
     metrics::{Metrics, ReasonLabels},
     request::caller_ip,
 };
@@ -287,7 +288,12 @@ pub async fn serve(
             metrics: metrics.clone(),
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder.serve_connection(TokioIo::new(stream), service(router.clone(), peer));
+        let local = stream.local_addr().unwrap_or(peer);
+        let facts = Arc::new(Connection {
+            local,
+            attestation: ConnectionAttestation::default(),
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service(router.clone(), peer, facts));
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             let _guard = guard;
@@ -300,10 +306,20 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
+/// What a request knows of the connection it came on, besides its peer ([`ConnectInfo`]).
+#[derive(Debug)]
+pub struct Connection {
+    /// The address the connection was accepted on (the redirect target for intercepted callers).
+    pub local: SocketAddr,
+    /// Where its caller is, once attested.
+    pub attestation: ConnectionAttestation,
+}
+
 /// The router as the service of one connection from `peer`.
 fn service(
     router: Router,
     peer: SocketAddr,
+    facts: Arc<Connection>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = axum::response::Response,
@@ -312,6 +328,7 @@ fn service(
 > {
     hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(facts.clone());
         router.clone().oneshot(request.map(Body::new))
     })
 }

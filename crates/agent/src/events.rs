@@ -24,6 +24,8 @@ pub enum Reason {
     IdentityNotAssigned,
     /// IMDS or Entra refused or failed.
     TokenUpstreamError,
+    /// A connection from the pod's address came from outside the pod: its address was forged.
+    CallerSpoofed,
 }
 
 impl Reason {
@@ -32,6 +34,7 @@ impl Reason {
             Self::IdentityDenied => "IdentityDenied",
             Self::IdentityNotAssigned => "IdentityNotAssigned",
             Self::TokenUpstreamError => "TokenUpstreamError",
+            Self::CallerSpoofed => "CallerSpoofed",
         }
     }
 }

@@ -97,6 +97,10 @@ pub struct Metrics {
     pub connections_shed: Family<ReasonLabels, Counter>,
     /// Connections open to the endpoint.
     pub open_connections: Gauge,
+    /// Callers attested, by what they were found to be (`pod`, `node`, `spoofed`, `unknown`).
+    pub attestations: Family<ResultLabels, Counter>,
+    /// Time to attest a caller, by kind of lookup (`host`, `pod_network`).
+    pub attestation_duration: Family<KindLabels, Histogram>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -213,6 +217,20 @@ impl Metrics {
             "Connections open to the endpoint",
             open_connections.clone(),
         );
+        let attestations = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "caller_attestations",
+            "Callers attested from the kernel's view of their sockets, by result (pod, node, spoofed, unknown)",
+            attestations.clone(),
+        );
+        let attestation_duration =
+            Family::<KindLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register(
+            "caller_attestation_duration_seconds",
+            "Time to attest a caller, by lookup (host: the process holding a host socket; pod_network: the \
+             socket in the pod its address names)",
+            attestation_duration.clone(),
+        );
         Self {
             registry,
             requests,
@@ -231,6 +249,8 @@ impl Metrics {
             events,
             connections_shed,
             open_connections,
+            attestations,
+            attestation_duration,
         }
     }
 

@@ -235,8 +235,7 @@ pub fn remove_all(netfilter: &dyn Netfilter, spec: &RuleSpec) -> Result<RemovalR
 fn list_table(netfilter: &dyn Netfilter, table: &crate::rules::TableRules) -> Result<Listed, NetfilterError> {
     let chain = netfilter.list(table.table, &table.chain)?;
     let hooks = table
-        .hooks
-        .iter()
+        .listed_hooks()
         .map(|hook| netfilter.list(table.table, hook).map(Option::unwrap_or_default))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Listed { chain, hooks })

@@ -180,6 +180,16 @@ pub fn named_pod<'a>(world: &'a World, key: &ObjectKey) -> Result<&'a PodRecord,
         .ok_or(Pending::UnknownCaller)
 }
 
+/// The pod attestation found holding a host caller's socket (a host-network pod), if it may run; while
+/// the watch has not shown it yet, the caller waits for it.
+pub fn attested_pod<'a>(world: &'a World, uid: &str) -> Result<&'a PodRecord, Pending> {
+    world
+        .pods()
+        .find(|pod| pod.view.uid.as_deref() == Some(uid))
+        .filter(|pod| pod.view.life().may_run())
+        .ok_or(Pending::UnknownCaller)
+}
+
 /// What a request resolves to.
 #[derive(Clone, Debug)]
 pub enum Resolution {

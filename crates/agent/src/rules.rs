@@ -59,6 +59,16 @@ pub struct TableRules {
     pub rules: Vec<String>,
     /// Built-in chains that must jump to ours.
     pub hooks: Vec<&'static str>,
+    /// Built-in chains that must not jump to ours (any more): `OUTPUT` once attestation is turned off, so
+    /// that the agent's own unmarked connections to IMDS are not sent back to itself.
+    pub unhooked: Vec<&'static str>,
+}
+
+impl TableRules {
+    /// Every hook listed to plan: [`Self::hooks`], then [`Self::unhooked`].
+    pub fn listed_hooks(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.hooks.iter().chain(&self.unhooked).copied()
+    }
 }
 
 impl RuleSpec {
@@ -73,12 +83,13 @@ impl RuleSpec {
         let port = self.metadata_port;
         let redirect = self.redirect_ip;
         let agent_port = self.agent_port;
-        let (unmarked, hooks) = match self.host_mark {
+        let (unmarked, hooks, unhooked) = match self.host_mark {
             Some((mark, mask)) => (
                 format!(" -m mark ! --mark {mark:#x}/{mask:#x}"),
                 vec!["PREROUTING", "OUTPUT"],
+                vec![],
             ),
-            None => (String::new(), vec!["PREROUTING"]),
+            None => (String::new(), vec!["PREROUTING"], vec!["OUTPUT"]),
         };
         let mut tables = vec![TableRules {
             table: "nat",
@@ -91,6 +102,7 @@ impl RuleSpec {
                 "-j RETURN".to_owned(),
             ],
             hooks,
+            unhooked,
         }];
         if self.guard {
             tables.push(TableRules {
@@ -108,6 +120,7 @@ impl RuleSpec {
                     "-j RETURN".to_owned(),
                 ],
                 hooks: vec!["INPUT", "FORWARD"],
+                unhooked: vec![],
             });
         }
         tables
@@ -120,7 +133,7 @@ impl RuleSpec {
 pub struct Listed {
     /// `iptables -t <table> -S <chain>`, or `None` when the chain is missing.
     pub chain: Option<Vec<String>>,
-    /// `iptables -t <table> -S <hook>` per hook, in the order of [`TableRules::hooks`].
+    /// `iptables -t <table> -S <hook>` per hook, in the order of [`TableRules::listed_hooks`].
     pub hooks: Vec<Vec<String>>,
 }
 
@@ -225,6 +238,23 @@ pub fn plan(desired: &TableRules, listed: &Listed) -> Vec<Action> {
             });
         }
     }
+    for (index, hook) in desired.unhooked.iter().enumerate() {
+        let lines = listed
+            .hooks
+            .get(desired.hooks.len() + index)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let copies = lines
+            .iter()
+            .filter_map(|line| rule_body(line, hook))
+            .filter(|body| normalize(body) == jump)
+            .count();
+        actions.extend((0..copies).map(|_| Action::Delete {
+            table,
+            chain: hook,
+            rule: format!("-j {chain}"),
+        }));
+    }
     actions
 }
 
@@ -235,7 +265,7 @@ pub fn plan_removal(ours: &TableRules, listed: &Listed) -> Vec<Action> {
     let table = ours.table;
     let jump = normalize(&format!("-j {}", ours.chain));
     let mut actions = Vec::new();
-    for (index, hook) in ours.hooks.iter().enumerate() {
+    for (index, hook) in ours.listed_hooks().enumerate() {
         let lines = listed.hooks.get(index).map(Vec::as_slice).unwrap_or_default();
         let copies = lines
             .iter()
@@ -325,14 +355,13 @@ mod tests {
         let mut chain = vec![format!("-N {}", table.chain)];
         chain.extend(table.rules.iter().map(|r| format!("-A {} {r}", table.chain)));
         let hooks = table
-            .hooks
-            .iter()
+            .listed_hooks()
             .map(|hook| {
-                vec![
-                    format!("-P {hook} ACCEPT"),
-                    format!("-A {hook} -j KUBE-SERVICES"),
-                    format!("-A {hook} -j {}", table.chain),
-                ]
+                let mut lines = vec![format!("-P {hook} ACCEPT"), format!("-A {hook} -j KUBE-SERVICES")];
+                if table.hooks.contains(&hook) {
+                    lines.push(format!("-A {hook} -j {}", table.chain));
+                }
+                lines
             })
             .collect();
         Listed {
@@ -376,6 +405,49 @@ mod tests {
             "-A POD-IDENTITY -j RETURN".into(),
         ]);
         assert_eq!(plan(nat, &listed), vec![]);
+    }
+
+    #[test]
+    fn turning_attestation_off_takes_the_output_jump_out() {
+        let attested = RuleSpec {
+            host_mark: Some((0x2000, 0x2000)),
+            ..spec()
+        };
+        let listed = listed_in_place(&attested.tables()[0]);
+        let nat = &spec().tables()[0];
+        assert_eq!(
+            (nat.hooks.clone(), nat.unhooked.clone()),
+            (vec!["PREROUTING"], vec!["OUTPUT"])
+        );
+        // The chain's DNAT loses its mark exception (rebuilt), PREROUTING keeps its jump, OUTPUT loses its.
+        let actions = plan(nat, &listed);
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::Delete { chain: "OUTPUT", .. }))
+                .count(),
+            1,
+            "{actions:?}"
+        );
+        assert!(
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::InsertFirst { .. }
+                    | Action::Delete {
+                        chain: "PREROUTING",
+                        ..
+                    }
+            )),
+            "{actions:?}"
+        );
+        // Removal takes out the OUTPUT jump whether or not attestation is on.
+        let removal = plan_removal(nat, &listed);
+        assert!(
+            removal
+                .iter()
+                .any(|a| matches!(a, Action::Delete { chain: "OUTPUT", .. })),
+            "{removal:?}"
+        );
     }
 
     #[test]

@@ -5,11 +5,17 @@
 //! being refused. Readiness needs all three. On shutdown the listener closes and requests in flight get
 //! a grace period; from then until the next start the kernel resets pods' connections to IMDS.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    attest::{self, caller::Attestor, lookup::Lookup},
     azure::HttpUpstream,
     cache::TokenCache,
     config::Args,
@@ -56,6 +62,12 @@ pub enum StartError {
     /// The HTTP clients could not be built.
     #[error("upstream clients: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
+    /// Callers cannot be attested from where the agent runs.
+    #[error(
+        "--attest-callers: {0} shows no process outside the agent's own container; run the agent in the \
+         host's PID namespace (hostPID: true), or turn attestation off"
+    )]
+    NoHostProcesses(String),
     /// A file could not be read.
     #[error("reading {path}: {source}")]
     Read {
@@ -77,7 +89,7 @@ pub struct Parts {
     /// Netfilter, or `None` when interception is someone else's.
     pub netfilter: Option<Arc<dyn Netfilter>>,
     /// The client forwarding allowed metadata paths.
-    pub proxy_client: reqwest::Client,
+    pub proxy_client: pod_identity_azure::imds_http::ImdsHttp,
     /// Tokens of the subjects of federated identities (the TokenRequest API).
     pub subject_tokens: Arc<dyn ServiceAccountTokens>,
 }
@@ -96,6 +108,7 @@ impl Parts {
         let upstream = HttpUpstream::new(
             args.imds_base(),
             Duration::from_secs(args.upstream_timeout_sec.max(1)),
+            args.upstream_mark(),
             extra_ca.as_deref(),
         )?;
         let netfilter: Option<Arc<dyn Netfilter>> = if args.no_interception {
@@ -216,14 +229,27 @@ pub async fn start(
         Events::disabled(metrics.clone())
     };
 
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         args.server_config(),
         shared.clone(),
         tokens,
         Proxy::new(parts.proxy_client, &args.imds_base()),
         metrics.clone(),
         events,
-    ));
+    );
+    if args.attest_callers {
+        if !attest::lookup::sees_host_processes(&args.proc_root) {
+            return Err(StartError::NoHostProcesses(args.proc_root.display().to_string()));
+        }
+        state = state.with_attestor(Attestor::new(
+            Lookup::new(&args.proc_root, args.attest_timeout()),
+            SocketAddrV4::new(args.metadata_ip, args.metadata_port),
+            args.node_callers,
+            metrics.clone(),
+        ));
+        tracing::info!(node_callers = ?args.node_callers, mark = format_args!("{:#x}", args.upstream_mark), "callers are attested");
+    }
+    let state = Arc::new(state);
     let imds_addr = imds
         .first()
         .ok_or_else(|| StartError::Bind {

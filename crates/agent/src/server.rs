@@ -23,7 +23,12 @@ use pod_identity_azure::AzureError;
 use serde_json::json;
 
 use crate::{
+    attest::{
+        Attestation, NodeCallers,
+        caller::{Attestor, Placement},
+    },
     cache::Outcome,
+    connections::Connection,
     events::{Events, Notice, Reason},
     metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
     proxy::Proxy,
@@ -70,6 +75,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Events on refused pods.
     pub events: Events,
+    /// Attestation of callers, when on.
+    attestor: Option<Arc<Attestor>>,
     first_tokens: Mutex<HashSet<String>>,
 }
 
@@ -90,8 +97,53 @@ impl AppState {
             proxy,
             metrics,
             events,
+            attestor: None,
             first_tokens: Mutex::default(),
         }
+    }
+
+    /// Callers attested by `attestor`, not by their source address alone.
+    pub fn with_attestor(mut self, attestor: Attestor) -> Self {
+        self.attestor = Some(Arc::new(attestor));
+        self
+    }
+}
+
+/// Who a request's caller is, as far as the endpoint knows before looking at the request.
+#[derive(Clone, Debug)]
+enum Caller {
+    /// Callers are known by their source address alone (attestation off).
+    ByAddress,
+    /// Attested on the node's own network.
+    Host(Attestation),
+    /// On a pod's network: the pod its address names, once attested as that pod.
+    PodNetwork(Arc<Connection>),
+}
+
+async fn caller(state: &AppState, peer: SocketAddr, connection: Option<Arc<Connection>>) -> Caller {
+    let Some(attestor) = &state.attestor else {
+        return Caller::ByAddress;
+    };
+    let Some(connection) = connection else {
+        return Caller::Host(Attestation::Unknown("the connection's facts are missing"));
+    };
+    match attestor
+        .placement(&connection.attestation, peer, connection.local)
+        .await
+    {
+        Placement::Host(attestation) => Caller::Host(attestation),
+        Placement::PodNetwork => Caller::PodNetwork(connection),
+    }
+}
+
+impl Caller {
+    /// The node itself, passed through to IMDS.
+    fn is_passed_node(&self, state: &AppState) -> bool {
+        matches!(self, Self::Host(Attestation::Node))
+            && state
+                .attestor
+                .as_ref()
+                .is_some_and(|a| a.node_callers == NodeCallers::Passthrough)
     }
 }
 
@@ -107,12 +159,24 @@ async fn handle(
     req: Request<Body>,
 ) -> Response {
     let started = Instant::now();
+    let connection = req.extensions().get::<Arc<Connection>>().cloned();
     let (parts, body) = req.into_parts();
     let route = request::classify(parts.uri.path());
+    let caller = match route {
+        Route::Token | Route::Instance | Route::OtherMetadata => caller(&state, peer, connection).await,
+        _ => Caller::ByAddress,
+    };
     let response = match &route {
-        Route::Token => token(&state, peer.ip(), &parts).await,
+        Route::Token => token(&state, peer, &caller, &parts).await,
         Route::HostToken if state.config.host_token => host_token(&state, peer.ip(), &parts).await,
         Route::HostToken => response::not_found("/host/token is not enabled on this node"),
+        Route::Instance | Route::OtherMetadata if caller.is_passed_node(&state) => {
+            forward(&state, peer, Request::from_parts(parts, body)).await
+        }
+        Route::Instance | Route::OtherMetadata if refused_caller(&caller).is_some() => {
+            let (status, why) = refused_caller(&caller).unwrap_or((StatusCode::FORBIDDEN, String::new()));
+            refuse_caller(&state, peer, status, &why)
+        }
         Route::Instance if state.config.block_instance_metadata => {
             blocked(&state, peer, &parts, "instance metadata is blocked on this node")
         }
@@ -183,7 +247,41 @@ struct Resolved {
     waited: Duration,
 }
 
-async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
+/// What a caller that is refused whatever it asks gets: the node under `refuse`, a caller that could not be
+/// attested (503: it may ask again), a forged address.
+fn refused_caller(caller: &Caller) -> Option<(StatusCode, String)> {
+    match caller {
+        Caller::Host(Attestation::Unknown(why)) => Some((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the caller could not be attested: {why}"),
+        )),
+        Caller::Host(Attestation::Spoofed { .. }) => Some((
+            StatusCode::FORBIDDEN,
+            "the caller's address is not its own".to_owned(),
+        )),
+        _ => None,
+    }
+}
+
+fn refuse_caller(state: &AppState, peer: SocketAddr, status: StatusCode, why: &str) -> Response {
+    decision(
+        state,
+        if status == StatusCode::FORBIDDEN {
+            "denied"
+        } else {
+            "unattested"
+        },
+    );
+    tracing::info!(peer = %peer, decision = "refused", reason = why, "refused an attested caller");
+    if status == StatusCode::FORBIDDEN {
+        response::forbidden(why)
+    } else {
+        response::unavailable(why, state.config.retry_after.as_secs())
+    }
+}
+
+async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts) -> Response {
+    let (peer_addr, peer) = (peer, peer.ip());
     if req.method != Method::GET {
         return response::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -199,7 +297,36 @@ async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
     };
     let ip = request::caller_ip(peer);
-    let resolved = resolve_waiting(state, &query, |world| resolve::calling_pod(world, ip).cloned()).await;
+    let resolved = match caller {
+        Caller::ByAddress | Caller::PodNetwork(_) => {
+            resolve_waiting(state, &query, |world| resolve::calling_pod(world, ip).cloned()).await
+        }
+        Caller::Host(Attestation::Pod(uid)) => {
+            resolve_waiting(state, &query, |world| resolve::attested_pod(world, uid).cloned()).await
+        }
+        Caller::Host(Attestation::Node) if caller.is_passed_node(state) => Resolved {
+            pod: None,
+            resolution: Resolution::Excepted,
+            waited: Duration::ZERO,
+        },
+        Caller::Host(Attestation::Node) => {
+            return refuse_caller(
+                state,
+                peer_addr,
+                StatusCode::FORBIDDEN,
+                "callers outside pods are refused on this node",
+            );
+        }
+        Caller::Host(_) => {
+            let (status, why) = refused_caller(caller).unwrap_or((StatusCode::FORBIDDEN, String::new()));
+            return refuse_caller(state, peer_addr, status, &why);
+        }
+    };
+    if let (Caller::PodNetwork(connection), Some(pod)) = (caller, resolved.pod.as_ref())
+        && let Some(refused) = check_pod_network(state, peer_addr, connection, pod).await
+    {
+        return refused;
+    }
     answer(state, &query, resolved, |tokens, resource, now| {
         response::tokens(tokens, resource, now)
     })
@@ -253,6 +380,50 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         response::json_response(StatusCode::OK, &json!({"token": first, "clientid": client_id}))
     })
     .await
+}
+
+/// Whether a pod-network caller is the pod its source address names; the refusal when it is not.
+async fn check_pod_network(
+    state: &AppState,
+    peer: SocketAddr,
+    connection: &Connection,
+    pod: &PodRecord,
+) -> Option<Response> {
+    let attestor = state.attestor.as_ref()?;
+    let Some(uid) = pod.view.uid.as_ref() else {
+        return Some(refuse_caller(
+            state,
+            peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pod of the caller's address has no UID yet",
+        ));
+    };
+    match attestor
+        .pod_network(&connection.attestation, uid, peer, connection.local)
+        .await
+    {
+        Attestation::Pod(_) => None,
+        Attestation::Spoofed { .. } => {
+            let why = format!(
+                "a connection from this pod's address {} came from outside the pod: the address was forged",
+                peer.ip()
+            );
+            tracing::warn!(pod = %pod.view.key.name, namespace = %pod.view.key.namespace, peer = %peer, decision = "denied", reason = "spoofed", "refused a caller whose address is not its own");
+            notify(state, Some(pod), Reason::CallerSpoofed, &why);
+            Some(refuse_caller(
+                state,
+                peer,
+                StatusCode::FORBIDDEN,
+                "the caller's address is not its own",
+            ))
+        }
+        Attestation::Node | Attestation::Unknown(_) => Some(refuse_caller(
+            state,
+            peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the caller could not be attested",
+        )),
+    }
 }
 
 /// 400 in IMDS's shape for a request refused by its headers or query. Only the agent's own description

@@ -55,18 +55,6 @@ impl HttpConfig {
     }
 }
 
-/// The client for IMDS: plain HTTP to a link-local address, never through a proxy (IMDS refuses proxied
-/// requests and a proxy could not reach it anyway).
-pub fn imds_client(timeout: Duration) -> Result<reqwest::Client, AzureError> {
-    ensure_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .map_err(|e| AzureError::Config(format!("building the IMDS client: {e}")))
-}
-
 /// Reads a JSON number or a string holding one (IMDS sends strings, Entra v2 numbers).
 pub fn int_field(v: &serde_json::Value) -> Option<i64> {
     match v {

@@ -8,12 +8,15 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::error::AzureError;
-use crate::http::{imds_client, int_field};
+use crate::http::int_field;
+use crate::imds_http::ImdsHttp;
 use crate::retry::{RetryPolicy, log_retry, parse_retry_after, with_retries};
 use crate::token::{AccessToken, TokenFuture, TokenSource};
 
 pub const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// How long making a connection to IMDS may take: it is on the host's own link.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Which managed identity to ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +51,7 @@ pub struct RawResponse {
 
 #[derive(Debug, Clone)]
 pub struct ImdsClient {
-    http: reqwest::Client,
+    http: ImdsHttp,
     endpoint: String,
     api_version: String,
     retry: RetryPolicy,
@@ -58,7 +61,7 @@ impl ImdsClient {
     /// `endpoint` is scheme and authority, e.g. [`DEFAULT_ENDPOINT`].
     pub fn new(endpoint: &str) -> Result<Self, AzureError> {
         Ok(Self {
-            http: imds_client(Duration::from_secs(10))?,
+            http: ImdsHttp::new(Duration::from_secs(10), CONNECT_TIMEOUT, None),
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             api_version: "2018-02-01".to_owned(),
             retry: RetryPolicy::default(),
@@ -72,8 +75,14 @@ impl ImdsClient {
 
     /// The whole-request timeout (10 s unless set).
     pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, AzureError> {
-        self.http = imds_client(timeout)?;
+        self.http = ImdsHttp::new(timeout, CONNECT_TIMEOUT, self.http.mark());
         Ok(self)
+    }
+
+    /// Requests over `http` (e.g. one whose connections carry a socket mark), shared with other callers.
+    pub fn with_http(mut self, http: ImdsHttp) -> Self {
+        self.http = http;
+        self
     }
 
     pub fn with_api_version(mut self, v: &str) -> Self {
@@ -96,25 +105,24 @@ impl ImdsClient {
             IdentitySelector::ObjectId(v) => query.push(("object_id", v)),
             IdentitySelector::ResourceId(v) => query.push(("msi_res_id", v)),
         }
-        let resp = self
-            .http
-            .get(format!("{}{TOKEN_PATH}", self.endpoint))
-            .query(&query)
-            .header("Metadata", "true")
-            .send()
-            .await
-            .map_err(|e| AzureError::transport(&e))?;
-        let status = resp.status().as_u16();
+        let query = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(query)
+            .finish();
+        let uri: http::Uri = format!("{}{TOKEN_PATH}?{query}", self.endpoint)
+            .parse()
+            .map_err(|e| AzureError::Config(format!("the IMDS endpoint {}: {e}", self.endpoint)))?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("metadata", http::HeaderValue::from_static("true"));
+        let resp = self.http.get(uri, headers).await?;
         let retry_after = resp
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
-        let body = resp.bytes().await.map_err(|e| AzureError::transport(&e))?;
         Ok(RawResponse {
-            status,
+            status: resp.status().as_u16(),
             retry_after,
-            body,
+            body: resp.into_body(),
         })
     }
 

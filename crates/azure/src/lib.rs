@@ -34,6 +34,8 @@ pub mod identity;
 #[cfg(feature = "client")]
 pub mod imds;
 #[cfg(feature = "client")]
+pub mod imds_http;
+#[cfg(feature = "client")]
 pub mod retry;
 #[cfg(feature = "client")]
 pub mod token;

@@ -109,6 +109,16 @@ pub struct AgentAnswer {
     pub detail: String,
 }
 
+/// How the agents know their callers (the chart's `agent.attestHostNetwork`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Callers {
+    /// By source address: host-network pods are not intercepted.
+    #[default]
+    ByAddress,
+    /// By the process holding the caller's socket: host-network pods are intercepted and attested.
+    Attested,
+}
+
 /// Explains the pod `namespace/name` against the cluster state.
 pub fn explain(
     state: &ClusterState,
@@ -116,6 +126,7 @@ pub fn explain(
     name: &str,
     scope: Scope,
     mode: Mode,
+    callers: Callers,
 ) -> Result<Explanation, ExplainError> {
     let views: Vec<PodView> = state.pods.iter().map(PodView::from_pod).collect();
     let key = ObjectKey::new(namespace, name);
@@ -196,7 +207,7 @@ pub fn explain(
         })
         .collect();
     let backends = backends::reports(&decision.assignments, &index, &state.federation);
-    let agent = agent_answer(view, &views, &index, mode, &assigned);
+    let agent = agent_answer(view, &views, &index, (mode, callers), &assigned);
     let verdict = verdict_text(&decision, &agent, &bindings);
     Ok(Explanation {
         pod: format!("{namespace}/{name}"),
@@ -232,7 +243,7 @@ fn agent_answer(
     view: &PodView,
     all: &[PodView],
     index: &Index<'_>,
-    mode: Mode,
+    (mode, callers): (Mode, Callers),
     assigned: &HashMap<ObjectKey, AssignedView>,
 ) -> AgentAnswer {
     let answer = |verdict, detail: String| AgentAnswer { verdict, detail };
@@ -252,14 +263,35 @@ fn agent_answer(
         }
         Life::Active | Life::Terminating => {}
     }
-    if view.host_network {
+    let attested = view.host_network && callers == Callers::Attested;
+    if view.host_network && !attested {
         return answer(
             Verdict::Direct,
             "the pod shares the node's network: its requests are not intercepted and reach the Instance \
-             Metadata Service directly, with every identity of the node"
+             Metadata Service directly, with every identity of the node (agent.attestHostNetwork closes this)"
                 .into(),
         );
     }
+    if attested {
+        // The agent knows it by the pod UID in the cgroup of the process holding the caller's socket, not
+        // by an address; what it answers is the pod's own, below.
+    } else if let Some(refusal) = caller_by_address(view, all, waits) {
+        return refusal;
+    }
+    let attested_note = if attested {
+        "the pod shares the node's network and the agent knows it by its processes (callers attested): "
+    } else {
+        ""
+    };
+    let mut answered = answer_for_pod(view, index, mode, assigned);
+    answered.detail.insert_str(0, attested_note);
+    answered
+}
+
+/// Whether the pod's own address brings its requests to it: `None` when it does, else what its
+/// requests get instead.
+fn caller_by_address(view: &PodView, all: &[PodView], waits: &str) -> Option<AgentAnswer> {
+    let answer = |verdict, detail: String| Some(AgentAnswer { verdict, detail });
     let Some(ip) = calling_address(view) else {
         return answer(
             Verdict::Wait,
@@ -302,6 +334,17 @@ fn agent_answer(
         }
         pod::Caller::Unknown => return answer(Verdict::Wait, waits.to_owned()),
     }
+    None
+}
+
+/// What the agent answers the pod, once it knows the pod is calling.
+fn answer_for_pod(
+    view: &PodView,
+    index: &Index<'_>,
+    mode: Mode,
+    assigned: &HashMap<ObjectKey, AssignedView>,
+) -> AgentAnswer {
+    let answer = |verdict, detail: String| AgentAnswer { verdict, detail };
     let leaving = if view.life() == Life::Terminating {
         "; the pod is being deleted and is served until its containers stop"
     } else {

@@ -52,6 +52,11 @@ pub struct Args {
     #[arg(long, global = true, value_enum, default_value_t = Mode::Standard)]
     pub mode: Mode,
 
+    /// The agents attest callers by their processes (the chart's `agent.attestHostNetwork`): host-network
+    /// pods get their own identities instead of reaching the node's.
+    #[arg(long, global = true)]
+    pub attested_callers: bool,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -130,8 +135,19 @@ pub async fn run(args: Args, out: &mut impl Write) -> Result<()> {
             let mut state = cluster::ClusterState::read(&client).await?;
             state.federation = cluster::FederationView::read(&client, &args.federation_namespace).await;
             state.federation.pod_events = cluster::pod_events(&client, &namespace, pod).await;
-            let explanation = explain::explain(&state, &namespace, pod, args.scope(), args.mode)
-                .with_context(|| format!("explaining pod {namespace}/{pod}"))?;
+            let explanation = explain::explain(
+                &state,
+                &namespace,
+                pod,
+                args.scope(),
+                args.mode,
+                if args.attested_callers {
+                    explain::Callers::Attested
+                } else {
+                    explain::Callers::ByAddress
+                },
+            )
+            .with_context(|| format!("explaining pod {namespace}/{pod}"))?;
             match args.output {
                 Output::Human => out.write_all(explanation.to_human().as_bytes())?,
                 Output::Json => serde_json::to_writer_pretty(&mut *out, &explanation)?,

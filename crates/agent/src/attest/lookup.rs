@@ -60,21 +60,22 @@ impl Lookup {
     }
 
     /// A connection from the node's own network: which pod's process (or which node process) holds the
-    /// caller's socket? `first` are processes to look at before the others (those of host-network pods).
-    pub fn host(&self, peer: SocketAddrV4, dialled: SocketAddrV4, first: &[u32]) -> Attestation {
+    /// caller's socket `peer` → `dialled`? `None` when no such socket is in the node's network namespace:
+    /// the caller is on a pod's network. `first` are processes to look at before the others.
+    pub fn host(&self, peer: SocketAddrV4, dialled: SocketAddrV4, first: &[u32]) -> Option<Attestation> {
         let started = Instant::now();
         let inode = match socket_inode(peer, dialled) {
-            Ok(Some(inode)) => inode,
-            Ok(None) => return Attestation::Unknown("the caller's socket is gone"),
+            Ok(inode) => inode?,
             Err(_) => {
                 // Socket diagnostics refused: the node's table in /proc says the same, slower.
                 let table = std::fs::read_to_string(self.proc.join("self/net/tcp")).unwrap_or_default();
-                match caller_socket(&parse_tcp_table(&table), peer, dialled) {
-                    Some(inode) => inode,
-                    None => return Attestation::Unknown("the caller's socket is gone"),
-                }
+                caller_socket(&parse_tcp_table(&table), peer, dialled)?
             }
         };
+        Some(self.holders_of(inode, first, started))
+    }
+
+    fn holders_of(&self, inode: u64, first: &[u32], started: Instant) -> Attestation {
         let target = format!("socket:[{inode}]");
         let mut holders = Vec::new();
         let rest = self.pids().into_iter().filter(|p| !first.contains(p));
@@ -194,10 +195,23 @@ pub fn socket_inode(local: SocketAddrV4, remote: SocketAddrV4) -> io::Result<Opt
     }
 }
 
-/// Whether `path` is a `/proc` whose processes include the host's (a process's `/proc/1/cgroup` is
-/// the root cgroup only in the host's PID namespace): attestation needs `hostPID`.
+/// Whether `proc` shows processes beyond the agent's own container, as with `hostPID`: without it every
+/// process it shows is in the agent's own cgroup.
 pub fn sees_host_processes(proc: &Path) -> bool {
-    std::fs::read_to_string(proc.join("1/cgroup")).is_ok_and(|cgroup| pod_uid(&cgroup).is_none())
+    let Ok(own) = std::fs::read_to_string(proc.join("self/cgroup")) else {
+        return false;
+    };
+    std::fs::read_dir(proc)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .any(|entry| std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroup| cgroup != own))
 }
 
 #[cfg(test)]
@@ -228,6 +242,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_proc_showing_processes_of_other_cgroups_is_the_hosts() {
+        let proc = tempfile::tempdir().unwrap();
+        let write = |pid: &str, cgroup: &str| {
+            std::fs::create_dir_all(proc.path().join(pid)).unwrap();
+            std::fs::write(proc.path().join(pid).join("cgroup"), cgroup).unwrap();
+        };
+        let own = "0::/\n";
+        write("self", own);
+        write("1", own);
+        write("7", own);
+        assert!(
+            !sees_host_processes(proc.path()),
+            "the agent's own container only"
+        );
+        write("812", "0::/../../../system.slice/kubelet.service\n");
+        assert!(sees_host_processes(proc.path()));
+        assert!(!sees_host_processes(&proc.path().join("missing")));
+    }
+
+    #[test]
     fn the_node_holding_a_socket_is_the_node() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -242,8 +276,11 @@ mod tests {
         // This test process is in no pod: it is the node.
         assert_eq!(
             lookup.host(local, remote, &[std::process::id()]),
-            Attestation::Node
+            Some(Attestation::Node)
         );
+        // A socket that is not in this network namespace is not a host caller's.
+        let elsewhere = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 9), 40000);
+        assert_eq!(lookup.host(elsewhere, remote, &[]), None);
         drop(client);
     }
 }

@@ -11,9 +11,20 @@
 //! Everything here is a plain function of those facts (socket tables, cgroup text, pods), tested without
 //! I/O; [`lookup`] reads them from the kernel.
 
+pub mod caller;
 pub mod lookup;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// What a caller in no pod (the kubelet, node daemons) gets when callers are attested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeCallers {
+    /// What the node's IMDS gives it, as if nothing intercepted it: tokens of the node's identities and
+    /// every metadata path (the kubelet's cloud provider reads `/metadata/instance`).
+    Passthrough,
+    /// Refused (403): for nodes where nothing outside pods may use the node's identities.
+    Refuse,
+}
 
 /// The UID of a pod, as the kubelet writes it into cgroup paths (with dashes).
 pub type PodUid = String;
@@ -100,10 +111,19 @@ pub fn caller_socket(table: &[TcpSocket], peer: SocketAddrV4, dialled: SocketAdd
 /// - systemd: `.../kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _>.slice/...`.
 ///
 /// `None` for a process in no pod. A path with a pod segment that is not a UID is not a pod.
+///
+/// The path is the one the reader's cgroup namespace shows. A containerised agent on cgroup v2 has a
+/// namespace of its own (containerd's default), where other cgroups appear relative to its own, from `..`:
+/// `../../burstable/pod<uid>/<container>`; the kubelet's root is then out of sight, and the pod segment is
+/// taken wherever it is (a cgroup outside the namespace can only have been made by the node's root, which
+/// names pods only for the kubelet).
 pub fn pod_uid(cgroup: &str) -> Option<PodUid> {
     cgroup.lines().find_map(|line| {
         // hierarchy-ID:controllers:path; the pod's segment comes below the kubelet's `kubepods` root.
         let path = line.splitn(3, ':').nth(2)?;
+        if path.starts_with("/..") {
+            return path.split('/').find_map(pod_segment);
+        }
         let mut segments = path.split('/');
         segments.find(|s| *s == "kubepods" || s.starts_with("kubepods") && s.ends_with(".slice"))?;
         segments.find_map(pod_segment)
@@ -203,6 +223,15 @@ mod tests {
                 ),
                 Some(UID),
             ),
+            // read from inside a container's cgroup namespace (cgroup v2): relative to the reader's own.
+            (format!("0::/../../burstable/pod{UID}/abc\n"), Some(UID)),
+            (
+                format!(
+                    "0::/../../../kubepods-pod{}.slice/cri-containerd-abc.scope\n",
+                    UID.replace('-', "_")
+                ),
+                Some(UID),
+            ),
             // hybrid hosts: the unified line is empty for pods of a v1 kubelet, the v1 lines name the pod.
             (
                 format!("0::/\n12:pids:/kubepods/besteffort/pod{UID}/abc\n"),
@@ -219,6 +248,9 @@ mod tests {
             "0::/system.slice/kubelet.service\n",
             "12:pids:/system.slice/containerd.service\n0::/\n",
             "0::/init.scope\n",
+            // the node's daemons and the reader's own container, from inside a cgroup namespace.
+            "0::/../../../../system.slice/kubelet.service\n",
+            "0::/\n",
             "3:pids:/user.slice/user-0.slice/session-1.scope\n",
             // not a UID: a directory someone named pod-something.
             "0::/kubepods/besteffort/podcast/abc\n",

@@ -8,6 +8,7 @@ use std::{
 
 use axum::extract::connect_info::MockConnectInfo;
 use base64::Engine;
+use pod_identity_azure::imds_http::ImdsHttp;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -144,7 +145,10 @@ fn fixture(world: World, config: ServerConfig, upstream: FakeUpstream) -> Fixtur
         config,
         shared,
         tokens,
-        Proxy::new(reqwest::Client::new(), "http://127.0.0.1:9"),
+        Proxy::new(
+            ImdsHttp::new(Duration::from_secs(2), Duration::from_secs(1), None),
+            "http://127.0.0.1:9",
+        ),
         metrics.clone(),
         Events::disabled(metrics),
     ));
@@ -622,7 +626,10 @@ async fn host_token_answers_the_identitys_client_id_when_upstream_leaves_it_out(
         },
         shared,
         tokens,
-        Proxy::new(reqwest::Client::new(), "http://127.0.0.1:9"),
+        Proxy::new(
+            ImdsHttp::new(Duration::from_secs(2), Duration::from_secs(1), None),
+            "http://127.0.0.1:9",
+        ),
         metrics.clone(),
         Events::disabled(metrics),
     ));

@@ -11,7 +11,15 @@ fn state() -> ClusterState {
 }
 
 fn explained(state: &ClusterState, name: &str) -> Explanation {
-    explain(state, "shop", name, Scope::Namespaced, Mode::Standard).unwrap()
+    explain(
+        state,
+        "shop",
+        name,
+        Scope::Namespaced,
+        Mode::Standard,
+        Callers::ByAddress,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -57,7 +65,15 @@ fn assignment_not_recorded_yet_is_said_so() {
 
 #[test]
 fn managed_mode_serves_without_assignment_records() {
-    let e = explain(&state(), "shop", "web", Scope::Namespaced, Mode::Managed).unwrap();
+    let e = explain(
+        &state(),
+        "shop",
+        "web",
+        Scope::Namespaced,
+        Mode::Managed,
+        Callers::ByAddress,
+    )
+    .unwrap();
     assert_eq!(e.agent.verdict, Verdict::Serve);
 }
 
@@ -87,7 +103,15 @@ fn label_without_matching_binding_lists_selectors_of_the_namespace() {
 fn binding_of_another_namespace_is_explained() {
     let mut state = state();
     state.pods.push(pod("other", "intruder", Some("pay")));
-    let e = explain(&state, "other", "intruder", Scope::Namespaced, Mode::Standard).unwrap();
+    let e = explain(
+        &state,
+        "other",
+        "intruder",
+        Scope::Namespaced,
+        Mode::Standard,
+        Callers::ByAddress,
+    )
+    .unwrap();
     let reason = e.bindings[0].not_used_because.as_deref().unwrap();
     assert!(reason.contains("matching is namespaced"), "{reason}");
     assert_eq!(e.agent.verdict, Verdict::Refuse);
@@ -149,7 +173,15 @@ fn finished_pod_is_not_served() {
 
 #[test]
 fn unknown_pod_is_an_error() {
-    let err = explain(&state(), "shop", "ghost", Scope::Namespaced, Mode::Standard).unwrap_err();
+    let err = explain(
+        &state(),
+        "shop",
+        "ghost",
+        Scope::Namespaced,
+        Mode::Standard,
+        Callers::ByAddress,
+    )
+    .unwrap_err();
     assert_eq!(err.to_string(), "pod shop/ghost not found");
 }
 
@@ -335,4 +367,47 @@ fn why_a_federation_fails_is_listed() {
         assert!(problems.contains(part), "{part}:\n{problems}");
     }
     assert!(!problems.contains("shop/other"), "{problems}");
+}
+
+#[test]
+fn with_attested_callers_a_host_network_pod_gets_its_own_identities_only() {
+    let mut state = state();
+    for pod in &mut state.pods {
+        pod.spec.as_mut().unwrap().host_network = Some(true);
+    }
+    state
+        .assignments
+        .push(assignment("shop", "web", "payments", "Assigned"));
+    let attested = |name| {
+        explain(
+            &state,
+            "shop",
+            name,
+            Scope::Namespaced,
+            Mode::Standard,
+            Callers::Attested,
+        )
+        .unwrap()
+    };
+    let bound = attested("web");
+    assert_eq!(bound.agent.verdict, Verdict::Serve, "{}", bound.agent.detail);
+    assert!(
+        bound.agent.detail.contains("knows it by its processes"),
+        "{}",
+        bound.agent.detail
+    );
+    assert!(
+        bound.agent.detail.contains("shop/payments"),
+        "{}",
+        bound.agent.detail
+    );
+    // An unbound host-network pod is refused, not sent to the node's identities.
+    let unbound = attested("plain");
+    assert_eq!(unbound.agent.verdict, Verdict::Refuse, "{}", unbound.agent.detail);
+    // Its address (the node's) plays no part: pods sharing it are not ambiguous callers.
+    assert!(
+        !bound.agent.detail.contains("several pods"),
+        "{}",
+        bound.agent.detail
+    );
 }

@@ -130,8 +130,13 @@ pub fn client(em: &Emulator) -> reqwest::Client {
         .expect("client")
 }
 
+/// A plain-HTTP client that never uses a proxy, as IMDS callers are.
 pub fn plain_client() -> reqwest::Client {
-    pod_identity_azure::http::imds_client(std::time::Duration::from_secs(10)).expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("client")
 }
 
 /// A v2 token for `resource` from the emulator's Entra, as the app with `client_id`.
