@@ -13,6 +13,8 @@
 //! - [`record`]: the assignment objects and the annotations that make removal safe.
 //! - [`leader`]: only the Lease holder runs planner and workers; the standby keeps its caches warm.
 //! - [`arm`] and [`azure`]: the ARM boundary and its implementation.
+//! - [`webhook`]: the admission webhook that gives bound pods the `IdentityReady` readiness gate,
+//!   served by every replica, its certificate kept by the leader.
 //! - [`metrics`], [`events`], [`admin`]: what operators see; [`cloud_config`]: what they see when the
 //!   Azure configuration is missing.
 //! - [`config`] and [`start`]: the command line and what it makes of the controller; the binary only
@@ -34,6 +36,7 @@ pub mod planner;
 pub mod record;
 pub mod route;
 pub mod start;
+pub mod webhook;
 pub mod worker;
 
 use std::{
@@ -83,6 +86,8 @@ pub struct ControllerConfig {
     pub quarantine_initial: Duration,
     /// Longest quarantine period.
     pub quarantine_max: Duration,
+    /// The readiness-gate admission webhook; `None` serves none.
+    pub webhook: Option<webhook::WebhookConfig>,
 }
 
 impl Default for ControllerConfig {
@@ -98,6 +103,7 @@ impl Default for ControllerConfig {
             resync: Duration::from_secs(3600),
             quarantine_initial: Duration::from_secs(300),
             quarantine_max: Duration::from_secs(3600),
+            webhook: None,
         }
     }
 }
@@ -108,6 +114,9 @@ pub enum Error {
     /// The caches could not be filled.
     #[error("the watches stopped before the caches were filled")]
     CachesNotSynced,
+    /// The webhook's address could not be bound.
+    #[error("listening for admission reviews: {0}")]
+    Webhook(std::io::Error),
 }
 
 /// Runs the controller until `shutdown` resolves: watches, admin servers, leader election, and while
@@ -152,6 +161,11 @@ pub async fn run(
             Leadership::always()
         }
     };
+    if let Some(webhook) = &config.webhook {
+        webhook::spawn(webhook, &client, leadership.clone(), &mut tasks)
+            .await
+            .map_err(Error::Webhook)?;
+    }
     let shared = Arc::new(Shared {
         compute,
         records: Arc::new(KubeRecords::new(client.clone())),
