@@ -33,6 +33,7 @@ pub mod machine;
 pub mod metrics;
 pub mod plan;
 pub mod planner;
+pub mod prewarm;
 pub mod record;
 pub mod route;
 pub mod start;
