@@ -471,6 +471,8 @@ fn the_binaries_accept_the_arguments_the_chart_gives_them() {
             "agent.enableHostToken=true",
             "--set",
             "controller.immutableUserMSIs[0]=5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
+            "--set",
+            "prewarm.enabled=true",
         ],
     );
     for (kind, binary) in [

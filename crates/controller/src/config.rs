@@ -226,6 +226,15 @@ pub struct Args {
     #[arg(long = "webhook-cert-validity", env = "WEBHOOK_CERT_VALIDITY", default_value = "720h", value_parser = parse_duration)]
     pub webhook_cert_validity: Duration,
 
+    /// Assign the identities of bindings annotated `aadpodidentity.k8s.io/prewarm: "true"` ahead of
+    /// time to the scale sets where the pods of workloads they select can land.
+    #[arg(long = "prewarm", env = "PREWARM", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub prewarm: bool,
+
+    /// How long a warm identity no workload needs any more stays before it may be removed.
+    #[arg(long = "prewarm-linger", env = "PREWARM_LINGER", default_value = "10m", value_parser = parse_duration)]
+    pub prewarm_linger: Duration,
+
     /// Log format: `text` (also `plain`) or `json`; the level comes from RUST_LOG (default `info`).
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -299,6 +308,7 @@ impl Args {
                 cert_validity: self.webhook_cert_validity,
                 recheck: Duration::from_secs(60),
             }),
+            prewarm_linger: self.prewarm.then_some(self.prewarm_linger),
         }
     }
 
@@ -409,6 +419,7 @@ mod tests {
         );
         assert_eq!(args.log_format, LogFormat::Text);
         assert!(config.webhook.is_none(), "no webhook unless a port is given");
+        assert_eq!(config.prewarm_linger, None, "no pre-warming unless asked for");
         let nameless = args.controller_config(&azure(""), None);
         assert_eq!(nameless.instance, "pod-identity-controller");
     }
@@ -441,6 +452,8 @@ mod tests {
             "--webhook-secret=ctl-cert",
             "--webhook-configuration=ctl-gate",
             "--webhook-cert-validity=48h",
+            "--prewarm",
+            "--prewarm-linger=90s",
         ])
         .unwrap();
         let config = args.controller_config(&azure("/subscriptions/s/kubelet"), Some("host".into()));
@@ -488,6 +501,7 @@ mod tests {
             ]
         );
         assert_eq!(webhook.cert_validity, Duration::from_secs(48 * 3600));
+        assert_eq!(config.prewarm_linger, Some(Duration::from_secs(90)));
         let empty_namespace = Args::try_parse_from(["pod-identity-controller", "--namespace="]).unwrap();
         assert_eq!(
             empty_namespace.controller_config(&azure(""), None).namespace,

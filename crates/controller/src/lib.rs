@@ -89,6 +89,8 @@ pub struct ControllerConfig {
     pub quarantine_max: Duration,
     /// The readiness-gate admission webhook; `None` serves none.
     pub webhook: Option<webhook::WebhookConfig>,
+    /// Pre-warming, with how long a warm identity no workload needs lingers; `None` warms nothing.
+    pub prewarm_linger: Option<Duration>,
 }
 
 impl Default for ControllerConfig {
@@ -105,6 +107,7 @@ impl Default for ControllerConfig {
             quarantine_initial: Duration::from_secs(300),
             quarantine_max: Duration::from_secs(3600),
             webhook: None,
+            prewarm_linger: None,
         }
     }
 }
@@ -143,6 +146,12 @@ pub async fn run(
     }
     let (stores, notify, watches) = planner::reflectors(&client, config.namespace.as_deref());
     tasks.spawn(watches);
+    let prewarming = config.prewarm_linger.map(|linger| {
+        let (workloads, watches) =
+            prewarm::Workloads::reflectors(&client, config.namespace.as_deref(), notify.clone());
+        tasks.spawn(watches);
+        planner::Prewarming { workloads, linger }
+    });
     let (events, publisher) = Events::new(client.clone(), config.instance.clone(), metrics.clone());
     tasks.spawn(publisher);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -185,7 +194,13 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     let synced = tokio::select! {
-        synced = planner::wait_ready(&stores) => synced,
+        synced = async {
+            planner::wait_ready(&stores).await
+                && match &prewarming {
+                    Some(p) => p.workloads.ready().await,
+                    None => true,
+                }
+        } => synced,
         () = &mut shutdown => return Ok(()),
     };
     if !synced {
@@ -204,6 +219,7 @@ pub async fn run(
             shared.clone(),
             config.scope,
             config.resync,
+            prewarming.clone(),
         );
         let mut lost = leadership.clone();
         tokio::select! {

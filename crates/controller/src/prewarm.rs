@@ -13,18 +13,31 @@
 //! - [`Warmth::step`] adds hysteresis: an identity no workload needs any more stays warm for `linger`
 //!   before it may go, so a workload deleted and re-created (a redeploy) does not cost two ARM writes.
 
+pub mod workloads;
+
+pub use workloads::Workloads;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
 use k8s_openapi::api::core::v1::{NodeSelectorRequirement, PodTemplateSpec};
 use pod_identity_api::{
-    AzureIdentityBinding, IdentityType, ObjectKey,
-    matching::{Index, World},
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, IdentityType, ObjectKey,
+    matching::{DesiredAssignment, Index, World},
+    naming::assigned_identity_name,
     pod::PodView,
 };
 use pod_identity_azure::{Machine, MachineKind, resource_id::fold};
+
+use crate::{
+    machine::Target,
+    plan::MachineInput,
+    record::{Recorded, Wanted},
+    route::Routing,
+};
 
 /// Binding annotation that opts its identity into pre-warming (value `"true"`, any case).
 pub const PREWARM_ANNOTATION: &str = "aadpodidentity.k8s.io/prewarm";
@@ -165,10 +178,22 @@ impl PoolNode {
 /// An identity wanted warm on a scale set, and the workloads that want it there.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WarmNeed {
-    /// The identity's resource ID, as its `AzureIdentity` spells it.
-    pub identity_id: String,
+    /// The identity and the binding (the first in rank order) that warm it.
+    pub entry: WarmEntry,
     /// The workloads whose pods may land there with it.
     pub workloads: BTreeSet<ObjectKey>,
+}
+
+/// An identity kept warm: its resource ID as its `AzureIdentity` spells it, the identity and the
+/// binding its record embeds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WarmEntry {
+    /// Resource ID.
+    pub identity_id: String,
+    /// The `AzureIdentity`.
+    pub identity: ObjectKey,
+    /// The `AzureIdentityBinding`.
+    pub binding: ObjectKey,
 }
 
 /// Per scale set (by [`Machine`]), the identities (by case-folded resource ID) that workloads' pods
@@ -213,16 +238,25 @@ pub fn needed(
             continue;
         }
         let decision = index.decide(&view);
-        let identities: Vec<String> = decision
+        let identities: Vec<WarmEntry> = decision
             .candidates
             .iter()
             .filter(|c| c.outcome.is_ok())
-            .filter_map(|c| index.identity(&c.identity.namespace, &c.identity.name))
-            .filter(|identity| {
-                identity.spec.identity_type().ok() == Some(IdentityType::UserAssignedManagedIdentity)
+            .filter_map(|c| {
+                let identity = index.identity(&c.identity.namespace, &c.identity.name)?;
+                let user_assigned =
+                    identity.spec.identity_type().ok() == Some(IdentityType::UserAssignedManagedIdentity);
+                let id = identity
+                    .spec
+                    .resource_id
+                    .clone()
+                    .filter(|id| !id.trim().is_empty());
+                Some(WarmEntry {
+                    identity_id: id.filter(|_| user_assigned)?,
+                    identity: c.identity.clone(),
+                    binding: c.binding.clone(),
+                })
             })
-            .filter_map(|identity| identity.spec.resource_id.clone())
-            .filter(|id| !id.trim().is_empty())
             .collect();
         if identities.is_empty() {
             continue;
@@ -235,11 +269,13 @@ pub fn needed(
                 continue;
             }
             let on_machine = needed.entry(machine.clone()).or_default();
-            for id in &identities {
-                let need = on_machine.entry(fold(id)).or_insert_with(|| WarmNeed {
-                    identity_id: id.clone(),
-                    workloads: BTreeSet::new(),
-                });
+            for entry in &identities {
+                let need = on_machine
+                    .entry(fold(&entry.identity_id))
+                    .or_insert_with(|| WarmNeed {
+                        entry: entry.clone(),
+                        workloads: BTreeSet::new(),
+                    });
                 need.workloads.insert(template.workload.clone());
             }
         }
@@ -250,8 +286,8 @@ pub fn needed(
 /// What is kept warm, and since when each identity has not been needed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Warmth {
-    /// Per scale set, the case-folded IDs of identities to keep on it, each with its resource ID.
-    pub warm: BTreeMap<Machine, BTreeMap<String, String>>,
+    /// Per scale set, the case-folded IDs of identities to keep on it.
+    pub warm: BTreeMap<Machine, BTreeMap<String, WarmEntry>>,
     /// Identities kept warm though no workload needs them, and since when.
     pub unneeded_since: BTreeMap<(Machine, String), jiff::Timestamp>,
 }
@@ -270,11 +306,11 @@ impl Warmth {
         for (machine, identities) in needed {
             let warm = next.warm.entry(machine.clone()).or_default();
             for (key, need) in identities {
-                warm.insert(key.clone(), need.identity_id.clone());
+                warm.insert(key.clone(), need.entry.clone());
             }
         }
         for (machine, identities) in &self.warm {
-            for (key, identity_id) in identities {
+            for (key, entry) in identities {
                 if needed.get(machine).is_some_and(|n| n.contains_key(key)) {
                     continue;
                 }
@@ -288,7 +324,7 @@ impl Warmth {
                     next.warm
                         .entry(machine.clone())
                         .or_default()
-                        .insert(key.clone(), identity_id.clone());
+                        .insert(key.clone(), entry.clone());
                     next.unneeded_since.insert((machine.clone(), key.clone()), since);
                 }
             }
@@ -307,11 +343,166 @@ impl Warmth {
     }
 }
 
+/// Label on the records of warm identities. Such a record belongs to no pod and no node (its
+/// `nodename` is empty, so no node agent reads it); it says, like a pod's record, whether this
+/// controller added the identity, so that a warm identity leaves only a scale set it was added to.
+pub const PREWARM_LABEL: &str = "aadpodidentity.k8s.io/prewarmed";
+
+/// Whether an assignment is a warm identity's rather than a pod's (no pod to send Events to).
+pub fn is_warm(wanted: &Wanted) -> bool {
+    wanted
+        .object
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PREWARM_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// The record of a warm identity on a scale set: in the identity's namespace, named
+/// `prewarm-<scale set>-<hash of its ARM ID>-<namespace>-<identity>` (shortened as assignment names are).
+pub fn record_key(machine: &Machine, entry: &WarmEntry) -> ObjectKey {
+    let name: String = machine
+        .name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let hash = machine.key().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let holder = format!("prewarm-{name}-{hash:08x}");
+    ObjectKey::new(
+        entry.identity.namespace.clone(),
+        assigned_identity_name(&holder, &entry.identity.namespace, &entry.identity.name),
+    )
+}
+
+/// Adds the warm identities of `warmth` to the machines' inputs of `routing`, as assignments the
+/// workers write and apply like any pod's. An entry whose identity or binding is gone is left out
+/// (no pod could use it); one whose record name is held by another identity's or a terminating record
+/// reserves the identity instead, as a pod's does.
+pub fn add_to(
+    routing: &mut Routing,
+    warmth: &Warmth,
+    identities: &[AzureIdentity],
+    bindings: &[AzureIdentityBinding],
+) {
+    for (machine, entries) in &warmth.warm {
+        for entry in entries.values() {
+            let identity = identities.iter().find(|i| {
+                i.metadata.namespace.as_deref() == Some(entry.identity.namespace.as_str())
+                    && i.metadata.name.as_deref() == Some(entry.identity.name.as_str())
+            });
+            let binding = bindings.iter().find(|b| {
+                b.metadata.namespace.as_deref() == Some(entry.binding.namespace.as_str())
+                    && b.metadata.name.as_deref() == Some(entry.binding.name.as_str())
+            });
+            let (Some(identity), Some(binding)) = (identity, binding) else {
+                continue;
+            };
+            let key = record_key(machine, entry);
+            let desired = DesiredAssignment {
+                assignment: key.clone(),
+                pod: ObjectKey::new(entry.identity.namespace.clone(), key.name.clone()),
+                pod_uid: None,
+                node: String::new(),
+                identity: entry.identity.clone(),
+                binding: entry.binding.clone(),
+                rank: 0,
+            };
+            let mut wanted = Wanted::new(&desired, identity, binding, None);
+            if wanted.identity_key().as_deref() != Some(fold(&entry.identity_id).as_str()) {
+                continue;
+            }
+            wanted
+                .object
+                .metadata
+                .labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert(PREWARM_LABEL.to_owned(), "true".to_owned());
+            let target = Target::Azure(machine.clone());
+            let input = routing
+                .inputs
+                .entry(target.clone())
+                .or_insert_with(|| MachineInput::empty(target));
+            let compatible = input
+                .recorded
+                .iter()
+                .find(|r| r.key == key)
+                .is_none_or(|recorded| {
+                    !recorded.terminating && recorded.identity_key() == wanted.identity_key()
+                });
+            if compatible {
+                input.wanted.push(wanted);
+                input.wanted.sort_by(|a, b| a.key.cmp(&b.key));
+            } else if let Some(id) = wanted.identity_key() {
+                input.reserved.insert(id);
+            }
+        }
+    }
+}
+
+/// The warm state a newly leading replica starts from: every warm record in the cluster, unneeded
+/// since `now`, so that what the previous leader kept lingers its full time rather than going at once.
+pub fn seed(assignments: &[Arc<AzureAssignedIdentity>], now: jiff::Timestamp) -> Warmth {
+    let mut warmth = Warmth::default();
+    for object in assignments {
+        if object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(PREWARM_LABEL))
+            .map(String::as_str)
+            != Some("true")
+        {
+            continue;
+        }
+        let recorded = Recorded::from_object(object.clone());
+        let Some(machine) = recorded.machine.as_deref().and_then(Machine::from_arm_id) else {
+            continue;
+        };
+        let spec = &object.spec;
+        let meta_key = |meta: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>| {
+            meta.map(|m| {
+                ObjectKey::new(
+                    m.namespace.clone().unwrap_or_default(),
+                    m.name.clone().unwrap_or_default(),
+                )
+            })
+        };
+        let (Some(identity_id), Some(identity), Some(binding)) = (
+            recorded.identity_id.clone(),
+            meta_key(spec.azure_identity_ref.as_ref().map(|i| &i.metadata)),
+            meta_key(spec.azure_binding_ref.as_ref().map(|b| &b.metadata)),
+        ) else {
+            continue;
+        };
+        let key = fold(&identity_id);
+        warmth.unneeded_since.insert((machine.clone(), key.clone()), now);
+        warmth.warm.entry(machine).or_default().insert(
+            key,
+            WarmEntry {
+                identity_id,
+                identity,
+                binding,
+            },
+        );
+    }
+    warmth
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use pod_identity_api::{AzureIdentity, matching::Scope};
+    use pod_identity_api::matching::Scope;
     use serde_json::json;
 
     use super::*;
@@ -419,7 +610,7 @@ mod tests {
                 (
                     machine.name,
                     ids.values()
-                        .map(|n| n.identity_id.rsplit('/').next().unwrap().to_owned())
+                        .map(|n| n.entry.identity_id.rsplit('/').next().unwrap().to_owned())
                         .collect(),
                 )
             })
@@ -555,6 +746,87 @@ mod tests {
     }
 
     #[test]
+    fn warm_identities_become_records_that_a_new_leader_lets_linger() {
+        let identities = [identity("shop", "payments", 0)];
+        let bindings = [binding("shop", "payments", "payments", Some("true"))];
+        let templates = [template(
+            WorkloadKind::DaemonSet,
+            "shop",
+            "agent",
+            bound("payments", json!({"nodeSelector": {"agentpool": "web"}})),
+        )];
+        let world = World {
+            bindings: &bindings,
+            identities: &identities,
+            exceptions: &[],
+            scope: Scope::Namespaced,
+        };
+        let t0: jiff::Timestamp = "2026-11-30T12:00:00Z".parse().unwrap();
+        let linger = Duration::from_secs(60);
+        let warmth = Warmth::default().step(&needed(&templates, world, &nodes()), t0, linger);
+        let mut routing = Routing::default();
+        add_to(&mut routing, &warmth, &identities, &bindings);
+        let target = Target::Azure(scale_set("aks-web"));
+        let input = &routing.inputs[&target];
+        assert_eq!(input.wanted.len(), 1);
+        let wanted = &input.wanted[0];
+        assert!(is_warm(wanted));
+        assert_eq!(wanted.node, "", "no node agent reads it");
+        assert_eq!(wanted.key.namespace, "shop");
+        assert!(
+            wanted.key.name.starts_with("prewarm-aks-web-"),
+            "{}",
+            wanted.key.name
+        );
+        assert_ne!(
+            record_key(
+                &scale_set("aks-web"),
+                &warmth.warm[&scale_set("aks-web")]
+                    .values()
+                    .next()
+                    .unwrap()
+                    .clone()
+            ),
+            record_key(
+                &Machine::scale_set(SUB, "other-group", "aks-web"),
+                &warmth.warm[&scale_set("aks-web")]
+                    .values()
+                    .next()
+                    .unwrap()
+                    .clone()
+            ),
+            "scale sets of one name in two resource groups get records of their own"
+        );
+
+        // Without its binding nothing is warmed (no pod could use it).
+        let mut bare = Routing::default();
+        add_to(&mut bare, &warmth, &identities, &[]);
+        assert!(bare.inputs.is_empty());
+
+        // A replica that takes over finds the record and keeps the identity for a whole linger.
+        let object = wanted.to_create(
+            &pod_identity_api::AssignmentStatus::Assigned,
+            crate::record::Origin::Added,
+            Some(&scale_set("aks-web").arm_id()),
+        );
+        let later = t0 + jiff::SignedDuration::from_mins(5);
+        let seeded = seed(&[Arc::new(object)], later);
+        assert_eq!(seeded.warm, warmth.warm);
+        let next = seeded.step(&BTreeMap::new(), later, linger);
+        assert_eq!(next.warm, warmth.warm, "unneeded, but lingering");
+        assert_eq!(
+            next.next_expiry(linger),
+            Some(later + jiff::SignedDuration::from_secs(60))
+        );
+        assert!(
+            seeded
+                .step(&needed(&templates, world, &nodes()), later, linger)
+                .unneeded_since
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn unneeded_identities_linger_then_go_and_come_back_at_once() {
         let linger = Duration::from_secs(600);
         let t0: jiff::Timestamp = "2026-11-30T12:00:00Z".parse().unwrap();
@@ -567,7 +839,11 @@ mod tests {
                     (
                         fold(&uami(id)),
                         WarmNeed {
-                            identity_id: uami(id),
+                            entry: WarmEntry {
+                                identity_id: uami(id),
+                                identity: ObjectKey::new("shop", *id),
+                                binding: ObjectKey::new("shop", format!("{id}-binding")),
+                            },
                             workloads: BTreeSet::new(),
                         },
                     )
@@ -581,7 +857,10 @@ mod tests {
         let warm_ids = |w: &Warmth| -> Vec<String> {
             w.warm
                 .values()
-                .flat_map(|ids| ids.values().map(|id| id.rsplit('/').next().unwrap().to_owned()))
+                .flat_map(|ids| {
+                    ids.values()
+                        .map(|e| e.identity_id.rsplit('/').next().unwrap().to_owned())
+                })
                 .collect()
         };
         let state = Warmth::default().step(&need(&["a", "b"]), t0, linger);
