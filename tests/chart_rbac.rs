@@ -37,6 +37,9 @@ async fn install_chart(plane: &ControlPlane) -> String {
             chart.to_str().unwrap(),
             "--namespace",
             &ns.name,
+            // Every optional permission the controller may use.
+            "--set",
+            "prewarm.enabled=true",
         ])
         .output()
         .unwrap();
@@ -213,6 +216,7 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
                 format!("--webhook-service={webhook}"),
                 format!("--webhook-secret={webhook}-cert"),
                 format!("--webhook-configuration={webhook}"),
+                "--prewarm".to_owned(),
             ])
             .args([
                 "--http-probe-port",
