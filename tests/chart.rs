@@ -114,9 +114,13 @@ fn default_render_has_every_part_and_least_privilege() {
             "ClusterRoleBinding",
             "DaemonSet",
             "Deployment",
+            "MutatingWebhookConfiguration",
             "PodDisruptionBudget",
             "Role",
+            "Role",
             "RoleBinding",
+            "RoleBinding",
+            "Service",
             "Service",
             "Service",
             "ServiceAccount",
@@ -166,7 +170,13 @@ fn default_render_has_every_part_and_least_privilege() {
             let writes = verbs
                 .iter()
                 .any(|v| ["create", "update", "patch", "delete"].contains(v));
-            if writes {
+            if writes && resources == ["mutatingwebhookconfigurations"] {
+                assert_eq!(
+                    rule["resourceNames"],
+                    serde_json::json!(["release-pod-identity-webhook"]),
+                    "only its own webhook configuration"
+                );
+            } else if writes {
                 assert!(
                     resources
                         .iter()
@@ -318,6 +328,71 @@ fn attesting_host_network_callers_adds_only_what_it_needs() {
         assert!(!ok, "{value} was accepted");
         assert!(err.contains(expected), "{value}: {err}");
     }
+}
+
+/// The readiness-gate webhook as the API server must see it: pods only, on creation, only those that
+/// ask for an identity, never in kube-system or the release namespace, `Ignore` on failure, called at
+/// the Service the controller's certificate names; and nothing of it when turned off.
+#[test]
+fn the_readiness_gate_webhook_is_scoped_and_fails_open() {
+    let objects = render("pod-identity", &[]);
+    let configuration = objects
+        .iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    let webhooks = configuration["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 1);
+    let webhook = &webhooks[0];
+    assert_eq!(webhook["failurePolicy"], "Ignore");
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(webhook["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert!(webhook["timeoutSeconds"].as_i64().unwrap() <= 10);
+    assert!(
+        webhook["clientConfig"].get("caBundle").is_none(),
+        "the controller publishes it"
+    );
+    assert_eq!(
+        webhook["rules"],
+        serde_json::json!([{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}])
+    );
+    assert_eq!(
+        webhook["objectSelector"],
+        serde_json::json!({"matchExpressions": [{"key": "aadpodidbinding", "operator": "Exists"}]})
+    );
+    assert_eq!(
+        webhook["namespaceSelector"],
+        serde_json::json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", "pod-identity"]}]})
+    );
+    let service = &webhook["clientConfig"]["service"];
+    assert_eq!(service["namespace"], "pod-identity");
+    assert_eq!(service["path"], "/mutate-pods");
+    let name = service["name"].as_str().unwrap();
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["kind"] == "Service" && o["metadata"]["name"] == name),
+        "the Service {name} is rendered"
+    );
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    for arg in [
+        format!("--webhook-service={name}"),
+        format!(
+            "--webhook-configuration={}",
+            configuration["metadata"]["name"].as_str().unwrap()
+        ),
+        "--webhook-port=9443".to_owned(),
+    ] {
+        assert!(args.contains(&arg), "{arg} missing from {args}");
+    }
+
+    let off = render("pod-identity", &["--set", "readinessGate.enabled=false"]);
+    let text = serde_json::to_string(&off).unwrap();
+    assert!(!kinds(&off).contains(&"MutatingWebhookConfiguration".to_owned()));
+    assert!(
+        !text.contains("webhook"),
+        "nothing of the webhook is rendered when it is off"
+    );
 }
 
 #[test]
@@ -552,6 +627,8 @@ fn the_binaries_accept_the_arguments_the_chart_gives_them() {
             "federation.issuer=https://issuer.example/",
             "--set",
             "agent.extraCaSecret=entra-ca",
+            "--set",
+            "prewarm.enabled=true",
         ],
     );
     for (kind, binary) in [

@@ -21,7 +21,8 @@ use pod_identity_test_support::{
 use serde_json::json;
 
 async fn install_chart(plane: &ControlPlane) -> String {
-    netns_harness::install_chart(plane, &[]).await
+    // Every optional permission the controller may use.
+    netns_harness::install_chart(plane, &["--set", "prewarm.enabled=true"]).await
 }
 
 // The emulator serves from this runtime while the test blocks on curl: it needs threads of its own.
@@ -159,6 +160,8 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
     )
     .unwrap();
     let log = dir.path().join("controller.log");
+    // The chart's names for the readiness-gate webhook's Service, Secret and configuration.
+    let webhook = format!("{release}-pod-identity-webhook");
     let log_file = std::fs::File::create(&log).unwrap();
     let _controller = Killed(
         Command::new(tools::workspace_binary("pod-identity-controller").unwrap())
@@ -181,6 +184,14 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
                 "pod-identity-controller",
             ])
             .args(["--bind-address", "127.0.0.1", "--log-format", "plain"])
+            .args([
+                "--webhook-port".to_owned(),
+                free_port().to_string(),
+                format!("--webhook-service={webhook}"),
+                format!("--webhook-secret={webhook}-cert"),
+                format!("--webhook-configuration={webhook}"),
+                "--prewarm".to_owned(),
+            ])
             .args([
                 "--http-probe-port",
                 &free_port().to_string(),
@@ -258,6 +269,28 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
         match assignments.get_opt(&name).await? {
             None => Ok(()),
             Some(_) => Err(anyhow::anyhow!("assignment still there")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; controller log:\n{}", std::fs::read_to_string(&log).unwrap()));
+    // It keeps the webhook's certificate in its Secret and publishes the authority in the chart's
+    // configuration (the namespaced Role on one Secret, the ClusterRole on one configuration).
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &release);
+    let configurations =
+        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(admin.clone());
+    eventually(|| async {
+        let secret = secrets.get(&format!("{webhook}-cert")).await?;
+        let bundle = secret.data.unwrap_or_default().remove("ca.crt").map(|b| b.0);
+        let configuration = configurations.get(&webhook).await?;
+        let published = configuration.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .map(|b| b.0);
+        if bundle.is_some() && bundle == published {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("the caBundle is not published yet"))
         }
     })
     .await

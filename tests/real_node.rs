@@ -19,7 +19,7 @@ use k8s_openapi::api::{
     core::v1::{Event as CoreEvent, Pod},
 };
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use pod_identity_api::{AssignmentStatus, AzureAssignedIdentity};
@@ -312,6 +312,110 @@ async fn the_standby_controller_takes_over_without_losing_or_duplicating_assignm
         1
     );
     session.wait_controller_ready().await.unwrap();
+}
+
+/// The chart's readiness-gate webhook on a real cluster: the API server reaches the controller through
+/// the chart's Service, trusting the certificate authority the controller made and published; a bound
+/// pod then carries the `IdentityReady` gate and the kubelet keeps it not Ready until that condition is
+/// true; an opted-out and an unbound pod get no gate, and the unbound one turns Ready as before.
+#[tokio::test]
+async fn bound_pods_get_the_identity_ready_gate_from_the_charts_webhook() {
+    use k8s_openapi::api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret};
+    use pod_identity_api::readiness::IDENTITY_READY_CONDITION;
+
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    let webhook = format!("{RELEASE}-webhook");
+    let secrets = Api::<Secret>::namespaced(session.client.clone(), INSTALL_NAMESPACE);
+    let configurations = Api::<MutatingWebhookConfiguration>::all(session.client.clone());
+    eventually(|| async {
+        let secret = secrets.get(&format!("{webhook}-cert")).await?;
+        let bundle = secret.data.unwrap_or_default().remove("ca.crt").map(|b| b.0);
+        let published = configurations.get(&webhook).await?.webhooks.unwrap_or_default()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .map(|b| b.0);
+        if bundle.is_some() && bundle == published {
+            Ok(())
+        } else {
+            bail!("the caBundle is not published yet")
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("controller")));
+
+    let namespace = session.namespace("gate").await.unwrap();
+    let pods = Api::<Pod>::namespaced(session.client.clone(), &namespace);
+    let gates = |pod: &Pod| -> Vec<String> {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.readiness_gates.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.condition_type)
+            .collect()
+    };
+    let condition = |pod: &Pod, kind: &str| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == kind))
+            .map(|c| c.status.clone())
+    };
+    // The API server sees the configuration's new caBundle a moment after it is written; until then
+    // `failurePolicy: Ignore` admits pods without the gate. Probe until a pod gets it.
+    let mut attempt = 0;
+    eventually(|| {
+        attempt += 1;
+        let name = format!("probe-{attempt}");
+        let session = &session;
+        let pods = &pods;
+        let namespace = &namespace;
+        async move {
+            let probe = session.pod(namespace, &name, Some("gate")).await?;
+            let created = pods.get(&probe.name).await?;
+            if gates(&created).is_empty() {
+                session.delete_pod(&probe).await?;
+                bail!("{name} was admitted without the gate");
+            }
+            session.delete_pod(&probe).await
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("controller")));
+
+    let bound = session.pod(&namespace, "bound", Some("gate")).await.unwrap();
+    let opted_out = session
+        .pod_with(&namespace, "opted-out", Some("gate"), |pod| {
+            pod["metadata"]["annotations"] =
+                serde_json::json!({"aadpodidentity.k8s.io/readiness-gate": "false"});
+        })
+        .await
+        .unwrap();
+    let unbound = session.pod(&namespace, "unbound", None).await.unwrap();
+    let bound = pods.get(&bound.name).await.unwrap();
+    assert_eq!(gates(&bound), vec![IDENTITY_READY_CONDITION]);
+    assert!(gates(&pods.get(&opted_out.name).await.unwrap()).is_empty());
+    let unbound = eventually(|| async {
+        let pod = pods.get(&unbound.name).await?;
+        match condition(&pod, "Ready").as_deref() {
+            Some("True") => Ok(pod),
+            other => bail!("the unbound pod is Ready={other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert!(gates(&unbound).is_empty());
+    // Running, and Ready only if its identity is.
+    let bound = pods.get(&bound.name_any()).await.unwrap();
+    let ready = condition(&bound, "Ready");
+    let identity_ready = condition(&bound, IDENTITY_READY_CONDITION);
+    assert!(
+        ready.as_deref() != Some("True") || identity_ready.as_deref() == Some("True"),
+        "Ready={ready:?} with IdentityReady={identity_ready:?}"
+    );
 }
 
 #[tokio::test]

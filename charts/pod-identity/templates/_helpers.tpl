@@ -28,3 +28,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pod-identity.azureSecretName" -}}
 {{- printf "%s-azure" (include "pod-identity.fullname" .) -}}
 {{- end -}}
+
+{{/* The readiness-gate webhook: its Service, Secret and configuration share this name. */}}
+{{- define "pod-identity.webhookName" -}}
+{{- printf "%s-webhook" (include "pod-identity.fullname" .) -}}
+{{- end -}}

@@ -19,7 +19,7 @@ use pod_identity_runtime::LogFormat;
 
 use crate::{
     ControllerConfig, azure::Endpoints, cloud_config::OwnPod, federation::FederationConfig,
-    leader::LeaseConfig, worker::WorkerSettings,
+    leader::LeaseConfig, webhook::WebhookConfig, worker::WorkerSettings,
 };
 
 /// Parses `500ms`, `15s`, `3m`, `1h` or plain seconds (`3600`, as the original's `3600s` also parses).
@@ -200,6 +200,58 @@ pub struct Args {
     /// server's `/.well-known/openid-configuration` when unset.
     #[arg(long = "federation-issuer", env = "POD_IDENTITY_FEDERATION_ISSUER")]
     pub federation_issuer: Option<String>,
+    /// Port of the readiness-gate admission webhook (HTTPS, on `--bind-address`); 0 serves none.
+    #[arg(long = "webhook-port", env = "WEBHOOK_PORT", default_value_t = 0)]
+    pub webhook_port: u16,
+
+    /// Service in front of the replicas that the webhook configuration calls (in the install
+    /// namespace, `--leader-election-namespace`); the serving certificate carries its names.
+    #[arg(
+        long = "webhook-service",
+        env = "WEBHOOK_SERVICE",
+        default_value = "pod-identity-webhook"
+    )]
+    pub webhook_service: String,
+
+    /// Further DNS names or IP addresses for the serving certificate, comma-separated.
+    #[arg(
+        long = "webhook-extra-names",
+        env = "WEBHOOK_EXTRA_NAMES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub webhook_extra_names: Vec<String>,
+
+    /// Secret of the install namespace that holds the webhook's certificate authority and serving
+    /// certificate (created by the controller).
+    #[arg(
+        long = "webhook-secret",
+        env = "WEBHOOK_SECRET",
+        default_value = "pod-identity-webhook-cert"
+    )]
+    pub webhook_secret: String,
+
+    /// MutatingWebhookConfiguration whose caBundle the controller keeps.
+    #[arg(
+        long = "webhook-configuration",
+        env = "WEBHOOK_CONFIGURATION",
+        default_value = "pod-identity-readiness-gate"
+    )]
+    pub webhook_configuration: String,
+
+    /// Validity of a serving certificate; renewed with a third left. The authority that signs it is
+    /// valid twelve times as long and replaced with one serving validity left.
+    #[arg(long = "webhook-cert-validity", env = "WEBHOOK_CERT_VALIDITY", default_value = "720h", value_parser = parse_duration)]
+    pub webhook_cert_validity: Duration,
+
+    /// Assign the identities of bindings annotated `aadpodidentity.k8s.io/prewarm: "true"` ahead of
+    /// time to the scale sets where the pods of workloads they select can land.
+    #[arg(long = "prewarm", env = "PREWARM", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub prewarm: bool,
+
+    /// How long a warm identity no workload needs any more stays before it may be removed.
+    #[arg(long = "prewarm-linger", env = "PREWARM_LINGER", default_value = "10m", value_parser = parse_duration)]
+    pub prewarm_linger: Duration,
 
     /// Log format: `text` (also `plain`) or `json`; the level comes from RUST_LOG (default `info`).
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -260,6 +312,22 @@ impl Args {
             quarantine_initial: self.quarantine_duration,
             quarantine_max: self.quarantine_max,
             federation: self.federation(),
+            webhook: (self.webhook_port != 0).then(|| WebhookConfig {
+                listen: SocketAddr::new(self.bind_address, self.webhook_port),
+                namespace: self.leader_election_namespace.clone(),
+                service: self.webhook_service.clone(),
+                extra_names: self
+                    .webhook_extra_names
+                    .iter()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                secret: self.webhook_secret.clone(),
+                configuration: self.webhook_configuration.clone(),
+                cert_validity: self.webhook_cert_validity,
+                recheck: Duration::from_secs(60),
+            }),
+            prewarm_linger: self.prewarm.then_some(self.prewarm_linger),
         }
     }
 
@@ -378,6 +446,8 @@ mod tests {
             ]
         );
         assert_eq!(args.log_format, LogFormat::Text);
+        assert!(config.webhook.is_none(), "no webhook unless a port is given");
+        assert_eq!(config.prewarm_linger, None, "no pre-warming unless asked for");
         let nameless = args.controller_config(&azure(""), None);
         assert_eq!(nameless.instance, "pod-identity-controller");
     }
@@ -405,6 +475,15 @@ mod tests {
             "--log-format=plain",
             "--federation-namespace=pod-identity-subjects",
             "--federation-issuer=https://issuer.example",
+            "--leader-election-namespace=pod-identity",
+            "--webhook-port=9443",
+            "--webhook-service=ctl-webhook",
+            "--webhook-extra-names= 127.0.0.1 ,,",
+            "--webhook-secret=ctl-cert",
+            "--webhook-configuration=ctl-gate",
+            "--webhook-cert-validity=48h",
+            "--prewarm",
+            "--prewarm-linger=90s",
         ])
         .unwrap();
         let config = args.controller_config(&azure("/subscriptions/s/kubelet"), Some("host".into()));
@@ -439,6 +518,28 @@ mod tests {
             vec!["0.0.0.0:8085".parse::<SocketAddr>().unwrap()],
             "metrics on the probe port alone"
         );
+        let webhook = config.webhook.expect("a webhook on its port");
+        assert_eq!(webhook.listen, "0.0.0.0:9443".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            (
+                webhook.namespace.as_str(),
+                webhook.secret.as_str(),
+                webhook.configuration.as_str()
+            ),
+            ("pod-identity", "ctl-cert", "ctl-gate")
+        );
+        assert_eq!(
+            webhook.names(),
+            vec![
+                "ctl-webhook.pod-identity.svc",
+                "ctl-webhook.pod-identity.svc.cluster.local",
+                "ctl-webhook.pod-identity",
+                "ctl-webhook",
+                "127.0.0.1"
+            ]
+        );
+        assert_eq!(webhook.cert_validity, Duration::from_secs(48 * 3600));
+        assert_eq!(config.prewarm_linger, Some(Duration::from_secs(90)));
         let empty_namespace = Args::try_parse_from(["pod-identity-controller", "--namespace="]).unwrap();
         assert_eq!(
             empty_namespace.controller_config(&azure(""), None).namespace,

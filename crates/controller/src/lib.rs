@@ -17,6 +17,8 @@
 //! - [`arm`] and [`azure`]: the ARM boundary and its implementation.
 //! - [`federation`]: identities served by workload identity federation never reach the workers; their
 //!   subjects and (opted in) federated identity credentials are kept instead.
+//! - [`webhook`]: the admission webhook that gives bound pods the `IdentityReady` readiness gate,
+//!   served by every replica, its certificate kept by the leader.
 //! - [`metrics`], [`events`], [`admin`]: what operators see; [`cloud_config`]: what they see when the
 //!   Azure configuration is missing.
 //! - [`config`] and [`start`]: the command line and what it makes of the controller; the binary only
@@ -36,10 +38,12 @@ pub mod machine;
 pub mod metrics;
 pub mod plan;
 pub mod planner;
+pub mod prewarm;
 pub mod record;
 pub mod route;
 pub mod schedule;
 pub mod start;
+pub mod webhook;
 pub mod worker;
 
 use std::{
@@ -91,6 +95,10 @@ pub struct ControllerConfig {
     pub quarantine_max: Duration,
     /// Subjects and federated credentials of federated identities.
     pub federation: federation::FederationConfig,
+    /// The readiness-gate admission webhook; `None` serves none.
+    pub webhook: Option<webhook::WebhookConfig>,
+    /// Pre-warming, with how long a warm identity no workload needs lingers; `None` warms nothing.
+    pub prewarm_linger: Option<Duration>,
 }
 
 impl Default for ControllerConfig {
@@ -107,6 +115,8 @@ impl Default for ControllerConfig {
             quarantine_initial: Duration::from_secs(300),
             quarantine_max: Duration::from_secs(3600),
             federation: federation::FederationConfig::new(None),
+            webhook: None,
+            prewarm_linger: None,
         }
     }
 }
@@ -117,6 +127,9 @@ pub enum Error {
     /// The caches could not be filled.
     #[error("the watches stopped before the caches were filled")]
     CachesNotSynced,
+    /// The webhook's address could not be bound.
+    #[error("listening for admission reviews: {0}")]
+    Webhook(std::io::Error),
 }
 
 /// Runs the controller until `shutdown` resolves: watches, admin servers, leader election, and while
@@ -142,6 +155,12 @@ pub async fn run(
     }
     let (stores, notify, watches) = planner::reflectors(&client, config.namespace.as_deref());
     tasks.spawn(watches);
+    let prewarming = config.prewarm_linger.map(|linger| {
+        let (workloads, watches) =
+            prewarm::Workloads::reflectors(&client, config.namespace.as_deref(), notify.clone());
+        tasks.spawn(watches);
+        planner::Prewarming { workloads, linger }
+    });
     let (events, publisher) = Events::new(client.clone(), config.instance.clone(), metrics.clone());
     tasks.spawn(publisher);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -161,6 +180,11 @@ pub async fn run(
             Leadership::always()
         }
     };
+    if let Some(webhook) = &config.webhook {
+        webhook::spawn(webhook, &client, leadership.clone(), &mut tasks)
+            .await
+            .map_err(Error::Webhook)?;
+    }
     let shared = Arc::new(Shared {
         compute,
         records: Arc::new(KubeRecords::new(client.clone())),
@@ -181,7 +205,13 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     let synced = tokio::select! {
-        synced = planner::wait_ready(&stores) => synced,
+        synced = async {
+            planner::wait_ready(&stores).await
+                && match &prewarming {
+                    Some(p) => p.workloads.ready().await,
+                    None => true,
+                }
+        } => synced,
         () = &mut shutdown => return Ok(()),
     };
     if !synced {
@@ -202,6 +232,7 @@ pub async fn run(
                     shared.clone(),
                     config.scope,
                     config.resync,
+                    prewarming.clone(),
                 ),
                 federation::reconciler::run(
                     client.clone(),

@@ -39,6 +39,7 @@ use crate::{
     events::{Notice, Subject},
     machine::Target,
     plan::MachineInput,
+    prewarm,
     route::{Cluster, Unplaceable, route},
     worker::{Shared, Worker},
 };
@@ -154,7 +155,8 @@ pub fn reflectors(
     )
 }
 
-fn reflect<K>(
+/// A reflector whose every event wakes `notify`, with `slim` applied to each object first.
+pub(crate) fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     slim: fn(&mut K),
@@ -232,12 +234,17 @@ fn slim_container(status: ContainerStatus) -> ContainerStatus {
     }
 }
 
-/// Keeps of a node its name and provider ID.
+/// Keeps of a node its name, provider ID and agent-pool label (for pre-warming).
 fn slim_node(node: &mut Node) {
     let meta = node.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
-    meta.labels = None;
+    meta.labels = meta.labels.take().map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(key, _)| prewarm::AGENT_POOL_LABELS.contains(&key.as_str()))
+            .collect()
+    });
     let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.clone());
     node.spec = Some(NodeSpec {
         provider_id,
@@ -257,14 +264,52 @@ fn scheduled_at(pod: &Pod) -> Option<jiff::Timestamp> {
         .map(|t| t.0)
 }
 
+/// Pre-warming while planning: the workloads, and how long an unneeded warm identity lingers.
+#[derive(Clone)]
+pub struct Prewarming {
+    /// The watched workloads.
+    pub workloads: prewarm::Workloads,
+    /// How long a warm identity no workload needs stays.
+    pub linger: Duration,
+}
+
 /// Plans for the cluster while this replica leads; dropping the future stops every worker.
-pub async fn run(stores: Stores, notify: Arc<Notify>, shared: Arc<Shared>, scope: Scope, resync: Duration) {
+pub async fn run(
+    stores: Stores,
+    notify: Arc<Notify>,
+    shared: Arc<Shared>,
+    scope: Scope,
+    resync: Duration,
+    prewarming: Option<Prewarming>,
+) {
     let mut workers: HashMap<Target, watch::Sender<MachineInput>> = HashMap::new();
     let mut tasks = JoinSet::new();
     let mut reported: HashSet<(ObjectKey, String)> = HashSet::new();
+    let mut warmth = prewarming
+        .as_ref()
+        .map(|_| prewarm::seed(&stores.assignments.state(), jiff::Timestamp::now()));
     loop {
         let started = Instant::now();
-        pass(&stores, &shared, scope, &mut workers, &mut tasks, &mut reported);
+        let warming = prewarming.as_ref().zip(warmth.as_mut());
+        pass(
+            &stores,
+            &shared,
+            scope,
+            &mut workers,
+            &mut tasks,
+            &mut reported,
+            warming,
+        );
+        // A lingering warm identity is due to go at a moment no watch event marks.
+        let linger_ends = prewarming
+            .as_ref()
+            .zip(warmth.as_ref())
+            .and_then(|(p, w)| w.next_expiry(p.linger))
+            .map(|at| {
+                let wait = at.duration_since(jiff::Timestamp::now());
+                Duration::try_from(wait).unwrap_or_default()
+            })
+            .unwrap_or(resync);
         let took = started.elapsed();
         shared.metrics.reconciled("plan", took.as_secs_f64());
         // A pass over a large cluster costs more; under a storm of changes passes then come less often
@@ -272,7 +317,7 @@ pub async fn run(stores: Stores, notify: Arc<Notify>, shared: Arc<Shared>, scope
         let debounce = DEBOUNCE.max(took * 4).min(MAX_DEBOUNCE);
         tokio::select! {
             () = notify.notified() => tokio::time::sleep(debounce).await,
-            () = tokio::time::sleep(resync) => debug!("periodic full pass"),
+            () = tokio::time::sleep(resync.min(linger_ends + Duration::from_millis(10))) => debug!("periodic full pass"),
         }
         // Reap workers that ended (they end when their sender goes).
         while let Some(result) = tasks.try_join_next() {
@@ -292,6 +337,7 @@ fn pass(
     workers: &mut HashMap<Target, watch::Sender<MachineInput>>,
     tasks: &mut JoinSet<()>,
     reported: &mut HashSet<(ObjectKey, String)>,
+    prewarming: Option<(&Prewarming, &mut prewarm::Warmth)>,
 ) {
     let pod_objects = stores.pods.state();
     let pods: Vec<PodView> = pod_objects.iter().map(|p| PodView::from_pod(p)).collect();
@@ -318,7 +364,7 @@ fn pass(
         })
         .collect();
     let assignments = stores.assignments.state();
-    let routing = route(&Cluster {
+    let mut routing = route(&Cluster {
         pods: &pods,
         scheduled: &scheduled,
         bindings: &bindings,
@@ -328,6 +374,31 @@ fn pass(
         assignments: &assignments,
         scope,
     });
+    if let Some((prewarming, warmth)) = prewarming {
+        let pool_nodes: Vec<prewarm::PoolNode> = stores
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|node| {
+                let machine = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.provider_id.as_deref())
+                    .and_then(Machine::from_provider_id)?;
+                let pool = node.metadata.labels.as_ref().and_then(prewarm::PoolNode::pool_of);
+                Some(prewarm::PoolNode { machine, pool })
+            })
+            .collect();
+        let world = pod_identity_api::matching::World {
+            bindings: &bindings,
+            identities: &identities,
+            exceptions: &exceptions,
+            scope,
+        };
+        let needed = prewarm::needed(&prewarming.workloads.templates(), world, &pool_nodes);
+        *warmth = warmth.step(&needed, jiff::Timestamp::now(), prewarming.linger);
+        prewarm::add_to(&mut routing, warmth, &identities, &bindings);
+    }
 
     let mut seen: HashSet<Target> = HashSet::new();
     for (target, input) in routing.inputs {

@@ -571,6 +571,12 @@ impl Worker {
             Write::Create { transition, .. } | Write::Patch { transition, .. } => transition.as_ref(),
             Write::Release { .. } => None,
         };
+        if let Some(Transition::Assigned(wanted) | Transition::Quarantined { wanted, .. }) = transition
+            && crate::prewarm::is_warm(wanted)
+        {
+            info!(identity = %wanted.identity, machine = %self.target, warm = true, "warm identity {}", if matches!(transition, Some(Transition::Assigned(_))) { "assigned" } else { "quarantined" });
+            return;
+        }
         match transition {
             Some(Transition::Assigned(wanted)) => {
                 if let Some(scheduled) = wanted.scheduled_at {

@@ -128,6 +128,10 @@ impl ControlPlane {
                 // The default ServiceAccount is created by the controller manager, which is not run.
                 "--disable-admission-plugins=ServiceAccount",
                 "--endpoint-reconciler-type=none",
+                // Webhooks and aggregated APIs that name a Service are called at its endpoints, which
+                // nothing here creates, rather than at its cluster IP, which would route off the
+                // machine: a chart's webhook fails at once, and its failure policy decides.
+                "--enable-aggregator-routing=true",
                 "--profiling=false",
             ]),
             &run_dir.join("apiserver.log"),
