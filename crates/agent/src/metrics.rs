@@ -97,6 +97,8 @@ pub struct Metrics {
     pub connections_shed: Family<ReasonLabels, Counter>,
     /// Connections open to the endpoint.
     pub open_connections: Gauge,
+    /// Audit records by result (`written`, `folded`, `dropped`, `failed`).
+    pub audit_records: Family<ResultLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -213,6 +215,13 @@ impl Metrics {
             "Connections open to the endpoint",
             open_connections.clone(),
         );
+        let audit_records = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Token decisions given to the audit stream, by result (written; folded into a window's closing \
+             record; dropped because the queue was full; failed to write)",
+            audit_records.clone(),
+        );
         Self {
             registry,
             requests,
@@ -231,6 +240,7 @@ impl Metrics {
             events,
             connections_shed,
             open_connections,
+            audit_records,
         }
     }
 

@@ -74,7 +74,10 @@ impl RuleSpec {
         let redirect = self.redirect_ip;
         let agent_port = self.agent_port;
         let (unmarked, hooks) = match self.host_mark {
-            Some((mark, mask)) => (format!(" -m mark ! --mark {mark:#x}/{mask:#x}"), vec!["PREROUTING", "OUTPUT"]),
+            Some((mark, mask)) => (
+                format!(" -m mark ! --mark {mark:#x}/{mask:#x}"),
+                vec!["PREROUTING", "OUTPUT"],
+            ),
             None => (String::new(), vec!["PREROUTING"]),
         };
         let mut tables = vec![TableRules {

@@ -10,6 +10,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    audit::{self, Audit},
     azure::HttpUpstream,
     cache::TokenCache,
     config::Args,
@@ -55,6 +56,14 @@ pub enum StartError {
     /// The HTTP clients could not be built.
     #[error("upstream clients: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
+    /// The audit stream could not be opened.
+    #[error("opening the audit stream {target}: {source}")]
+    Audit {
+        /// `--audit-log`.
+        target: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file could not be read.
     #[error("reading {path}: {source}")]
     Read {
@@ -203,14 +212,39 @@ pub async fn start(
         Events::disabled(metrics.clone())
     };
 
-    let state = Arc::new(AppState::new(
-        args.server_config(),
-        shared.clone(),
-        tokens,
-        Proxy::new(parts.proxy_client, &args.imds_base()),
-        metrics.clone(),
-        events,
-    ));
+    if args.identity_ready {
+        background.push(tokio::spawn(crate::readiness::keep(
+            parts.client.clone(),
+            shared.clone(),
+            tokens.clone(),
+            policy,
+            args.prefetch_resource.clone(),
+        )));
+    }
+    let audit = match &args.audit_log {
+        Some(target) => Audit::start(
+            &audit::Target::parse(target),
+            &args.node,
+            Duration::from_secs(args.audit_fold_sec.max(1)),
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Audit {
+            target: target.clone(),
+            source,
+        })?,
+        None => Audit::disabled(metrics.clone()),
+    };
+    let state = Arc::new(
+        AppState::new(
+            args.server_config(),
+            shared.clone(),
+            tokens,
+            Proxy::new(parts.proxy_client, &args.imds_base()),
+            metrics.clone(),
+            events,
+        )
+        .with_audit(audit),
+    );
     let imds_addr = imds
         .first()
         .ok_or_else(|| StartError::Bind {
@@ -233,6 +267,14 @@ pub async fn start(
         metrics: metrics.clone(),
         rules_required: !args.no_interception,
     };
+    if args.remove_node_taint {
+        background.push(crate::taint::spawn(
+            parts.client.clone(),
+            &args.node,
+            pod_identity_api::readiness::AGENT_NOT_READY_TAINT,
+            admin_state.clone(),
+        ));
+    }
     if let Some(listener) = metrics_only {
         let state = admin_state.clone();
         background.push(tokio::spawn(async move {

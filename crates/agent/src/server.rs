@@ -23,6 +23,7 @@ use pod_identity_azure::AzureError;
 use serde_json::json;
 
 use crate::{
+    audit::{self, Audit, Decision, IdentityRef},
     cache::Outcome,
     events::{Events, Notice, Reason},
     metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
@@ -70,6 +71,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Events on refused pods.
     pub events: Events,
+    /// The audit stream.
+    pub audit: Audit,
     first_tokens: Mutex<HashSet<String>>,
 }
 
@@ -88,10 +91,17 @@ impl AppState {
             shared,
             tokens,
             proxy,
+            audit: Audit::disabled(metrics.clone()),
             metrics,
             events,
             first_tokens: Mutex::default(),
         }
+    }
+
+    /// The same, recording every token decision in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
     }
 }
 
@@ -184,6 +194,7 @@ struct Resolved {
 }
 
 async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
+    let call = Call::new(peer);
     if req.method != Method::GET {
         return response::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -192,23 +203,32 @@ async fn token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         );
     }
     if let Err(error) = request::check_headers(&req.headers, state.config.metadata_header_required) {
-        return invalid(state, peer, "invalid_request", &error.to_string());
+        return invalid(state, &call, "invalid_request", &error.to_string());
     }
     let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
         Ok(query) => query,
-        Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
+        Err(error) => return invalid(state, &call, error.code(), &error.to_string()),
     };
     let ip = request::caller_ip(peer);
     let resolved = resolve_waiting(state, &query, |world| resolve::calling_pod(world, ip).cloned()).await;
-    answer(state, &query, resolved, |tokens, resource, now| {
+    answer(state, &call, &query, resolved, |tokens, resource, now| {
         response::tokens(tokens, resource, now)
     })
     .await
 }
 
 async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
+    let call = Call::new(peer);
     if !request::is_loopback(peer) {
-        return response::forbidden("/host/token only answers callers on the node itself");
+        let why = "/host/token only answers callers on the node itself";
+        call.audit(
+            state,
+            None,
+            None,
+            (Decision::Denied, audit::Reason::IdentityDenied),
+            why,
+        );
+        return response::forbidden(why);
     }
     if let Err(request::HeaderError::Forwarded) = request::check_headers(&req.headers, false) {
         return response::bad_request(&request::HeaderError::Forwarded.to_string());
@@ -216,14 +236,14 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
     let Some(key) = request::host_token_pod(&req.headers) else {
         return invalid(
             state,
-            peer,
+            &call,
             "invalid_request",
             "the headers podns and podname must name a pod (a namespace and a pod name)",
         );
     };
     let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
         Ok(query) => query,
-        Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
+        Err(error) => return invalid(state, &call, error.code(), &error.to_string()),
     };
     let resolved = resolve_waiting(state, &query, |world| resolve::named_pod(world, &key).cloned()).await;
     let not_found = matches!(
@@ -235,6 +255,8 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
             Resolution::Deny(why) => why.clone(),
             _ => format!("no live pod {key} on this node"),
         };
+        let decided = (Decision::Denied, audit::Reason::IdentityDenied);
+        call.audit(state, resolved.pod.as_ref(), Some(&query), decided, &why);
         return response::not_found(&why);
     }
     // The CSI driver refuses an answer without `clientid`; IMDS answers without `client_id` exist
@@ -243,7 +265,7 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         Resolution::Serve(grant) => grant.object.spec.client_id.clone(),
         _ => None,
     };
-    answer(state, &query, resolved, |tokens, resource, now| {
+    answer(state, &call, &query, resolved, |tokens, resource, now| {
         let first = tokens.first().map(|t| response::token_json(t, resource, now));
         let client_id = tokens
             .first()
@@ -255,9 +277,58 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
     .await
 }
 
+/// Who asked and when the request arrived, for the audit stream.
+struct Call {
+    peer: IpAddr,
+    started: Instant,
+}
+
+impl Call {
+    fn new(peer: IpAddr) -> Self {
+        Self {
+            peer,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records a decision without a token; the identity is the one the request named, if any.
+    fn audit(
+        &self,
+        state: &AppState,
+        pod: Option<&PodRecord>,
+        query: Option<&TokenQuery>,
+        decided: (Decision, audit::Reason),
+        why: &str,
+    ) {
+        let identity = query
+            .map(|query| audited_identity(None, &query.selector))
+            .filter(|identity| *identity != IdentityRef::default());
+        state.audit.record(&audit::Entry {
+            caller: self.peer,
+            pod,
+            identity: identity.as_ref(),
+            resource: query.map_or("", |query| query.resource.as_str()),
+            decision: decided.0,
+            reason: decided.1,
+            message: why,
+            cache_hit: None,
+            latency: self.started.elapsed(),
+            tokens: &[],
+        });
+    }
+}
+
 /// 400 in IMDS's shape for a request refused by its headers or query. Only the agent's own description
 /// is logged, never the offending value.
-fn invalid(state: &AppState, peer: IpAddr, code: &str, why: &str) -> Response {
+fn invalid(state: &AppState, call: &Call, code: &str, why: &str) -> Response {
+    let peer = call.peer;
+    call.audit(
+        state,
+        None,
+        None,
+        (Decision::Denied, audit::Reason::InvalidRequest),
+        why,
+    );
     state
         .metrics
         .decisions
@@ -347,6 +418,7 @@ async fn resolve_waiting(
 
 async fn answer(
     state: &AppState,
+    call: &Call,
     query: &TokenQuery,
     resolved: Resolved,
     render: impl FnOnce(&[crate::cache::Token], &str, i64) -> Response,
@@ -374,6 +446,13 @@ async fn answer(
         Resolution::Deny(why) => {
             decision(state, "denied");
             tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request");
+            call.audit(
+                state,
+                pod.as_ref(),
+                Some(query),
+                (Decision::Denied, audit::Reason::IdentityDenied),
+                why,
+            );
             notify(state, pod.as_ref(), Reason::IdentityDenied, why);
             return response::forbidden(why);
         }
@@ -381,6 +460,18 @@ async fn answer(
             // Whatever was waited for may still come (an address or containers reported, an
             // assignment made): 503 with Retry-After, which every SDK retries, never a final 403.
             let why = pending.to_string();
+            let reason = match pending {
+                resolve::Pending::NotSynced => audit::Reason::NotSynced,
+                _ if pending.is_about_the_caller() => audit::Reason::UnknownCaller,
+                _ => audit::Reason::IdentityNotAssigned,
+            };
+            call.audit(
+                state,
+                pod.as_ref(),
+                Some(query),
+                (Decision::Unavailable, reason),
+                &why,
+            );
             if pending.is_about_the_caller() {
                 decision(state, "unknown_caller");
                 tracing::info!(selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "caller not known in time");
@@ -393,13 +484,36 @@ async fn answer(
         }
         Resolution::LearnObjectIds(_) => {
             decision(state, "denied");
-            return response::forbidden("the requested object_id is not an identity of this pod");
+            let why = "the requested object_id is not an identity of this pod";
+            call.audit(
+                state,
+                pod.as_ref(),
+                Some(query),
+                (Decision::Denied, audit::Reason::IdentityDenied),
+                why,
+            );
+            return response::forbidden(why);
         }
     };
     let (result, outcome) = state
         .tokens
         .tokens(&principal, identity_object.as_ref(), resource)
         .await;
+    let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::cache::Token]| {
+        let identity = audited_identity(identity_object.as_ref(), &query.selector);
+        state.audit.record(&audit::Entry {
+            caller: call.peer,
+            pod: pod.as_ref(),
+            identity: Some(&identity),
+            resource,
+            decision: decided.0,
+            reason: decided.1,
+            message: why,
+            cache_hit: Some(outcome == Outcome::Hit),
+            latency: call.started.elapsed(),
+            tokens,
+        });
+    };
     match result {
         Ok(tokens) => {
             decision(
@@ -416,6 +530,12 @@ async fn answer(
                 tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             }
             record_first_token(state, pod.as_ref());
+            let reason = if matches!(resolution, Resolution::Excepted) {
+                audit::Reason::Excepted
+            } else {
+                audit::Reason::TokenServed
+            };
+            audited((Decision::Served, reason), "", &tokens);
             render(&tokens, resource, crate::clock::now())
         }
         Err(error) => {
@@ -423,8 +543,41 @@ async fn answer(
             tracing::warn!(pod = name, namespace, identity = %identity_name, resource, decision = "upstream_error", %error, "no token from upstream");
             let why = format!("could not get a token for {identity_name}: {error}");
             notify(state, pod.as_ref(), Reason::TokenUpstreamError, &why);
-            upstream_failure(state, &error, &why)
+            let answered = upstream_failure(state, &error, &why);
+            let decided = if answered.status() == StatusCode::SERVICE_UNAVAILABLE {
+                Decision::Unavailable
+            } else {
+                Decision::Denied
+            };
+            audited((decided, audit::Reason::TokenUpstreamError), &why, &[]);
+            answered
         }
+    }
+}
+
+/// The identity a served or failed request is recorded under: the AzureIdentity chosen, or for an
+/// excepted pod the node identity its request named.
+fn audited_identity(
+    object: Option<&pod_identity_api::AzureIdentity>,
+    selector: &request::Selector,
+) -> IdentityRef {
+    match object {
+        Some(object) => IdentityRef {
+            azure_identity: Some(crate::world::key_of(object).to_string()),
+            resource_id: object.spec.resource_id.clone(),
+            client_id: object.spec.client_id.clone(),
+        },
+        None => match selector {
+            request::Selector::ClientId(id) => IdentityRef {
+                client_id: Some(id.clone()),
+                ..IdentityRef::default()
+            },
+            request::Selector::ResourceId(id) => IdentityRef {
+                resource_id: Some(id.clone()),
+                ..IdentityRef::default()
+            },
+            _ => IdentityRef::default(),
+        },
     }
 }
 

@@ -22,6 +22,7 @@ pub mod matching;
 pub mod naming;
 pub use naming::ObjectKey;
 pub mod pod;
+pub mod readiness;
 pub mod text;
 pub mod validation;
 
