@@ -345,11 +345,20 @@ impl Target {
 /// Records queued and not yet written, at most; beyond, records are dropped and counted.
 const QUEUE: usize = 4096;
 
+/// What the writer thread receives.
+#[derive(Debug)]
+enum Message {
+    /// A record to write (or fold).
+    Record(Box<AuditRecord>),
+    /// Close every window, flush, acknowledge, stop.
+    Close(mpsc::Sender<()>),
+}
+
 /// The request path's handle on the audit stream; never blocks.
 #[derive(Clone, Debug)]
 pub struct Audit {
     node: String,
-    queue: Option<SyncSender<AuditRecord>>,
+    queue: Option<SyncSender<Message>>,
     metrics: Arc<Metrics>,
 }
 
@@ -375,7 +384,7 @@ impl Audit {
             Target::Stdout => Box::new(std::io::stdout()),
             Target::File(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let (queue, records) = mpsc::sync_channel::<AuditRecord>(QUEUE);
+        let (queue, records) = mpsc::sync_channel::<Message>(QUEUE);
         let writer_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("audit".into())
@@ -391,10 +400,23 @@ impl Audit {
     pub fn record(&self, entry: &Entry<'_>) {
         let Some(queue) = &self.queue else { return };
         let record = build(&self.node, entry, jiff::Timestamp::now());
-        match queue.try_send(record) {
+        match queue.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.count("dropped"),
         }
+    }
+
+    /// Writes the closing records of open windows and flushes, waiting at most `wait` (at shutdown:
+    /// a process that exits does not wait for the writer thread). Later records are dropped.
+    pub async fn close(&self, wait: Duration) {
+        let Some(queue) = self.queue.clone() else { return };
+        let _ = tokio::task::spawn_blocking(move || {
+            let (done, finished) = mpsc::channel();
+            if queue.send(Message::Close(done)).is_ok() {
+                let _ = finished.recv_timeout(wait);
+            }
+        })
+        .await;
     }
 
     fn count(&self, result: &'static str) {
@@ -406,7 +428,7 @@ impl Audit {
 }
 
 fn write_loop(
-    records: mpsc::Receiver<AuditRecord>,
+    records: mpsc::Receiver<Message>,
     out: Box<dyn Write + Send>,
     window: Duration,
     metrics: &Metrics,
@@ -435,24 +457,30 @@ fn write_loop(
     loop {
         let received = records.recv_timeout(tick);
         let now = jiff::Timestamp::now();
-        let ended = match received {
-            Ok(record) => {
-                match folding.offer(record, now) {
-                    Some(record) => write(&mut out, &record),
-                    None => count("folded", 1),
-                }
-                // Drain what else is queued before flushing once.
-                while let Ok(record) = records.try_recv() {
-                    match folding.offer(record, now) {
-                        Some(record) => write(&mut out, &record),
-                        None => count("folded", 1),
+        let mut closed = None;
+        let mut ended = false;
+        match received {
+            Ok(first) => {
+                // Take what else is queued before flushing once.
+                let mut next = Some(first);
+                while let Some(message) = next {
+                    match message {
+                        Message::Record(record) => match folding.offer(*record, now) {
+                            Some(record) => write(&mut out, &record),
+                            None => count("folded", 1),
+                        },
+                        Message::Close(done) => {
+                            closed = Some(done);
+                            ended = true;
+                            break;
+                        }
                     }
+                    next = records.try_recv().ok();
                 }
-                false
             }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => ended = true,
+        }
         for record in folding.due((!ended).then_some(now)) {
             write(&mut out, &record);
         }
@@ -460,6 +488,9 @@ fn write_loop(
             tracing::warn!(%error, "could not flush the audit stream");
         }
         if ended {
+            if let Some(done) = closed {
+                let _ = done.send(());
+            }
             return;
         }
     }

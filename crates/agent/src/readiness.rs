@@ -191,6 +191,8 @@ type PodId = (ObjectKey, Option<String>);
 /// What one pass found to do.
 #[derive(Debug, Default)]
 struct Pass {
+    /// Whether every list has arrived; nothing is decided before.
+    synced: bool,
     patches: Vec<(PodId, Condition, Option<Condition>)>,
     prefetch: Vec<Grant>,
     principals: HashSet<Principal>,
@@ -213,9 +215,9 @@ pub async fn keep(
     let mut changes = shared.subscribe();
     let woken = Arc::new(tokio::sync::Notify::new());
     let states: Arc<std::sync::Mutex<HashMap<Principal, (TokenState, Instant)>>> = Arc::default();
-    // What was patched and not yet seen back through the watch, so that a pass in between does not
-    // patch again; forgotten once the watch shows it, so that a later change by anyone is seen.
-    let mut written: HashMap<PodId, Condition> = HashMap::new();
+    // No memory of what was patched: the watched status is the truth, so a condition someone else
+    // changed or wiped is put back. A pass between a patch and its echo through the watch writes the
+    // same condition again, which changes nothing.
     let mut ticker = tokio::time::interval(Duration::from_secs(30));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -227,17 +229,12 @@ pub async fn keep(
                     .get(principal)
                     .map_or(TokenState::Fetching, |(state, _)| state.clone())
             };
-            let mut pass = Pass::default();
-            let live: HashSet<PodId> = world
-                .pods()
-                .map(|p| (p.view.key.clone(), p.view.uid.clone()))
-                .collect();
-            written.retain(|id, _| live.contains(id));
-            for pod in world.pods().filter(|pod| wanted(pod)) {
+            let mut pass = Pass {
+                synced: resolve::synced(&world, policy),
+                ..Pass::default()
+            };
+            for pod in world.pods().filter(|pod| pass.synced && wanted(pod)) {
                 let id = (pod.view.key.clone(), pod.view.uid.clone());
-                if written.get(&id) == pod.gate.condition.as_ref() {
-                    written.remove(&id);
-                }
                 let Some(identities) = resolve::pod_identities(&world, policy, pod) else {
                     break;
                 };
@@ -255,14 +252,13 @@ pub async fn keep(
                     }
                 }
                 let desired = condition(&identities, &state_of);
-                let current = written.get(&id).or(pod.gate.condition.as_ref());
-                if current != Some(&desired) {
+                if pod.gate.condition.as_ref() != Some(&desired) {
                     pass.patches.push((id, desired, pod.gate.condition.clone()));
                 }
             }
             pass
         };
-        {
+        if pass.synced {
             // Principals no gated pod uses any more start afresh when one does again.
             let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
             states.retain(|principal, _| pass.principals.contains(principal));
@@ -291,11 +287,10 @@ pub async fn keep(
             {
                 Ok(_) => {
                     tracing::info!(pod = %key.name, namespace = %key.namespace, status = desired.status, reason = %desired.reason, "set the pod's IdentityReady condition");
-                    written.insert((key, uid), desired);
                 }
                 Err(error) => {
+                    // Retried by the next pass (the next change, prefetch or tick).
                     tracing::warn!(pod = %key.name, namespace = %key.namespace, %error, "could not set the pod's IdentityReady condition");
-                    written.remove(&(key, uid));
                 }
             }
         }

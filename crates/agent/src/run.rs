@@ -138,6 +138,7 @@ pub struct Agent {
     background: Vec<JoinHandle<()>>,
     stop: tokio::sync::watch::Sender<bool>,
     grace: Duration,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for Agent {
@@ -243,7 +244,7 @@ pub async fn start(
             metrics.clone(),
             events,
         )
-        .with_audit(audit),
+        .with_audit(audit.clone()),
     );
     let imds_addr = imds
         .first()
@@ -317,6 +318,7 @@ pub async fn start(
         background,
         stop,
         grace: Duration::from_secs(args.shutdown_grace_sec),
+        audit,
     })
 }
 
@@ -332,6 +334,7 @@ impl Agent {
         for task in self.background.drain(..) {
             task.abort();
         }
+        self.audit.close(Duration::from_secs(2)).await;
         tracing::info!("agent stopped; the interception rules stay in place");
     }
 }

@@ -295,32 +295,24 @@ async fn the_writer_thread_writes_lines_and_closes_windows_at_the_end() {
             &[],
         ));
     }
-    // Dropping the last handle ends the thread, which closes the open windows first.
-    drop(audit);
-    let lines = pod_identity_test_support::eventually(|| async {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect();
-        if lines.len() == 3 {
-            Ok(lines)
-        } else {
-            Err(format!("{} lines", lines.len()))
-        }
-    })
-    .await
-    .unwrap();
+    // Closing writes the open windows' closing records before it returns.
+    audit.close(Duration::from_secs(10)).await;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
     assert_eq!(lines[0]["decision"], "served");
     assert_eq!(lines[1]["decision"], "denied");
     assert_eq!(lines[1]["count"], 1);
     assert_eq!(lines[2]["count"], 4);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains(&tokens[0].access_token));
+    let rendered = metrics.render();
     assert!(
-        metrics
-            .render()
-            .contains("pod_identity_audit_records_total{result=\"folded\"} 4")
+        rendered.contains("pod_identity_audit_records_total{result=\"folded\"} 4"),
+        "{rendered}"
     );
 }
 
