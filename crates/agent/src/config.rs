@@ -441,6 +441,27 @@ mod tests {
     }
 
     #[test]
+    fn readiness_and_audit_are_on_by_default_except_the_stream_which_needs_a_target() {
+        let args = parse(&["--node", "n1"]);
+        assert!(args.identity_ready && args.remove_node_taint);
+        assert_eq!(args.audit_log, None);
+        assert_eq!(args.prefetch_resource, ["https://management.azure.com/"]);
+        let args = parse(&[
+            "--node=n1",
+            "--audit-log=-",
+            "--prefetch-resource=https://vault.azure.net,https://storage.azure.com/",
+            "--identity-ready=false",
+            "--remove-node-taint=false",
+        ]);
+        assert_eq!(args.audit_log.as_deref(), Some("-"));
+        assert_eq!(
+            args.prefetch_resource,
+            ["https://vault.azure.net", "https://storage.azure.com/"]
+        );
+        assert!(!args.identity_ready && !args.remove_node_taint);
+    }
+
+    #[test]
     fn kubenet_is_detected_in_kubelet_defaults() {
         assert!(uses_kubenet(
             "KUBELET_FLAGS=--network-plugin=kubenet --max-pods=110"

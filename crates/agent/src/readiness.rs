@@ -29,9 +29,10 @@ use pod_identity_api::{ObjectKey, pod::Life, readiness::IDENTITY_READY_CONDITION
 use serde_json::{Value, json};
 
 use crate::{
-    resolve::{self, Grant, PodIdentities, Policy, Principal},
+    health::AdminState,
+    resolve::{self, Grant, PodIdentities, Principal},
     tokens::TokenService,
-    world::{PodRecord, Shared},
+    world::PodRecord,
 };
 
 /// What the agent reads of a pod's gate.
@@ -204,14 +205,12 @@ const RETRY_FAILED: Duration = Duration::from_secs(10);
 
 /// Keeps the condition of this node's gated pods until the process ends: prefetches the tokens of
 /// their usable identities for `resources`, and patches a pod's status when its condition changes.
-/// Woken by every change of the world and every prefetch that ends.
-pub async fn keep(
-    client: Client,
-    shared: Arc<Shared>,
-    tokens: Arc<TokenService>,
-    policy: Policy,
-    resources: Vec<String>,
-) {
+/// Starts once the agent is ready (`True` promises that requests reach this agent and are answered);
+/// woken by every change of the world and every prefetch that ends.
+pub async fn keep(client: Client, admin: AdminState, tokens: Arc<TokenService>, resources: Vec<String>) {
+    admin.until_ready().await;
+    let shared = admin.shared.clone();
+    let policy = admin.policy;
     let mut changes = shared.subscribe();
     let woken = Arc::new(tokio::sync::Notify::new());
     let states: Arc<std::sync::Mutex<HashMap<Principal, (TokenState, Instant)>>> = Arc::default();

@@ -213,15 +213,6 @@ pub async fn start(
         Events::disabled(metrics.clone())
     };
 
-    if args.identity_ready {
-        background.push(tokio::spawn(crate::readiness::keep(
-            parts.client.clone(),
-            shared.clone(),
-            tokens.clone(),
-            policy,
-            args.prefetch_resource.clone(),
-        )));
-    }
     let audit = match &args.audit_log {
         Some(target) => Audit::start(
             &audit::Target::parse(target),
@@ -239,7 +230,7 @@ pub async fn start(
         AppState::new(
             args.server_config(),
             shared.clone(),
-            tokens,
+            tokens.clone(),
             Proxy::new(parts.proxy_client, &args.imds_base()),
             metrics.clone(),
             events,
@@ -268,6 +259,14 @@ pub async fn start(
         metrics: metrics.clone(),
         rules_required: !args.no_interception,
     };
+    if args.identity_ready {
+        background.push(tokio::spawn(crate::readiness::keep(
+            parts.client.clone(),
+            admin_state.clone(),
+            tokens.clone(),
+            args.prefetch_resource.clone(),
+        )));
+    }
     if args.remove_node_taint {
         background.push(crate::taint::spawn(
             parts.client.clone(),

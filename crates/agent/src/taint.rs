@@ -43,16 +43,10 @@ pub fn patch(resource_version: Option<&str>, new: &[Taint]) -> Value {
     body
 }
 
-/// How often readiness is checked while the agent starts (it becomes ready within seconds).
-const CHECK: Duration = Duration::from_millis(500);
-
 /// Waits until the agent is ready, then removes `key` from `node`'s taints whenever the Node carries it,
 /// until the process ends; a failed write is retried with backoff.
 pub async fn remove_when_ready(client: Client, node: String, key: String, admin: AdminState) {
-    let mut changes = admin.shared.subscribe();
-    while !admin.not_ready().is_empty() {
-        let _ = tokio::time::timeout(CHECK, changes.changed()).await;
-    }
+    admin.until_ready().await;
     let api = Api::<Node>::all(client);
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let mut nodes = watcher(api.clone(), config)
