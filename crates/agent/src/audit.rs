@@ -31,9 +31,12 @@ use std::{
 
 use serde::Serialize;
 
+use pod_identity_api::AzureIdentity;
+
 use crate::{
     cache::Token,
     metrics::{Metrics, ResultLabels},
+    request::{Selector, TokenQuery},
     world::PodRecord,
 };
 
@@ -96,6 +99,74 @@ pub struct IdentityRef {
     /// Client (application) ID.
     #[serde(rename = "clientID", skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+}
+
+impl IdentityRef {
+    /// The identity a decision is recorded under: the AzureIdentity chosen, else (a refusal, an excepted
+    /// pod's node identity) the one the request named, if any.
+    pub fn of(object: Option<&AzureIdentity>, selector: &Selector) -> Self {
+        match (object, selector) {
+            (Some(object), _) => Self {
+                azure_identity: Some(crate::world::key_of(object).to_string()),
+                resource_id: object.spec.resource_id.clone(),
+                client_id: object.spec.client_id.clone(),
+            },
+            (None, Selector::ClientId(id)) => Self {
+                client_id: Some(id.clone()),
+                ..Self::default()
+            },
+            (None, Selector::ResourceId(id)) => Self {
+                resource_id: Some(id.clone()),
+                ..Self::default()
+            },
+            (None, Selector::Default | Selector::ObjectId(_)) => Self::default(),
+        }
+    }
+}
+
+/// Who asked and when the request arrived: what every record of a request shares.
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    /// The connection's source address.
+    pub peer: IpAddr,
+    /// When the request arrived.
+    pub started: std::time::Instant,
+}
+
+impl Call {
+    /// A request from `peer`, arriving now.
+    pub fn new(peer: IpAddr) -> Self {
+        Self {
+            peer,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records a decision that served no token; the identity is the one the request named, if any.
+    pub fn refused(
+        &self,
+        audit: &Audit,
+        pod: Option<&PodRecord>,
+        query: Option<&TokenQuery>,
+        decided: (Decision, Reason),
+        why: &str,
+    ) {
+        let identity = query
+            .map(|query| IdentityRef::of(None, &query.selector))
+            .filter(|identity| *identity != IdentityRef::default());
+        audit.record(&Entry {
+            caller: self.peer,
+            pod,
+            identity: identity.as_ref(),
+            resource: query.map_or("", |query| query.resource.as_str()),
+            decision: decided.0,
+            reason: decided.1,
+            message: why,
+            cache_hit: None,
+            latency: self.started.elapsed(),
+            tokens: &[],
+        });
+    }
 }
 
 /// One decision as the request path knows it.

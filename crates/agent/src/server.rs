@@ -23,7 +23,7 @@ use pod_identity_azure::AzureError;
 use serde_json::json;
 
 use crate::{
-    audit::{self, Audit, Decision, IdentityRef},
+    audit::{self, Audit, Call, Decision, IdentityRef},
     cache::Outcome,
     events::{Events, Notice, Reason},
     metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
@@ -221,8 +221,8 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
     let call = Call::new(peer);
     if !request::is_loopback(peer) {
         let why = "/host/token only answers callers on the node itself";
-        call.audit(
-            state,
+        call.refused(
+            &state.audit,
             None,
             None,
             (Decision::Denied, audit::Reason::IdentityDenied),
@@ -256,7 +256,7 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
             _ => format!("no live pod {key} on this node"),
         };
         let decided = (Decision::Denied, audit::Reason::IdentityDenied);
-        call.audit(state, resolved.pod.as_ref(), Some(&query), decided, &why);
+        call.refused(&state.audit, resolved.pod.as_ref(), Some(&query), decided, &why);
         return response::not_found(&why);
     }
     // The CSI driver refuses an answer without `clientid`; IMDS answers without `client_id` exist
@@ -277,53 +277,12 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
     .await
 }
 
-/// Who asked and when the request arrived, for the audit stream.
-struct Call {
-    peer: IpAddr,
-    started: Instant,
-}
-
-impl Call {
-    fn new(peer: IpAddr) -> Self {
-        Self {
-            peer,
-            started: Instant::now(),
-        }
-    }
-
-    /// Records a decision without a token; the identity is the one the request named, if any.
-    fn audit(
-        &self,
-        state: &AppState,
-        pod: Option<&PodRecord>,
-        query: Option<&TokenQuery>,
-        decided: (Decision, audit::Reason),
-        why: &str,
-    ) {
-        let identity = query
-            .map(|query| audited_identity(None, &query.selector))
-            .filter(|identity| *identity != IdentityRef::default());
-        state.audit.record(&audit::Entry {
-            caller: self.peer,
-            pod,
-            identity: identity.as_ref(),
-            resource: query.map_or("", |query| query.resource.as_str()),
-            decision: decided.0,
-            reason: decided.1,
-            message: why,
-            cache_hit: None,
-            latency: self.started.elapsed(),
-            tokens: &[],
-        });
-    }
-}
-
 /// 400 in IMDS's shape for a request refused by its headers or query. Only the agent's own description
 /// is logged, never the offending value.
 fn invalid(state: &AppState, call: &Call, code: &str, why: &str) -> Response {
     let peer = call.peer;
-    call.audit(
-        state,
+    call.refused(
+        &state.audit,
         None,
         None,
         (Decision::Denied, audit::Reason::InvalidRequest),
@@ -446,8 +405,8 @@ async fn answer(
         Resolution::Deny(why) => {
             decision(state, "denied");
             tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request");
-            call.audit(
-                state,
+            call.refused(
+                &state.audit,
                 pod.as_ref(),
                 Some(query),
                 (Decision::Denied, audit::Reason::IdentityDenied),
@@ -465,8 +424,8 @@ async fn answer(
                 _ if pending.is_about_the_caller() => audit::Reason::UnknownCaller,
                 _ => audit::Reason::IdentityNotAssigned,
             };
-            call.audit(
-                state,
+            call.refused(
+                &state.audit,
                 pod.as_ref(),
                 Some(query),
                 (Decision::Unavailable, reason),
@@ -485,8 +444,8 @@ async fn answer(
         Resolution::LearnObjectIds(_) => {
             decision(state, "denied");
             let why = "the requested object_id is not an identity of this pod";
-            call.audit(
-                state,
+            call.refused(
+                &state.audit,
                 pod.as_ref(),
                 Some(query),
                 (Decision::Denied, audit::Reason::IdentityDenied),
@@ -500,7 +459,7 @@ async fn answer(
         .tokens(&principal, identity_object.as_ref(), resource)
         .await;
     let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::cache::Token]| {
-        let identity = audited_identity(identity_object.as_ref(), &query.selector);
+        let identity = IdentityRef::of(identity_object.as_ref(), &query.selector);
         state.audit.record(&audit::Entry {
             caller: call.peer,
             pod: pod.as_ref(),
@@ -552,32 +511,6 @@ async fn answer(
             audited((decided, audit::Reason::TokenUpstreamError), &why, &[]);
             answered
         }
-    }
-}
-
-/// The identity a served or failed request is recorded under: the AzureIdentity chosen, or for an
-/// excepted pod the node identity its request named.
-fn audited_identity(
-    object: Option<&pod_identity_api::AzureIdentity>,
-    selector: &request::Selector,
-) -> IdentityRef {
-    match object {
-        Some(object) => IdentityRef {
-            azure_identity: Some(crate::world::key_of(object).to_string()),
-            resource_id: object.spec.resource_id.clone(),
-            client_id: object.spec.client_id.clone(),
-        },
-        None => match selector {
-            request::Selector::ClientId(id) => IdentityRef {
-                client_id: Some(id.clone()),
-                ..IdentityRef::default()
-            },
-            request::Selector::ResourceId(id) => IdentityRef {
-                resource_id: Some(id.clone()),
-                ..IdentityRef::default()
-            },
-            _ => IdentityRef::default(),
-        },
     }
 }
 
