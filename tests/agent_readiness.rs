@@ -284,3 +284,26 @@ async fn the_startup_taint_goes_once_the_agent_is_ready_and_again_if_it_comes_ba
     taint_removed(&h).await;
     h.stop_agent();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_token_fetch_keeps_the_pod_not_ready_with_the_error_until_a_retry_succeeds() {
+    let h = Harness::start(&["--prefetch-resource", "https://vault.azure.net"]).await;
+    // IMDS refuses the identity's tokens (what it answers while an identity is not on the machine).
+    let fault = h.emulator.inject(pod_identity_emulator::FaultSpec {
+        service: Some(pod_identity_emulator::Service::Imds),
+        query_contains: Some(CLIENT_A.to_owned()),
+        status: Some(400),
+        ..Default::default()
+    });
+    h.bind("id-a", "web").await;
+    let web = h.gated_pod("web", Some("web")).await;
+    h.assigned(&web, "id-a", "Assigned").await;
+    condition_becomes(&h, "web", "False", "TokenFetchFailed", "id-a").await;
+
+    // IMDS gives the token again: the retry, due without any change in the cluster, makes it ready.
+    assert!(h.emulator.remove_fault(fault));
+    condition_becomes(&h, "web", "True", "IdentitiesReady", "id-a").await;
+    let (status, body) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
+    assert_eq!(status, 200, "{body}");
+    h.stop_agent();
+}

@@ -4,7 +4,8 @@
 //! Reports cached-token throughput and p50/p99 latency at concurrency 1, 16 and 64, the overhead of a
 //! cache miss over calling IMDS directly, and the agent's resident memory. Needs root (network
 //! namespaces, iptables) and the control plane of the tests. Run with
-//! `cargo bench -p pod-identity-agent --bench agent_tokens`; load generator and agent share the machine,
+//! `cargo bench -p pod-identity-agent --bench agent_tokens` (`POD_IDENTITY_BENCH_AGENT_ARGS` adds agent
+//! flags); load generator and agent share the machine,
 //! so figures are for this machine only and nothing here asserts a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -41,7 +42,12 @@ fn main() {
 
 async fn bench() {
     let binary = env!("CARGO_BIN_EXE_pod-identity-agent");
-    let h = Harness::start_with_binary(binary, &["--log-level", "warn"]).await;
+    // More agent flags, e.g. `POD_IDENTITY_BENCH_AGENT_ARGS="--audit-log /tmp/audit.log"` to measure
+    // the audit stream's cost.
+    let extra = std::env::var("POD_IDENTITY_BENCH_AGENT_ARGS").unwrap_or_default();
+    let mut args = vec!["--log-level", "warn"];
+    args.extend(extra.split_whitespace());
+    let h = Harness::start_with_binary(binary, &args).await;
     let resources: Vec<String> = (0..COLD_SAMPLES * 2)
         .map(|i| format!("https://bench-{i}.example.com"))
         .collect();

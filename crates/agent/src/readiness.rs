@@ -199,6 +199,10 @@ struct Pass {
     principals: HashSet<Principal>,
 }
 
+/// The resource prefetched when none is configured: Azure Resource Manager, which every identity may
+/// get a token for.
+pub const DEFAULT_PREFETCH_RESOURCE: &str = "https://management.azure.com/";
+
 /// How long a failed prefetch waits before the next try (the cache answers a retry within its own
 /// failure memory anyway).
 const RETRY_FAILED: Duration = Duration::from_secs(10);
@@ -208,6 +212,11 @@ const RETRY_FAILED: Duration = Duration::from_secs(10);
 /// Starts once the agent is ready (`True` promises that requests reach this agent and are answered);
 /// woken by every change of the world and every prefetch that ends.
 pub async fn keep(client: Client, admin: AdminState, tokens: Arc<TokenService>, resources: Vec<String>) {
+    let mut resources: Vec<String> = resources.into_iter().filter(|r| !r.is_empty()).collect();
+    if resources.is_empty() {
+        // A token must be fetched to prove the identity works; without a resource, ARM's.
+        resources.push(DEFAULT_PREFETCH_RESOURCE.to_owned());
+    }
     admin.until_ready().await;
     let shared = admin.shared.clone();
     let policy = admin.policy;
@@ -327,8 +336,13 @@ async fn prefetch(
     states
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(grant.principal, (state, Instant::now()));
+        .insert(grant.principal, (state.clone(), Instant::now()));
     woken.notify_one();
+    if matches!(state, TokenState::Failed(_)) {
+        // Nothing else may change before the retry is due: wake the loop for it.
+        tokio::time::sleep(RETRY_FAILED).await;
+        woken.notify_one();
+    }
 }
 
 #[cfg(test)]
