@@ -137,7 +137,14 @@ fn default_render_has_every_part_and_least_privilege() {
         serde_json::json!(["NET_ADMIN", "NET_RAW"])
     );
     assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/run/xtables.lock");
-    assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]));
+    assert_eq!(
+        pod["tolerations"],
+        serde_json::json!([
+            {"key": pod_identity_api::readiness::AGENT_NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"},
+            {"operator": "Exists"},
+        ]),
+        "the startup taint is tolerated even where tolerations are overridden"
+    );
     let env = &pod["containers"][0]["env"][0];
     assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
 
@@ -152,8 +159,13 @@ fn default_render_has_every_part_and_least_privilege() {
         role["rules"][1]["resourceNames"],
         serde_json::json!(["pod-identity-controller"])
     );
-    // Nothing may write pods, nodes, identities or bindings.
+    // Nothing may write pods, nodes, identities or bindings, except that the agent patches the status of
+    // pods (their IdentityReady condition) and nodes (its own node's startup taint), and only patches.
     for cluster_role in objects.iter().filter(|o| o["kind"] == "ClusterRole") {
+        let agent = cluster_role["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .ends_with("-agent");
         for rule in cluster_role["rules"].as_array().unwrap() {
             let resources: Vec<&str> = rule["resources"]
                 .as_array()
@@ -170,13 +182,16 @@ fn default_render_has_every_part_and_least_privilege() {
             let writes = verbs
                 .iter()
                 .any(|v| ["create", "update", "patch", "delete"].contains(v));
+            let patched_by_the_agent = agent
+                && resources.iter().all(|r| ["pods/status", "nodes"].contains(r))
+                && !verbs.iter().any(|v| ["create", "update", "delete"].contains(v));
             if writes && resources == ["mutatingwebhookconfigurations"] {
                 assert_eq!(
                     rule["resourceNames"],
                     serde_json::json!(["release-pod-identity-webhook"]),
                     "only its own webhook configuration"
                 );
-            } else if writes {
+            } else if writes && !patched_by_the_agent {
                 assert!(
                     resources
                         .iter()

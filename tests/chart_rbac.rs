@@ -65,6 +65,42 @@ async fn the_agent_does_its_job_with_the_charts_service_account() {
     h.bind("sp-secret", "sp").await;
     token_eventually(&h, &sp_pod).await;
 
+    // The IdentityReady condition of a gated pod (pods/status), and the node's startup taint (nodes).
+    let gated = h.gated_pod("gated", Some("web")).await;
+    h.assigned(&gated, "id-a", "Assigned").await;
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(h.ns.client.clone(), &h.ns.name);
+    eventually(|| async {
+        let pod = pods.get("gated").await.map_err(|e| e.to_string())?;
+        let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
+        match conditions.iter().find(|c| c.type_ == "IdentityReady") {
+            Some(c) if c.status == "True" => Ok(()),
+            other => Err(format!("IdentityReady is {other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.agent_log_text()));
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(h.ns.client.clone());
+    let taint = json!({"spec": {"taints": [{
+        "key": pod_identity_api::readiness::AGENT_NOT_READY_TAINT, "value": "true", "effect": "NoSchedule",
+    }]}});
+    nodes
+        .patch(
+            &h.node_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&taint),
+        )
+        .await
+        .unwrap();
+    eventually(|| async {
+        let node = nodes.get(&h.node_name).await.map_err(|e| e.to_string())?;
+        match node.spec.and_then(|s| s.taints).unwrap_or_default().len() {
+            0 => Ok(()),
+            _ => Err("still tainted".to_owned()),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.agent_log_text()));
+
     let log = h.agent_log_text();
     assert!(
         !log.contains("forbidden") && !log.contains("Forbidden"),

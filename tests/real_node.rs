@@ -3,7 +3,7 @@
 //!
 //! One node serves every test of this file; the tests take turns (each installs what it needs and leaves
 //! the release as it found it where it can). The node is torn down when the test process ends, however
-//! it ends. The teardown tests start nodes of their own.
+//! it ends. The teardown tests and the startup-taint test start nodes of their own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -997,4 +997,188 @@ async fn a_node_whose_test_process_is_killed_is_torn_down_by_its_watchdog() {
     })
     .await
     .unwrap();
+}
+
+/// The `IdentityReady` condition of a pod, as `(status, reason)`.
+fn identity_ready(pod: &Pod) -> Option<(String, String)> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == pod_identity_api::readiness::IDENTITY_READY_CONDITION)
+        .map(|c| (c.status.clone(), c.reason.clone().unwrap_or_default()))
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A node of its own, registered by its kubelet with the startup taint: ordinary pods wait until the agent
+/// is ready there; a gated bound pod becomes Ready only once its token works (and then at once); an
+/// unbound pod is unaffected; the audit stream, on the agent's standard output, shows the decisions and
+/// no token.
+#[tokio::test]
+async fn a_tainted_node_runs_no_pod_before_its_agent_and_a_gated_pod_is_ready_only_once_its_token_works() {
+    let bin = harness::test_bin_dir().unwrap();
+    let taint = pod_identity_api::readiness::AGENT_NOT_READY_TAINT;
+    let cluster = Cluster::start_with(&bin, |options| {
+        options
+            .register_with_taints
+            .push((taint.to_owned(), "true".to_owned(), "NoSchedule".to_owned()))
+    })
+    .await
+    .unwrap();
+    let session = cluster.session().await.unwrap();
+    let namespace = session.namespace("tainted").await.unwrap();
+    let pods = Api::<Pod>::namespaced(session.client.clone(), &namespace);
+
+    // Before the agent: an ordinary pod is not scheduled, for the taint.
+    let early: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "early"},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "app", "image": cluster.images.reference("toolbox").unwrap(), "imagePullPolicy": "Never",
+            "command": ["sleep", "86400"],
+        }]},
+    }))
+    .unwrap();
+    pods.create(&Default::default(), &early).await.unwrap();
+    eventually(|| async {
+        let pod = pods.get("early").await?;
+        let scheduled = pod
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "PodScheduled");
+        match scheduled {
+            Some(c)
+                if c.status == "False"
+                    && c.message
+                        .as_deref()
+                        .unwrap_or_default()
+                        .contains("untolerated taint") =>
+            {
+                Ok(())
+            }
+            other => bail!("early is not held back by the taint yet: {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    // The only taint the node has is the one its kubelet registered it with.
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(session.client.clone());
+    let registered = nodes.get(session.node.name()).await.unwrap();
+    let keys: Vec<String> = registered
+        .spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
+    assert_eq!(keys, [taint], "the kubelet registered the node with the taint");
+
+    session
+        .install(&["agent.prefetchResources[0]=https://vault.azure.net".to_owned()])
+        .await
+        .unwrap();
+    // The agent is ready: the taint is gone and the early pod runs.
+    eventually(|| async {
+        let pod = pods.get("early").await?;
+        match pod.status.and_then(|s| s.phase).as_deref() {
+            Some("Running") => Ok(()),
+            phase => bail!("early is {phase:?}"),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("agent")));
+    let node = nodes.get(session.node.name()).await.unwrap();
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(taints.iter().all(|t| t.key != taint), "{taints:?}");
+    assert!(
+        pod_ready(&pods.get("early").await.unwrap()),
+        "an ungated pod is Ready as usual"
+    );
+
+    // A gated pod whose binding does not exist yet runs, and is not Ready.
+    let gated = session
+        .pod_with(&namespace, "gated", Some("gated"), |manifest| {
+            manifest["spec"]["readinessGates"] =
+                serde_json::json!([{"conditionType": pod_identity_api::readiness::IDENTITY_READY_CONDITION}]);
+        })
+        .await
+        .unwrap();
+    eventually(|| async {
+        let pod = pods.get("gated").await?;
+        match identity_ready(&pod) {
+            Some((status, reason)) if status == "False" && reason == "IdentityNotBound" => {
+                anyhow::ensure!(!pod_ready(&pod), "Ready while IdentityReady is False");
+                Ok(())
+            }
+            other => bail!("IdentityReady is {other:?}"),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("agent")));
+
+    // Bound: the identity goes to the scale set, the agent fetches its token, then the pod is Ready.
+    session
+        .bind(&namespace, "id-a", harness::CLIENT_A, "gated")
+        .await
+        .unwrap();
+    eventually(|| async {
+        let pod = pods.get("gated").await?;
+        if pod_ready(&pod) {
+            Ok(())
+        } else {
+            bail!("not Ready: IdentityReady is {:?}", identity_ready(&pod))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("agent")));
+    // Ready means its first request is answered at once, from the prefetched token.
+    let (status, body) = session.token(&gated).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let access_token = token["access_token"].as_str().unwrap().to_owned();
+
+    // The audit stream is the agent's standard output; its logs are standard error.
+    let audit = eventually(|| async {
+        let output = session
+            .node
+            .kubectl()
+            .args([
+                "logs",
+                "-n",
+                INSTALL_NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=agent",
+            ])
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let served = stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|r| r["decision"] == "served" && r["pod"]["name"] == "gated");
+        match served {
+            Some(record) => Ok((record, stdout)),
+            None => bail!("no served record for gated yet"),
+        }
+    })
+    .await
+    .unwrap();
+    let (record, all) = audit;
+    assert_eq!(record["cacheHit"], true, "{record}");
+    assert_eq!(record["identity"]["clientID"], harness::CLIENT_A);
+    assert_eq!(
+        record["tokenSha256"],
+        serde_json::json!([pod_identity_agent::audit::token_hash(&access_token)])
+    );
+    assert!(!all.contains(&access_token), "a token in the agent's output");
+    assert_no_pod_reached_imds(&session);
+    drop(session);
+    drop(cluster);
 }

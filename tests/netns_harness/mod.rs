@@ -461,6 +461,31 @@ impl Harness {
         net
     }
 
+    /// A pod like [`Harness::pod`] whose spec lists the `IdentityReady` readiness gate, as the
+    /// controller's admission webhook writes it.
+    pub async fn gated_pod(&self, name: &str, selector: Option<&str>) -> PodNet {
+        let index = self.next_pod.fetch_add(1, Ordering::SeqCst);
+        let net = self.node.lock().unwrap().add_pod(index).unwrap();
+        let labels = selector.map_or_else(|| json!({}), |s| json!({pod_identity_api::POD_LABEL: s}));
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "nodeName": self.node_name,
+                "containers": [{"name": "app", "image": "example.invalid/app:1"}],
+                "readinessGates": [{"conditionType": pod_identity_api::readiness::IDENTITY_READY_CONDITION}],
+            },
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.ns.client.clone(), &self.ns.name)
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap();
+        fixtures::set_pod_running(&self.ns.client, &self.ns.name, name, &net.ip.to_string())
+            .await
+            .unwrap();
+        net
+    }
+
     /// Creates (once) the user-assigned identity `name` (id-a or id-b) and a binding of it to `selector`.
     pub async fn bind(&self, identity: &str, selector: &str) {
         if identity == "id-a" || identity == "id-b" {

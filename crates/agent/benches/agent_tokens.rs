@@ -6,7 +6,8 @@
 //! identity on the node's scale set, served from IMDS; a federated identity, served by exchanging its
 //! subject's token with Entra), and the agent's resident memory. Needs root (network
 //! namespaces, iptables) and the control plane of the tests. Run with
-//! `cargo bench -p pod-identity-agent --bench agent_tokens`; load generator and agent share the machine,
+//! `cargo bench -p pod-identity-agent --bench agent_tokens` (`POD_IDENTITY_BENCH_AGENT_ARGS` adds agent
+//! flags); load generator and agent share the machine,
 //! so figures are for this machine only and nothing here asserts a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -51,11 +52,12 @@ async fn bench() {
         .await
         .unwrap()
         .name;
-    let h = Harness::start_with_binary(
-        binary,
-        &["--log-level", "warn", "--federation-namespace", &subjects],
-    )
-    .await;
+    // More agent flags, e.g. `POD_IDENTITY_BENCH_AGENT_ARGS="--audit-log /tmp/audit.log"` to measure
+    // the audit stream's cost.
+    let extra = std::env::var("POD_IDENTITY_BENCH_AGENT_ARGS").unwrap_or_default();
+    let mut args = vec!["--log-level", "warn", "--federation-namespace", &subjects];
+    args.extend(extra.split_whitespace());
+    let h = Harness::start_with_binary(binary, &args).await;
     let resources: Vec<String> = (0..COLD_SAMPLES * 2)
         .map(|i| format!("https://bench-{i}.example.com"))
         .collect();

@@ -247,6 +247,33 @@ pub struct Args {
     #[arg(long, env = "POD_IDENTITY_EVENT_INTERVAL_SEC", default_value_t = 60)]
     pub event_interval_sec: u64,
 
+    /// Audit stream of token decisions: `-` for standard output (logs go to standard error), or a file
+    /// appended to; off when unset. One JSON object per line (schema in the agent's README).
+    #[arg(long, env = "POD_IDENTITY_AUDIT_LOG", value_name = "PATH|-")]
+    pub audit_log: Option<String>,
+
+    /// Seconds over which repeated refusals of one caller for one reason are folded into one record.
+    #[arg(long, env = "POD_IDENTITY_AUDIT_FOLD_SEC", default_value_t = 60)]
+    pub audit_fold_sec: u64,
+
+    /// Remove the `pod-identity.azure.com/agent-not-ready` taint from this node once ready.
+    #[arg(long, env = "POD_IDENTITY_REMOVE_NODE_TAINT", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub remove_node_taint: bool,
+
+    /// Keep the `IdentityReady` condition of this node's pods that list it in their readiness gates.
+    #[arg(long, env = "POD_IDENTITY_IDENTITY_READY", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub identity_ready: bool,
+
+    /// Resources (audiences) whose tokens are fetched for a gated pod's identities before its
+    /// `IdentityReady` condition turns true, so that its first request for them is a cache hit.
+    #[arg(
+        long,
+        env = "POD_IDENTITY_PREFETCH_RESOURCES",
+        value_delimiter = ',',
+        default_value = "https://management.azure.com/"
+    )]
+    pub prefetch_resource: Vec<String>,
+
     /// Run on a node whose kubelet uses kubenet, where pods can spoof each other's addresses.
     #[arg(long, env = "ALLOW_NETWORK_PLUGIN_KUBENET", default_value_t = false)]
     pub allow_network_plugin_kubenet: bool,
@@ -506,6 +533,27 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn readiness_and_audit_are_on_by_default_except_the_stream_which_needs_a_target() {
+        let args = parse(&["--node", "n1"]);
+        assert!(args.identity_ready && args.remove_node_taint);
+        assert_eq!(args.audit_log, None);
+        assert_eq!(args.prefetch_resource, ["https://management.azure.com/"]);
+        let args = parse(&[
+            "--node=n1",
+            "--audit-log=-",
+            "--prefetch-resource=https://vault.azure.net,https://storage.azure.com/",
+            "--identity-ready=false",
+            "--remove-node-taint=false",
+        ]);
+        assert_eq!(args.audit_log.as_deref(), Some("-"));
+        assert_eq!(
+            args.prefetch_resource,
+            ["https://vault.azure.net", "https://storage.azure.com/"]
+        );
+        assert!(!args.identity_ready && !args.remove_node_taint);
     }
 
     #[test]

@@ -62,6 +62,15 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// Returns once the agent is ready. Rules and listening are flags without a notification, so this
+    /// looks again at every change of the world and every half second.
+    pub async fn until_ready(&self) {
+        let mut changes = self.shared.subscribe();
+        while !self.not_ready().is_empty() {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), changes.changed()).await;
+        }
+    }
+
     /// What keeps the agent from being ready; empty when ready.
     pub fn not_ready(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();

@@ -12,6 +12,7 @@
 //! of [`cache`]); the modules around them only list, watch, fetch and serve.
 
 pub mod attest;
+pub mod audit;
 pub mod azure;
 pub mod cache;
 pub mod clock;
@@ -24,6 +25,7 @@ pub mod health;
 pub mod metrics;
 pub mod netfilter;
 pub mod proxy;
+pub mod readiness;
 pub mod redirect;
 pub mod request;
 pub mod resolve;
@@ -31,6 +33,7 @@ pub mod response;
 pub mod rules;
 pub mod run;
 pub mod server;
+pub mod taint;
 pub mod tokens;
 pub mod upstream;
 pub mod watch;

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub attestations: Family<ResultLabels, Counter>,
     /// Time to attest a caller, by kind of lookup (`host`, `pod_network`).
     pub attestation_duration: Family<KindLabels, Histogram>,
+    /// Audit records by result (`written`, `folded`, `dropped`, `failed`).
+    pub audit_records: Family<ResultLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -231,6 +233,13 @@ impl Metrics {
              socket in the pod its address names)",
             attestation_duration.clone(),
         );
+        let audit_records = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Token decisions given to the audit stream, by result (written; folded into a window's closing \
+             record; dropped because the queue was full; failed to write)",
+            audit_records.clone(),
+        );
         Self {
             registry,
             requests,
@@ -251,6 +260,7 @@ impl Metrics {
             open_connections,
             attestations,
             attestation_duration,
+            audit_records,
         }
     }
 

@@ -296,6 +296,38 @@ pub fn resolve(
     }
 }
 
+/// A pod's identities as the cluster's objects decide them, whatever a request names.
+#[derive(Clone, Debug)]
+pub enum PodIdentities {
+    /// Excepted: it gets what the node's IMDS gives.
+    Excepted,
+    /// None, and why (nothing the pod waits for changes that).
+    Refused(String),
+    /// Its identities in rank order, each with why it may not be used yet (`None`: it may).
+    Identities(Vec<(Grant, Option<Pending>)>),
+}
+
+/// The identities of `pod`, or `None` before every list has arrived.
+pub fn pod_identities(world: &World, policy: Policy, pod: &PodRecord) -> Option<PodIdentities> {
+    if !synced(world, policy) {
+        return None;
+    }
+    let index = Index::new(match_world(world, policy));
+    Some(match answer::answer(&index, &pod.view, policy.mode, world) {
+        Answer::Excepted => PodIdentities::Excepted,
+        Answer::Refused(refusal) => PodIdentities::Refused(refusal.to_string()),
+        Answer::Identities(identities) => PodIdentities::Identities(
+            identities
+                .into_iter()
+                .map(|identity| {
+                    let pending = identity.pending.clone().map(Pending::from);
+                    (grant(identity), pending)
+                })
+                .collect(),
+        ),
+    })
+}
+
 /// Whether the lists this mode reads have all arrived.
 pub fn synced(world: &World, policy: Policy) -> bool {
     let s = world.synced;

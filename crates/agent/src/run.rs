@@ -16,6 +16,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     attest::{self, caller::Attestor, lookup::Lookup},
+    audit::{self, Audit},
     azure::HttpUpstream,
     cache::TokenCache,
     config::Args,
@@ -68,6 +69,14 @@ pub enum StartError {
          host's PID namespace (hostPID: true), or turn attestation off"
     )]
     NoHostProcesses(String),
+    /// The audit stream could not be opened.
+    #[error("opening the audit stream {target}: {source}")]
+    Audit {
+        /// `--audit-log`.
+        target: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file could not be read.
     #[error("reading {path}: {source}")]
     Read {
@@ -146,6 +155,7 @@ pub struct Agent {
     background: Vec<JoinHandle<()>>,
     stop: tokio::sync::watch::Sender<bool>,
     grace: Duration,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for Agent {
@@ -229,10 +239,23 @@ pub async fn start(
         Events::disabled(metrics.clone())
     };
 
+    let audit = match &args.audit_log {
+        Some(target) => Audit::start(
+            &audit::Target::parse(target),
+            &args.node,
+            Duration::from_secs(args.audit_fold_sec.max(1)),
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Audit {
+            target: target.clone(),
+            source,
+        })?,
+        None => Audit::disabled(metrics.clone()),
+    };
     let mut state = AppState::new(
         args.server_config(),
         shared.clone(),
-        tokens,
+        tokens.clone(),
         Proxy::new(parts.proxy_client, &args.imds_base()),
         metrics.clone(),
         events,
@@ -249,7 +272,7 @@ pub async fn start(
         ));
         tracing::info!(node_callers = ?args.node_callers, mark = format_args!("{:#x}", args.upstream_mark), "callers are attested");
     }
-    let state = Arc::new(state);
+    let state = Arc::new(state.with_audit(audit.clone()));
     let imds_addr = imds
         .first()
         .ok_or_else(|| StartError::Bind {
@@ -272,6 +295,22 @@ pub async fn start(
         metrics: metrics.clone(),
         rules_required: !args.no_interception,
     };
+    if args.identity_ready {
+        background.push(tokio::spawn(crate::readiness::keep(
+            parts.client.clone(),
+            admin_state.clone(),
+            tokens.clone(),
+            args.prefetch_resource.clone(),
+        )));
+    }
+    if args.remove_node_taint {
+        background.push(crate::taint::spawn(
+            parts.client.clone(),
+            &args.node,
+            pod_identity_api::readiness::AGENT_NOT_READY_TAINT,
+            admin_state.clone(),
+        ));
+    }
     if let Some(listener) = metrics_only {
         let state = admin_state.clone();
         background.push(tokio::spawn(async move {
@@ -314,6 +353,7 @@ pub async fn start(
         background,
         stop,
         grace: Duration::from_secs(args.shutdown_grace_sec),
+        audit,
     })
 }
 
@@ -329,6 +369,7 @@ impl Agent {
         for task in self.background.drain(..) {
             task.abort();
         }
+        self.audit.close(Duration::from_secs(2)).await;
         tracing::info!("agent stopped; the interception rules stay in place");
     }
 }

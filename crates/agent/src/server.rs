@@ -27,6 +27,7 @@ use crate::{
         Attestation, NodeCallers,
         caller::{Attestor, Placement},
     },
+    audit::{self, Audit, Call, Decision, IdentityRef},
     cache::Outcome,
     connections::Connection,
     events::{Events, Notice, Reason},
@@ -77,6 +78,8 @@ pub struct AppState {
     pub events: Events,
     /// Attestation of callers, when on.
     attestor: Option<Arc<Attestor>>,
+    /// The audit stream.
+    pub audit: Audit,
     first_tokens: Mutex<HashSet<String>>,
 }
 
@@ -95,6 +98,7 @@ impl AppState {
             shared,
             tokens,
             proxy,
+            audit: Audit::disabled(metrics.clone()),
             metrics,
             events,
             attestor: None,
@@ -102,6 +106,11 @@ impl AppState {
         }
     }
 
+    /// The same, recording every token decision in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
+    }
     /// Callers attested by `attestor`, not by their source address alone.
     pub fn with_attestor(mut self, attestor: Attestor) -> Self {
         self.attestor = Some(Arc::new(attestor));
@@ -282,6 +291,7 @@ fn refuse_caller(state: &AppState, peer: SocketAddr, status: StatusCode, why: &s
 
 async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts) -> Response {
     let (peer_addr, peer) = (peer, peer.ip());
+    let call = Call::new(peer);
     if req.method != Method::GET {
         return response::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -290,13 +300,22 @@ async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts)
         );
     }
     if let Err(error) = request::check_headers(&req.headers, state.config.metadata_header_required) {
-        return invalid(state, peer, "invalid_request", &error.to_string());
+        return invalid(state, &call, "invalid_request", &error.to_string());
     }
     let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
         Ok(query) => query,
-        Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
+        Err(error) => return invalid(state, &call, error.code(), &error.to_string()),
     };
     let ip = request::caller_ip(peer);
+    let refuse = |pod: Option<&PodRecord>, (status, why, reason): (StatusCode, String, audit::Reason)| {
+        let decision = if status == StatusCode::FORBIDDEN {
+            Decision::Denied
+        } else {
+            Decision::Unavailable
+        };
+        call.refused(&state.audit, pod, Some(&query), (decision, reason), &why);
+        refuse_caller(state, peer_addr, status, &why)
+    };
     let resolved = match caller {
         Caller::ByAddress | Caller::PodNetwork(_) => {
             resolve_waiting(state, &query, |world| resolve::calling_pod(world, ip).cloned()).await
@@ -310,32 +329,48 @@ async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts)
             waited: Duration::ZERO,
         },
         Caller::Host(Attestation::Node) => {
-            return refuse_caller(
-                state,
-                peer_addr,
-                StatusCode::FORBIDDEN,
-                "callers outside pods are refused on this node",
+            return refuse(
+                None,
+                (
+                    StatusCode::FORBIDDEN,
+                    "callers outside pods are refused on this node".to_owned(),
+                    audit::Reason::NodeRefused,
+                ),
             );
         }
-        Caller::Host(_) => {
+        Caller::Host(attestation) => {
             let (status, why) = refused_caller(caller).unwrap_or((StatusCode::FORBIDDEN, String::new()));
-            return refuse_caller(state, peer_addr, status, &why);
+            let reason = if matches!(attestation, Attestation::Spoofed { .. }) {
+                audit::Reason::CallerSpoofed
+            } else {
+                audit::Reason::CallerUnattested
+            };
+            return refuse(None, (status, why, reason));
         }
     };
     if let (Caller::PodNetwork(connection), Some(pod)) = (caller, resolved.pod.as_ref())
-        && let Some(refused) = check_pod_network(state, peer_addr, connection, pod).await
+        && let Some(refusal) = check_pod_network(state, peer_addr, connection, pod).await
     {
-        return refused;
+        return refuse(Some(pod), refusal);
     }
-    answer(state, &query, resolved, |tokens, resource, now| {
+    answer(state, &call, &query, resolved, |tokens, resource, now| {
         response::tokens(tokens, resource, now)
     })
     .await
 }
 
 async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
+    let call = Call::new(peer);
     if !request::is_loopback(peer) {
-        return response::forbidden("/host/token only answers callers on the node itself");
+        let why = "/host/token only answers callers on the node itself";
+        call.refused(
+            &state.audit,
+            None,
+            None,
+            (Decision::Denied, audit::Reason::IdentityDenied),
+            why,
+        );
+        return response::forbidden(why);
     }
     if let Err(request::HeaderError::Forwarded) = request::check_headers(&req.headers, false) {
         return response::bad_request(&request::HeaderError::Forwarded.to_string());
@@ -343,14 +378,14 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
     let Some(key) = request::host_token_pod(&req.headers) else {
         return invalid(
             state,
-            peer,
+            &call,
             "invalid_request",
             "the headers podns and podname must name a pod (a namespace and a pod name)",
         );
     };
     let query = match request::parse_token_query(req.uri.query().unwrap_or("")) {
         Ok(query) => query,
-        Err(error) => return invalid(state, peer, error.code(), &error.to_string()),
+        Err(error) => return invalid(state, &call, error.code(), &error.to_string()),
     };
     let resolved = resolve_waiting(state, &query, |world| resolve::named_pod(world, &key).cloned()).await;
     let not_found = matches!(
@@ -362,6 +397,8 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
             Resolution::Deny(why) => why.clone(),
             _ => format!("no live pod {key} on this node"),
         };
+        let decided = (Decision::Denied, audit::Reason::IdentityDenied);
+        call.refused(&state.audit, resolved.pod.as_ref(), Some(&query), decided, &why);
         return response::not_found(&why);
     }
     // The CSI driver refuses an answer without `clientid`; IMDS answers without `client_id` exist
@@ -370,7 +407,7 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
         Resolution::Serve(grant) => grant.object.spec.client_id.clone(),
         _ => None,
     };
-    answer(state, &query, resolved, |tokens, resource, now| {
+    answer(state, &call, &query, resolved, |tokens, resource, now| {
         let first = tokens.first().map(|t| response::token_json(t, resource, now));
         let client_id = tokens
             .first()
@@ -388,15 +425,17 @@ async fn check_pod_network(
     peer: SocketAddr,
     connection: &Connection,
     pod: &PodRecord,
-) -> Option<Response> {
+) -> Option<(StatusCode, String, audit::Reason)> {
     let attestor = state.attestor.as_ref()?;
-    let Some(uid) = pod.view.uid.as_ref() else {
-        return Some(refuse_caller(
-            state,
-            peer,
+    let unattested = |why: &str| {
+        Some((
             StatusCode::SERVICE_UNAVAILABLE,
-            "the pod of the caller's address has no UID yet",
-        ));
+            why.to_owned(),
+            audit::Reason::CallerUnattested,
+        ))
+    };
+    let Some(uid) = pod.view.uid.as_ref() else {
+        return unattested("the pod of the caller's address has no UID yet");
     };
     match attestor
         .pod_network(&connection.attestation, uid, peer, connection.local)
@@ -410,25 +449,27 @@ async fn check_pod_network(
             );
             tracing::warn!(pod = %pod.view.key.name, namespace = %pod.view.key.namespace, peer = %peer, decision = "denied", reason = "spoofed", "refused a caller whose address is not its own");
             notify(state, Some(pod), Reason::CallerSpoofed, &why);
-            Some(refuse_caller(
-                state,
-                peer,
+            Some((
                 StatusCode::FORBIDDEN,
-                "the caller's address is not its own",
+                "the caller's address is not its own".to_owned(),
+                audit::Reason::CallerSpoofed,
             ))
         }
-        Attestation::Node | Attestation::Unknown(_) => Some(refuse_caller(
-            state,
-            peer,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the caller could not be attested",
-        )),
+        Attestation::Node | Attestation::Unknown(_) => unattested("the caller could not be attested"),
     }
 }
 
 /// 400 in IMDS's shape for a request refused by its headers or query. Only the agent's own description
 /// is logged, never the offending value.
-fn invalid(state: &AppState, peer: IpAddr, code: &str, why: &str) -> Response {
+fn invalid(state: &AppState, call: &Call, code: &str, why: &str) -> Response {
+    let peer = call.peer;
+    call.refused(
+        &state.audit,
+        None,
+        None,
+        (Decision::Denied, audit::Reason::InvalidRequest),
+        why,
+    );
     state
         .metrics
         .decisions
@@ -518,6 +559,7 @@ async fn resolve_waiting(
 
 async fn answer(
     state: &AppState,
+    call: &Call,
     query: &TokenQuery,
     resolved: Resolved,
     render: impl FnOnce(&[crate::cache::Token], &str, i64) -> Response,
@@ -545,6 +587,13 @@ async fn answer(
         Resolution::Deny(why) => {
             decision(state, "denied");
             tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request");
+            call.refused(
+                &state.audit,
+                pod.as_ref(),
+                Some(query),
+                (Decision::Denied, audit::Reason::IdentityDenied),
+                why,
+            );
             notify(state, pod.as_ref(), Reason::IdentityDenied, why);
             return response::forbidden(why);
         }
@@ -552,6 +601,18 @@ async fn answer(
             // Whatever was waited for may still come (an address or containers reported, an
             // assignment made): 503 with Retry-After, which every SDK retries, never a final 403.
             let why = pending.to_string();
+            let reason = match pending {
+                resolve::Pending::NotSynced => audit::Reason::NotSynced,
+                _ if pending.is_about_the_caller() => audit::Reason::UnknownCaller,
+                _ => audit::Reason::IdentityNotAssigned,
+            };
+            call.refused(
+                &state.audit,
+                pod.as_ref(),
+                Some(query),
+                (Decision::Unavailable, reason),
+                &why,
+            );
             if pending.is_about_the_caller() {
                 decision(state, "unknown_caller");
                 tracing::info!(selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "caller not known in time");
@@ -564,13 +625,36 @@ async fn answer(
         }
         Resolution::LearnObjectIds(_) => {
             decision(state, "denied");
-            return response::forbidden("the requested object_id is not an identity of this pod");
+            let why = "the requested object_id is not an identity of this pod";
+            call.refused(
+                &state.audit,
+                pod.as_ref(),
+                Some(query),
+                (Decision::Denied, audit::Reason::IdentityDenied),
+                why,
+            );
+            return response::forbidden(why);
         }
     };
     let (result, outcome) = state
         .tokens
         .tokens(&principal, identity_object.as_ref(), resource)
         .await;
+    let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::cache::Token]| {
+        let identity = IdentityRef::of(identity_object.as_ref(), &query.selector);
+        state.audit.record(&audit::Entry {
+            caller: call.peer,
+            pod: pod.as_ref(),
+            identity: Some(&identity),
+            resource,
+            decision: decided.0,
+            reason: decided.1,
+            message: why,
+            cache_hit: Some(outcome == Outcome::Hit),
+            latency: call.started.elapsed(),
+            tokens,
+        });
+    };
     match result {
         Ok(tokens) => {
             decision(
@@ -587,6 +671,12 @@ async fn answer(
                 tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             }
             record_first_token(state, pod.as_ref());
+            let reason = if matches!(resolution, Resolution::Excepted) {
+                audit::Reason::Excepted
+            } else {
+                audit::Reason::TokenServed
+            };
+            audited((Decision::Served, reason), "", &tokens);
             render(&tokens, resource, crate::clock::now())
         }
         Err(error) => {
@@ -594,7 +684,14 @@ async fn answer(
             tracing::warn!(pod = name, namespace, identity = %identity_name, resource, decision = "upstream_error", %error, "no token from upstream");
             let why = format!("could not get a token for {identity_name}: {error}");
             notify(state, pod.as_ref(), Reason::TokenUpstreamError, &why);
-            upstream_failure(state, &error, &why)
+            let answered = upstream_failure(state, &error, &why);
+            let decided = if answered.status() == StatusCode::SERVICE_UNAVAILABLE {
+                Decision::Unavailable
+            } else {
+                Decision::Denied
+            };
+            audited((decided, audit::Reason::TokenUpstreamError), &why, &[]);
+            answered
         }
     }
 }

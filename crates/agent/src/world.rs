@@ -24,6 +24,10 @@ pub struct PodRecord {
     pub view: PodView,
     /// When the pod was created, for the time-to-first-token metric.
     pub created: Option<jiff::Timestamp>,
+    /// Its service account, for the audit stream.
+    pub service_account: Option<String>,
+    /// Its `IdentityReady` readiness gate and condition ([`crate::readiness`]).
+    pub gate: crate::readiness::PodGate,
 }
 
 impl PodRecord {
@@ -32,6 +36,8 @@ impl PodRecord {
         Self {
             view: PodView::from_pod(pod),
             created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
+            gate: crate::readiness::PodGate::of(pod),
         }
     }
 }
@@ -282,6 +288,8 @@ mod tests {
                     .collect(),
             },
             created: None,
+            service_account: None,
+            gate: Default::default(),
         }
     }
 

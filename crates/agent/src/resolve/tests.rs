@@ -92,6 +92,8 @@ pub(crate) fn pod(namespace: &str, name: &str, selector: Option<&str>) -> PodRec
             ips: vec!["10.244.0.2".parse().unwrap()],
         },
         created: None,
+        service_account: None,
+        gate: Default::default(),
     }
 }
 

@@ -742,3 +742,104 @@ async fn malformed_parameters_get_imds_400s_and_nothing_goes_upstream() {
             .contains("pod_identity_token_decisions_total{result=\"invalid\"} 18")
     );
 }
+
+#[tokio::test]
+async fn every_decision_of_the_token_and_host_token_routes_is_audited_and_no_record_carries_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let enabled = ServerConfig {
+        host_token: true,
+        ..config()
+    };
+    let f = fixture(bound_world("Assigned"), enabled, FakeUpstream::default());
+    let metrics = f.state.metrics.clone();
+    let audit = crate::audit::Audit::start(
+        &crate::audit::Target::File(path.clone()),
+        "node-a",
+        Duration::from_secs(3600),
+        metrics,
+    )
+    .unwrap();
+    let state = Arc::new(
+        Arc::try_unwrap(f.state)
+            .unwrap_or_else(|_| panic!("the fixture's state is shared"))
+            .with_audit(audit.clone()),
+    );
+
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let (status, _, body) = call(&state, POD_IP, TOKEN, &[META]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        served.push(body["access_token"].as_str().unwrap().to_owned());
+    }
+    let (status, _, body) = call(
+        &state,
+        "127.0.0.1",
+        "/host/token/?resource=https://management.azure.com/",
+        &[("podns", "ns"), ("podname", "web")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    served.push(body["token"]["access_token"].as_str().unwrap().to_owned());
+    // Refusals: another identity, a malformed request, an unknown caller, a pod /host/token does not
+    // know.
+    let other = format!("{TOKEN}&client_id={CLIENT_B}");
+    assert_eq!(
+        call(&state, POD_IP, &other, &[META]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(call(&state, POD_IP, TOKEN, &[]).await.0, StatusCode::BAD_REQUEST);
+    let unknown = call(&state, "10.244.0.99", TOKEN, &[META]).await.0;
+    assert_eq!(unknown, StatusCode::SERVICE_UNAVAILABLE);
+    let gone = call(
+        &state,
+        "127.0.0.1",
+        "/host/token/?resource=https://vault.azure.net",
+        &[("podns", "ns"), ("podname", "gone")],
+    )
+    .await;
+    assert_eq!(gone.0, StatusCode::NOT_FOUND);
+
+    audit.close(Duration::from_secs(10)).await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let summary: Vec<(String, String, Option<bool>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["decision"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap().to_owned(),
+                r["cacheHit"].as_bool(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("served", "TokenServed", Some(false)),
+        ("served", "TokenServed", Some(true)),
+        ("served", "TokenServed", Some(false)),
+        ("denied", "IdentityDenied", None),
+        ("denied", "InvalidRequest", None),
+        ("unavailable", "UnknownCaller", None),
+        ("denied", "IdentityDenied", None),
+    ]
+    .map(|(d, r, c)| (d.to_owned(), r.to_owned(), c));
+    assert_eq!(summary, expected, "{text}");
+    assert_eq!(
+        records[3]["identity"]["clientID"], CLIENT_B,
+        "the identity asked for"
+    );
+    assert_eq!(records[0]["pod"]["name"], "web");
+    assert_eq!(records[2]["caller"], "127.0.0.1");
+    for (record, token) in records.iter().zip(&served) {
+        assert_eq!(
+            record["tokenSha256"],
+            serde_json::json!([crate::audit::token_hash(token)])
+        );
+    }
+    for token in &served {
+        assert!(
+            !text.contains(token.as_str()),
+            "a token in the audit stream: {text}"
+        );
+    }
+}
