@@ -704,6 +704,13 @@ fn upstream_failure(state: &AppState, error: &UpstreamError, why: &str) -> Respo
         UpstreamError::Azure(AzureError::InvalidResponse(_)) => {
             response::unavailable(why, state.config.retry_after.as_secs())
         }
+        // The controller recorded the identity as on this machine, and IMDS does not know it yet: IMDS
+        // sees a scale set's new identities some time after ARM's update completes, and an identity taken
+        // off by someone else is put back by the controller. Either way asking again can succeed, so 503
+        // (which SDKs retry) rather than the final 400/403.
+        UpstreamError::Azure(AzureError::IdentityNotFound { .. }) => {
+            response::unavailable(why, state.config.retry_after.as_secs())
+        }
         error if error.is_retryable() => response::unavailable(why, state.config.retry_after.as_secs()),
         _ => response::forbidden(why),
     }

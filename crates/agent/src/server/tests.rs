@@ -521,7 +521,9 @@ async fn object_id_is_resolved_from_the_pods_own_tokens() {
 }
 
 #[tokio::test]
-async fn an_upstream_refusal_is_a_403_with_its_reason() {
+async fn imds_not_knowing_an_assigned_identity_yet_is_a_503_an_entra_refusal_a_403() {
+    // IMDS learns a scale set's new identities after ARM's update completes: its "Identity not found" for
+    // an identity the controller recorded as Assigned can still change, so SDKs must retry.
     let upstream = FakeUpstream {
         fail: Mutex::new(Some(UpstreamError::from(AzureError::IdentityNotFound {
             code: "invalid_request".into(),
@@ -530,13 +532,33 @@ async fn an_upstream_refusal_is_a_403_with_its_reason() {
         ..FakeUpstream::default()
     };
     let f = fixture(bound_world("Assigned"), config(), upstream);
-    let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, headers, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
     assert!(
         body["error_description"]
             .as_str()
             .unwrap()
             .contains("Identity not found"),
+        "{body}"
+    );
+    // A refusal nothing in the cluster changes (Entra refusing the credential) stays final.
+    let upstream = FakeUpstream {
+        fail: Mutex::new(Some(UpstreamError::from(AzureError::Unauthorized {
+            status: 401,
+            code: "invalid_client".into(),
+            message: "AADSTS7000215: Invalid client secret provided".into(),
+        }))),
+        ..FakeUpstream::default()
+    };
+    let f = fixture(bound_world("Assigned"), config(), upstream);
+    let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("AADSTS7000215"),
         "{body}"
     );
 }
