@@ -155,7 +155,7 @@ impl TokenService {
     async fn federated(&self, identity: &AzureIdentity, resource: &str) -> Result<Token, UpstreamError> {
         let subjects = self.subjects.as_ref().ok_or_else(|| {
             UpstreamError::Credential(format!(
-                "identity {} is federated, and this agent serves no federated identity: start it with                  --federation-namespace (the chart's federation.enabled)",
+                "identity {} is federated, and this agent serves no federated identity: start it with --federation-namespace (the chart's federation.enabled)",
                 crate::world::key_of(identity)
             ))
         })?;
