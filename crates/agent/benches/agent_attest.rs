@@ -14,6 +14,7 @@
 
 #[path = "../../../tests/netns_harness/mod.rs"]
 mod netns_harness;
+mod support;
 
 use std::{
     path::PathBuf,
@@ -23,7 +24,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use netns_harness::{Harness, in_netns};
-use pod_identity_test_support::netns::PodNet;
+use support::micros;
 
 const LOAD_PODS: usize = 4;
 const RUN: Duration = Duration::from_secs(4);
@@ -153,7 +154,7 @@ async fn run(binary: &str, attest: bool) -> Figures {
     }
     let mut keep_alive = Vec::new();
     for concurrency in [1usize, 16] {
-        let (rps, p50, p99, errors) = load(&load_pods, concurrency).await;
+        let (rps, p50, p99, errors) = support::cached_load(&load_pods, concurrency, RUN).await;
         keep_alive.push((concurrency, rps, p50, p99, errors));
     }
     let new_connection = samples(
@@ -172,10 +173,6 @@ async fn run(binary: &str, attest: bool) -> Figures {
     }
 }
 
-fn micros(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
-}
-
 fn percentiles(mut all: Vec<Duration>) -> (Duration, Duration) {
     all.sort();
     let at = |q: f64| {
@@ -184,54 +181,6 @@ fn percentiles(mut all: Vec<Duration>) -> (Duration, Duration) {
             .unwrap_or_default()
     };
     (at(0.5), at(0.99))
-}
-
-/// Cached-token requests from `concurrency` clients spread over the pods, for [`RUN`].
-async fn load(pods: &[PodNet], concurrency: usize) -> (f64, Duration, Duration, usize) {
-    let mut workers = Vec::new();
-    for worker in 0..concurrency {
-        let netns = pods[worker % pods.len()].netns.clone();
-        workers.push(tokio::task::spawn_blocking(move || {
-            in_netns(&netns, move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async {
-                    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-                    let mut latencies = Vec::new();
-                    let mut errors = 0;
-                    let end = Instant::now() + RUN;
-                    while Instant::now() < end {
-                        let started = Instant::now();
-                        let ok = client
-                            .get(netns_harness::TOKEN_URL)
-                            .header("Metadata", "true")
-                            .send()
-                            .await
-                            .map(|r| r.status().as_u16() == 200)
-                            .unwrap_or(false);
-                        if ok {
-                            latencies.push(started.elapsed());
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    (latencies, errors)
-                })
-            })
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for worker in workers {
-        let (latencies, failed) = worker.await.unwrap();
-        all.extend(latencies);
-        errors += failed;
-    }
-    let rps = all.len() as f64 / RUN.as_secs_f64();
-    let (p50, p99) = percentiles(all);
-    (rps, p50, p99, errors)
 }
 
 /// `count` requests for `url` from `netns`, each on a new connection: p50, p99 and errors.

@@ -14,6 +14,7 @@
 
 #[path = "../../../tests/netns_harness/mod.rs"]
 mod netns_harness;
+mod support;
 
 use std::{
     net::Ipv4Addr,
@@ -22,6 +23,7 @@ use std::{
 
 use netns_harness::{CLIENT_A, CLIENT_B, Harness, TENANT, identity_resource_id, in_netns};
 use pod_identity_test_support::{fixtures, netns::PodNet};
+use support::{cached_load, micros};
 
 const LOAD_PODS: usize = 4;
 const NODE_PODS: usize = 110;
@@ -105,7 +107,7 @@ async fn bench() {
     println!("| concurrency | requests/s | p50 | p99 | errors |");
     println!("|---|---|---|---|---|");
     for concurrency in [1usize, 16, 64] {
-        let (rps, p50, p99, errors) = cached_load(&load_pods, concurrency).await;
+        let (rps, p50, p99, errors) = cached_load(&load_pods, concurrency, RUN).await;
         println!(
             "| {concurrency} | {rps:.0} | {} | {} | {errors} |",
             micros(p50),
@@ -123,7 +125,7 @@ async fn bench() {
         through_agent.as_secs_f64() / direct.as_secs_f64().max(1e-9)
     );
 
-    let node_cached = cached_load(&load_pods[..1], 1).await;
+    let node_cached = cached_load(&load_pods[..1], 1, RUN).await;
     // The node backend's first tokens, on new connections as the federated ones are measured.
     let node_firsts: Vec<String> = (0..FEDERATED)
         .map(|i| format!("https://node-first-{i}.example.com"))
@@ -182,68 +184,6 @@ async fn bench() {
         .unwrap();
     println!("\nagent RSS with {NODE_PODS} pods after the runs: {rss}");
     h.stop_agent();
-}
-
-fn micros(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
-}
-
-/// Cached-token requests from `concurrency` clients spread over the load pods, for [`RUN`]; each client is
-/// a keep-alive connection, as SDKs keep them.
-async fn cached_load(pods: &[PodNet], concurrency: usize) -> (f64, Duration, Duration, usize) {
-    let mut workers = Vec::new();
-    for worker in 0..concurrency {
-        let netns = pods[worker % pods.len()].netns.clone();
-        workers.push(tokio::task::spawn_blocking(move || {
-            in_netns(&netns, move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async {
-                    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-                    let mut latencies = Vec::new();
-                    let mut errors = 0;
-                    let end = Instant::now() + RUN;
-                    while Instant::now() < end {
-                        let started = Instant::now();
-                        let ok = client
-                            .get(netns_harness::TOKEN_URL)
-                            .header("Metadata", "true")
-                            .send()
-                            .await
-                            .map(|r| r.status().as_u16() == 200)
-                            .unwrap_or(false);
-                        if ok {
-                            latencies.push(started.elapsed());
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                    (latencies, errors)
-                })
-            })
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for worker in workers {
-        let (latencies, failed) = worker.await.unwrap();
-        all.extend(latencies);
-        errors += failed;
-    }
-    all.sort();
-    let rps = all.len() as f64 / RUN.as_secs_f64();
-    let at = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-    };
-    (
-        rps,
-        at(0.5).unwrap_or_default(),
-        at(0.99).unwrap_or_default(),
-        errors,
-    )
 }
 
 /// Median latency of a first request for a new resource through the agent, and of the same call made
@@ -420,7 +360,7 @@ async fn federated_backend(h: &Harness, subjects: &str, resources: &[String]) ->
         .await
         .unwrap()
     };
-    let (_, cached_p50, cached_p99, errors) = cached_load(&pods[..1], 1).await;
+    let (_, cached_p50, cached_p99, errors) = cached_load(&pods[..1], 1, RUN).await;
     assert_eq!(errors, 0);
     let metrics = h.metrics();
     let mean = |upstream: &str| -> (Duration, u64) {
