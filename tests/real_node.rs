@@ -836,6 +836,16 @@ async fn with_attested_callers_host_network_pods_get_only_their_own_identities_a
             harness::TOKEN_URL,
         ],
     );
+    // The forger gives the address back before the node forgets the poisoned entry: while the forger holds
+    // it, it answers the node's next ARP query for the victim's address too, and whichever answer comes
+    // last decides where the victim's replies go.
+    let (ok, _, err) = session
+        .exec(
+            &forger,
+            &["busybox", "ip", "addr", "del", &victim_address, "dev", "eth0"],
+        )
+        .unwrap();
+    assert!(ok, "{err}");
     session
         .node
         .in_node_ok(&["ip", "neigh", "del", &victim.ip, "dev", "cni0"])
