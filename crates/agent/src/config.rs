@@ -350,11 +350,15 @@ impl Args {
     pub fn policy(&self) -> Policy {
         Policy {
             mode: self.operation_mode,
-            scope: if self.force_namespaced {
-                Scope::Namespaced
-            } else {
-                Scope::CrossNamespace
-            },
+        }
+    }
+
+    /// Namespaced or cross-namespace matching (`--forceNamespaced`).
+    pub fn scope(&self) -> Scope {
+        if self.force_namespaced {
+            Scope::Namespaced
+        } else {
+            Scope::CrossNamespace
         }
     }
 
@@ -463,7 +467,7 @@ mod tests {
     #[test]
     fn secure_defaults() {
         let args = parse(&["--node", "n1"]);
-        assert_eq!(args.policy().scope, Scope::Namespaced);
+        assert_eq!(args.scope(), Scope::Namespaced);
         assert!(args.metadata_header_required && args.block_instance_metadata && !args.enable_host_token);
         assert_eq!(
             args.listen_addr(),
@@ -490,7 +494,7 @@ mod tests {
             "16",
             "--enableScaleFeatures",
         ]);
-        assert_eq!(args.policy().scope, Scope::CrossNamespace);
+        assert_eq!(args.scope(), Scope::CrossNamespace);
         assert_eq!(args.operation_mode, Mode::Managed);
         assert_eq!(args.rule_spec().agent_port, 3000);
         assert!(!args.block_instance_metadata);

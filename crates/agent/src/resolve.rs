@@ -14,7 +14,6 @@ use pod_identity_api::{
     AssignmentStatus, AzureIdentity, IdentityType, ObjectKey,
     answer::{self, Answer, AssignmentPending, PodIdentity},
     federation::Backend,
-    matching::{Index, Scope, World as MatchWorld},
 };
 
 use pod_identity_azure::resource_id;
@@ -24,13 +23,12 @@ use crate::{
     world::{Caller, PodRecord, World},
 };
 
-/// The settings resolution depends on.
+/// The settings resolution depends on. The matching scope is the world's ([`World::new`]): its index
+/// is kept for one scope.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     /// Standard or managed.
     pub mode: Mode,
-    /// Namespaced (default) or cross-namespace matching.
-    pub scope: Scope,
 }
 
 /// Whose tokens a cache entry holds.
@@ -229,9 +227,8 @@ pub fn resolve(
     if !synced(world, policy) {
         return Resolution::Wait(Pending::NotSynced);
     }
-    let index = Index::new(match_world(world, policy));
     let key = &pod.view.key;
-    let identities = match answer::answer(&index, &pod.view, policy.mode, world) {
+    let identities = match answer::answer(&world.matching, &pod.view, policy.mode, world) {
         Answer::Excepted => return Resolution::Excepted,
         Answer::Refused(refusal) => return Resolution::Deny(refusal.to_string()),
         Answer::Identities(identities) => identities,
@@ -312,35 +309,27 @@ pub fn pod_identities(world: &World, policy: Policy, pod: &PodRecord) -> Option<
     if !synced(world, policy) {
         return None;
     }
-    let index = Index::new(match_world(world, policy));
-    Some(match answer::answer(&index, &pod.view, policy.mode, world) {
-        Answer::Excepted => PodIdentities::Excepted,
-        Answer::Refused(refusal) => PodIdentities::Refused(refusal.to_string()),
-        Answer::Identities(identities) => PodIdentities::Identities(
-            identities
-                .into_iter()
-                .map(|identity| {
-                    let pending = identity.pending.clone().map(Pending::from);
-                    (grant(identity), pending)
-                })
-                .collect(),
-        ),
-    })
+    Some(
+        match answer::answer(&world.matching, &pod.view, policy.mode, world) {
+            Answer::Excepted => PodIdentities::Excepted,
+            Answer::Refused(refusal) => PodIdentities::Refused(refusal.to_string()),
+            Answer::Identities(identities) => PodIdentities::Identities(
+                identities
+                    .into_iter()
+                    .map(|identity| {
+                        let pending = identity.pending.clone().map(Pending::from);
+                        (grant(identity), pending)
+                    })
+                    .collect(),
+            ),
+        },
+    )
 }
 
 /// Whether the lists this mode reads have all arrived.
 pub fn synced(world: &World, policy: Policy) -> bool {
     let s = world.synced;
     s.pods && s.bindings && s.identities && s.exceptions && (policy.mode == Mode::Managed || s.assigned)
-}
-
-fn match_world(world: &World, policy: Policy) -> MatchWorld<'_> {
-    MatchWorld {
-        bindings: &world.bindings,
-        identities: &world.identities,
-        exceptions: &world.exceptions,
-        scope: policy.scope,
-    }
 }
 
 fn grant(identity: PodIdentity<'_>) -> Grant {
@@ -411,10 +400,9 @@ pub fn authorized(world: &World, policy: Policy) -> Option<Authorized> {
     if !synced(world, policy) {
         return None;
     }
-    let index = Index::new(match_world(world, policy));
     let mut authorized = Authorized::default();
     for pod in world.pods().filter(|pod| pod.view.life().may_run()) {
-        match answer::answer(&index, &pod.view, policy.mode, world) {
+        match answer::answer(&world.matching, &pod.view, policy.mode, world) {
             Answer::Excepted => authorized.node = true,
             Answer::Refused(_) => {}
             Answer::Identities(identities) => authorized.principals.extend(

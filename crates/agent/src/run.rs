@@ -187,7 +187,7 @@ pub async fn start(
     }
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let shared = Shared::new();
+    let shared = Shared::scoped(args.scope());
     let policy = args.policy();
     let mut background = Vec::new();
 
@@ -342,7 +342,7 @@ pub async fn start(
         futures::future::join_all(serves).await;
         serve_health.set_serving(false);
     });
-    tracing::info!(node = %args.node, imds = %imds_addr, admin = %admin_addr, mode = ?policy.mode, scope = ?policy.scope, "agent started");
+    tracing::info!(node = %args.node, imds = %imds_addr, admin = %admin_addr, mode = ?policy.mode, scope = ?args.scope(), "agent started");
     Ok(Agent {
         imds_addr,
         admin_addr,

@@ -285,11 +285,10 @@ impl TokenService {
         for key in self.cache.due_for_renewal(now, used_since) {
             let identity = match &key.principal {
                 Principal::ServicePrincipal { identity, .. } | Principal::Federated { identity, .. } => {
-                    let world = shared.read();
-                    let found = world
-                        .identities
-                        .iter()
-                        .find(|object| crate::world::key_of(*object) == *identity)
+                    let found = shared
+                        .read()
+                        .matching
+                        .identity(&identity.namespace, &identity.name)
                         .cloned();
                     match found {
                         Some(object) => Some(object),

@@ -61,39 +61,39 @@ impl Kind for AzureAssignedIdentity {
 
 impl Kind for AzureIdentityBinding {
     fn apply(world: &mut World, object: Self) {
-        world::upsert(&mut world.bindings, object);
+        world.matching.upsert_binding(object);
     }
     fn delete(world: &mut World, object: &Self) {
-        world::remove(&mut world.bindings, &world::key_of(object));
+        world.matching.remove_binding(&world::key_of(object));
     }
     fn replace(world: &mut World, objects: Vec<Self>) {
-        world.bindings = objects;
+        world.matching.replace_bindings(objects);
         world.synced.bindings = true;
     }
 }
 
 impl Kind for AzureIdentity {
     fn apply(world: &mut World, object: Self) {
-        world::upsert(&mut world.identities, object);
+        world.matching.upsert_identity(object);
     }
     fn delete(world: &mut World, object: &Self) {
-        world::remove(&mut world.identities, &world::key_of(object));
+        world.matching.remove_identity(&world::key_of(object));
     }
     fn replace(world: &mut World, objects: Vec<Self>) {
-        world.identities = objects;
+        world.matching.replace_identities(objects);
         world.synced.identities = true;
     }
 }
 
 impl Kind for AzurePodIdentityException {
     fn apply(world: &mut World, object: Self) {
-        world::upsert(&mut world.exceptions, object);
+        world.matching.upsert_exception(object);
     }
     fn delete(world: &mut World, object: &Self) {
-        world::remove(&mut world.exceptions, &world::key_of(object));
+        world.matching.remove_exception(&world::key_of(object));
     }
     fn replace(world: &mut World, objects: Vec<Self>) {
-        world.exceptions = objects;
+        world.matching.replace_exceptions(objects);
         world.synced.exceptions = true;
     }
 }

@@ -11,8 +11,9 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use pod_identity_api::{
-    AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, ObjectKey,
+    ObjectKey,
     answer::{AssignedView, Assignments},
+    matching::{Index, Scope},
     pod::{self, PodView},
 };
 use tokio::sync::watch;
@@ -65,12 +66,9 @@ pub struct World {
     /// Pods that may hold an address the API does not show yet ([`PodView::awaits_its_address`]).
     awaiting_address: HashSet<ObjectKey>,
     assigned: HashMap<ObjectKey, AssignedView>,
-    /// Bindings of all namespaces (matching takes slices).
-    pub bindings: Vec<AzureIdentityBinding>,
-    /// Identities of all namespaces.
-    pub identities: Vec<AzureIdentity>,
-    /// Exceptions of all namespaces.
-    pub exceptions: Vec<AzurePodIdentityException>,
+    /// Bindings, identities and exceptions of all namespaces, indexed for matching as watch events
+    /// arrive, so that a request's matching is a lookup whatever the size of the cluster.
+    pub matching: Index,
     /// Which lists have arrived.
     pub synced: Synced,
 }
@@ -89,6 +87,14 @@ pub enum Caller<'a> {
 }
 
 impl World {
+    /// An empty world whose matching is namespaced or cross-namespace.
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            matching: Index::empty(scope),
+            ..Self::default()
+        }
+    }
+
     /// The caller with this source address.
     pub fn caller(&self, ip: IpAddr) -> Caller<'_> {
         let claimants = self
@@ -128,9 +134,9 @@ impl World {
         [
             ("pod", self.pods.len()),
             ("azureassignedidentity", self.assigned.len()),
-            ("azureidentitybinding", self.bindings.len()),
-            ("azureidentity", self.identities.len()),
-            ("azurepodidentityexception", self.exceptions.len()),
+            ("azureidentitybinding", self.matching.binding_count()),
+            ("azureidentity", self.matching.identity_count()),
+            ("azurepodidentityexception", self.matching.exception_count()),
         ]
     }
 
@@ -194,20 +200,6 @@ impl Assignments for World {
     }
 }
 
-/// Adds or replaces an object of a kind kept as a list, by namespace and name.
-pub fn upsert<K: kube::Resource>(list: &mut Vec<K>, object: K) {
-    let key = key_of(&object);
-    match list.iter_mut().find(|existing| key_of(*existing) == key) {
-        Some(slot) => *slot = object,
-        None => list.push(object),
-    }
-}
-
-/// Removes an object of a kind kept as a list.
-pub fn remove<K: kube::Resource>(list: &mut Vec<K>, key: &ObjectKey) {
-    list.retain(|existing| key_of(existing) != *key);
-}
-
 /// Namespace and name of an object.
 pub fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {
     ObjectKey::new(
@@ -225,17 +217,26 @@ pub struct Shared {
 
 impl Default for Shared {
     fn default() -> Self {
-        Self {
-            world: RwLock::new(World::default()),
-            version: watch::Sender::new(0),
-        }
+        Self::from_world(World::default())
     }
 }
 
 impl Shared {
-    /// A new, empty world.
+    /// A new, empty world, namespaced.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A new, empty world matching in `scope`.
+    pub fn scoped(scope: Scope) -> Arc<Self> {
+        Arc::new(Self::from_world(World::new(scope)))
+    }
+
+    fn from_world(world: World) -> Self {
+        Self {
+            world: RwLock::new(world),
+            version: watch::Sender::new(0),
+        }
     }
 
     /// Reads the world. A panic while writing cannot leave it half-changed in a way that matters (every

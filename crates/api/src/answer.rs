@@ -207,7 +207,7 @@ pub enum Answer<'a> {
 }
 
 /// The answer to `pod`, from the matching index, the mode and the node's assignments (standard mode).
-pub fn answer<'a>(index: &Index<'a>, pod: &PodView, mode: Mode, assigned: &dyn Assignments) -> Answer<'a> {
+pub fn answer<'a>(index: &'a Index, pod: &PodView, mode: Mode, assigned: &dyn Assignments) -> Answer<'a> {
     let decision = index.decide(pod);
     let key = &pod.key;
     if decision.excepted {

@@ -134,64 +134,184 @@ pub struct World<'a> {
     pub scope: Scope,
 }
 
-/// Lookups built once per evaluation, so that matching many pods stays linear.
-pub struct Index<'a> {
-    world: World<'a>,
-    bindings_by_selector: HashMap<&'a str, Vec<&'a AzureIdentityBinding>>,
-    identities: HashMap<(&'a str, &'a str), &'a AzureIdentity>,
-    exceptions_by_namespace: HashMap<&'a str, Vec<&'a AzurePodIdentityException>>,
+/// The bindings, identities and exceptions matching reads, indexed for it: bindings by selector in rank
+/// order, identities and exceptions by namespace. Built at once from lists ([`Index::new`]) by evaluations
+/// of the whole cluster, or kept current object by object from watch events ([`Index::upsert_binding`]
+/// and the like), so that deciding one pod costs lookups, not a pass over the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    scope: Scope,
+    /// Bindings by selector, each list in rank order; those without a selector under `""`, which no
+    /// pod's label matches.
+    bindings_by_selector: HashMap<String, Vec<AzureIdentityBinding>>,
+    /// The selector each binding is filed under.
+    binding_selectors: HashMap<ObjectKey, String>,
+    /// Identities by namespace, then name.
+    identities: HashMap<String, HashMap<String, AzureIdentity>>,
+    /// Exceptions by namespace, then name.
+    exceptions: HashMap<String, HashMap<String, AzurePodIdentityException>>,
 }
 
-impl<'a> Index<'a> {
-    /// Indexes the world.
-    pub fn new(world: World<'a>) -> Self {
-        let mut bindings_by_selector: HashMap<&str, Vec<&AzureIdentityBinding>> = HashMap::new();
-        for binding in world.bindings {
-            if let Some(selector) = binding.spec.selector.as_deref().filter(|s| !s.is_empty()) {
-                bindings_by_selector.entry(selector).or_default().push(binding);
-            }
-        }
-        for list in bindings_by_selector.values_mut() {
-            list.sort_by(|a, b| rank_order(a, b));
-        }
-        let identities = world
-            .identities
-            .iter()
-            .map(|identity| {
-                (
-                    (
-                        namespace_of(identity),
-                        identity.metadata.name.as_deref().unwrap_or(""),
-                    ),
-                    identity,
-                )
-            })
-            .collect();
-        let mut exceptions_by_namespace: HashMap<&str, Vec<&AzurePodIdentityException>> = HashMap::new();
-        for exception in world.exceptions {
-            exceptions_by_namespace
-                .entry(namespace_of(exception))
-                .or_default()
-                .push(exception);
-        }
+impl Index {
+    /// Indexes the lists of `world`.
+    pub fn new(world: World<'_>) -> Self {
+        let mut index = Self::empty(world.scope);
+        index.replace_bindings(world.bindings.iter().cloned());
+        index.replace_identities(world.identities.iter().cloned());
+        index.replace_exceptions(world.exceptions.iter().cloned());
+        index
+    }
+
+    /// An index of nothing yet, matching in `scope`.
+    pub fn empty(scope: Scope) -> Self {
         Self {
-            world,
-            bindings_by_selector,
-            identities,
-            exceptions_by_namespace,
+            scope,
+            ..Self::default()
         }
     }
 
+    /// Namespaced or cross-namespace matching.
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// Adds a binding, or replaces the one of the same namespace and name.
+    pub fn upsert_binding(&mut self, binding: AzureIdentityBinding) {
+        let key = key_of(&binding);
+        self.remove_binding(&key);
+        let selector = binding.spec.selector.clone().unwrap_or_default();
+        let list = self.bindings_by_selector.entry(selector.clone()).or_default();
+        let at = list.partition_point(|b| rank_order(b, &binding) == std::cmp::Ordering::Less);
+        list.insert(at, binding);
+        self.binding_selectors.insert(key, selector);
+    }
+
+    /// Removes a binding; whether it was there.
+    pub fn remove_binding(&mut self, key: &ObjectKey) -> bool {
+        let Some(selector) = self.binding_selectors.remove(key) else {
+            return false;
+        };
+        if let Some(list) = self.bindings_by_selector.get_mut(&selector) {
+            list.retain(|b| !is(b, key));
+            if list.is_empty() {
+                self.bindings_by_selector.remove(&selector);
+            }
+        }
+        true
+    }
+
+    /// Replaces every binding (a relist).
+    pub fn replace_bindings(&mut self, bindings: impl IntoIterator<Item = AzureIdentityBinding>) {
+        self.bindings_by_selector.clear();
+        self.binding_selectors.clear();
+        for binding in bindings {
+            let key = key_of(&binding);
+            let selector = binding.spec.selector.clone().unwrap_or_default();
+            if let Some(previous) = self.binding_selectors.insert(key.clone(), selector.clone())
+                && let Some(list) = self.bindings_by_selector.get_mut(&previous)
+            {
+                // A list naming one object twice: the last one counts, as a watch would leave it.
+                list.retain(|b| !is(b, &key));
+            }
+            self.bindings_by_selector
+                .entry(selector)
+                .or_default()
+                .push(binding);
+        }
+        self.bindings_by_selector.retain(|_, list| !list.is_empty());
+        for list in self.bindings_by_selector.values_mut() {
+            list.sort_by(rank_order);
+        }
+    }
+
+    /// Adds an identity, or replaces the one of the same namespace and name.
+    pub fn upsert_identity(&mut self, identity: AzureIdentity) {
+        let key = key_of(&identity);
+        self.identities
+            .entry(key.namespace)
+            .or_default()
+            .insert(key.name, identity);
+    }
+
+    /// Removes an identity; whether it was there.
+    pub fn remove_identity(&mut self, key: &ObjectKey) -> bool {
+        remove_named(&mut self.identities, key)
+    }
+
+    /// Replaces every identity (a relist).
+    pub fn replace_identities(&mut self, identities: impl IntoIterator<Item = AzureIdentity>) {
+        self.identities.clear();
+        for identity in identities {
+            self.upsert_identity(identity);
+        }
+    }
+
+    /// Adds an exception, or replaces the one of the same namespace and name.
+    pub fn upsert_exception(&mut self, exception: AzurePodIdentityException) {
+        let key = key_of(&exception);
+        self.exceptions
+            .entry(key.namespace)
+            .or_default()
+            .insert(key.name, exception);
+    }
+
+    /// Removes an exception; whether it was there.
+    pub fn remove_exception(&mut self, key: &ObjectKey) -> bool {
+        remove_named(&mut self.exceptions, key)
+    }
+
+    /// Replaces every exception (a relist).
+    pub fn replace_exceptions(&mut self, exceptions: impl IntoIterator<Item = AzurePodIdentityException>) {
+        self.exceptions.clear();
+        for exception in exceptions {
+            self.upsert_exception(exception);
+        }
+    }
+
+    /// Every binding, in no particular order.
+    pub fn bindings(&self) -> impl Iterator<Item = &AzureIdentityBinding> {
+        self.bindings_by_selector.values().flatten()
+    }
+
+    /// Every identity, in no particular order.
+    pub fn identities(&self) -> impl Iterator<Item = &AzureIdentity> {
+        self.identities.values().flat_map(HashMap::values)
+    }
+
+    /// Every exception, in no particular order.
+    pub fn exceptions(&self) -> impl Iterator<Item = &AzurePodIdentityException> {
+        self.exceptions.values().flat_map(HashMap::values)
+    }
+
+    /// Number of bindings.
+    pub fn binding_count(&self) -> usize {
+        self.binding_selectors.len()
+    }
+
+    /// Number of identities.
+    pub fn identity_count(&self) -> usize {
+        self.identities.values().map(HashMap::len).sum()
+    }
+
+    /// Number of exceptions.
+    pub fn exception_count(&self) -> usize {
+        self.exceptions.values().map(HashMap::len).sum()
+    }
+
     /// The identity of that namespace and name.
-    pub fn identity(&self, namespace: &str, name: &str) -> Option<&'a AzureIdentity> {
-        self.identities.get(&(namespace, name)).copied()
+    pub fn identity(&self, namespace: &str, name: &str) -> Option<&AzureIdentity> {
+        self.identities.get(namespace)?.get(name)
     }
 
     /// Whether an exception of the pod's namespace matches the pod.
     pub fn is_excepted(&self, pod: &PodView) -> bool {
-        self.exceptions_by_namespace
+        self.exceptions
             .get(pod.key.namespace.as_str())
-            .is_some_and(|list| list.iter().any(|exception| exception.spec.excepts(&pod.labels)))
+            .is_some_and(|names| {
+                names
+                    .values()
+                    .any(|exception| exception.spec.excepts(&pod.labels))
+            })
     }
 
     /// Everything matching decides about one pod.
@@ -209,7 +329,7 @@ impl<'a> Index<'a> {
         let node = pod.node_name.as_deref();
         let mut taken: BTreeMap<ObjectKey, (ObjectKey, ObjectKey)> = BTreeMap::new();
         for binding in self.bindings_by_selector.get(selector).into_iter().flatten() {
-            let binding_key = key_of(*binding);
+            let binding_key = key_of(binding);
             let identity_name = binding.spec.azure_identity.clone().unwrap_or_default();
             let identity_key = ObjectKey::new(binding_key.namespace.clone(), identity_name);
             let outcome = self
@@ -263,7 +383,7 @@ impl<'a> Index<'a> {
         binding_key: &ObjectKey,
         identity_key: &ObjectKey,
     ) -> Result<ObjectKey, Rejection> {
-        if self.world.scope == Scope::Namespaced && binding_key.namespace != pod.key.namespace {
+        if self.scope == Scope::Namespaced && binding_key.namespace != pod.key.namespace {
             return Err(Rejection::OtherNamespace);
         }
         let binding_errors = binding.spec.validate();
@@ -273,8 +393,7 @@ impl<'a> Index<'a> {
         let identity = self
             .identity(&identity_key.namespace, &identity_key.name)
             .ok_or_else(|| Rejection::IdentityMissing(identity_key.clone()))?;
-        let namespaced_identity =
-            self.world.scope == Scope::Namespaced || is_namespaced_by_annotation(identity);
+        let namespaced_identity = self.scope == Scope::Namespaced || is_namespaced_by_annotation(identity);
         if namespaced_identity && identity_key.namespace != pod.key.namespace {
             return Err(Rejection::IdentityNamespaced);
         }
@@ -354,6 +473,23 @@ fn is_namespaced_by_annotation(identity: &AzureIdentity) -> bool {
 
 fn namespace_of<K: kube::Resource>(object: &K) -> &str {
     object.meta().namespace.as_deref().unwrap_or("")
+}
+
+/// Whether `object` is the one of that namespace and name.
+fn is<K: kube::Resource>(object: &K, key: &ObjectKey) -> bool {
+    namespace_of(object) == key.namespace && object.meta().name.as_deref().unwrap_or("") == key.name
+}
+
+/// Removes an object filed by namespace, then name; whether it was there.
+fn remove_named<T>(by_namespace: &mut HashMap<String, HashMap<String, T>>, key: &ObjectKey) -> bool {
+    let Some(names) = by_namespace.get_mut(&key.namespace) else {
+        return false;
+    };
+    let removed = names.remove(&key.name).is_some();
+    if names.is_empty() {
+        by_namespace.remove(&key.namespace);
+    }
+    removed
 }
 
 fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {

@@ -242,7 +242,7 @@ fn calling_address(view: &PodView) -> Option<IpAddr> {
 fn agent_answer(
     view: &PodView,
     all: &[PodView],
-    index: &Index<'_>,
+    index: &Index,
     (mode, callers): (Mode, Callers),
     assigned: &HashMap<ObjectKey, AssignedView>,
 ) -> AgentAnswer {
@@ -340,7 +340,7 @@ fn caller_by_address(view: &PodView, all: &[PodView], waits: &str) -> Option<Age
 /// What the agent answers the pod, once it knows the pod is calling.
 fn answer_for_pod(
     view: &PodView,
-    index: &Index<'_>,
+    index: &Index,
     mode: Mode,
     assigned: &HashMap<ObjectKey, AssignedView>,
 ) -> AgentAnswer {

@@ -13,11 +13,13 @@ fn all(state: TokenState) -> impl Fn(&Principal) -> TokenState {
 /// A world where pod ns/web is bound to id-a and id-b.
 fn two_identities() -> (crate::world::World, PodRecord) {
     let mut world = synced_world();
-    world.identities = vec![identity("ns", "id-a", CLIENT_A), identity("ns", "id-b", CLIENT_B)];
-    world.bindings = vec![
+    world
+        .matching
+        .replace_identities([identity("ns", "id-a", CLIENT_A), identity("ns", "id-b", CLIENT_B)]);
+    world.matching.replace_bindings([
         binding("ns", "a", "id-a", "web", None),
         binding("ns", "b", "id-b", "web", None),
-    ];
+    ]);
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     (world, web)
@@ -26,8 +28,8 @@ fn two_identities() -> (crate::world::World, PodRecord) {
 #[test]
 fn ready_only_once_every_identity_is_assigned_and_has_a_token() {
     let (mut world, web) = two_identities();
-    let a = &world.identities[0].clone();
-    let b = &world.identities[1].clone();
+    let a = &world.matching.identity("ns", "id-a").unwrap().clone();
+    let b = &world.matching.identity("ns", "id-b").unwrap().clone();
 
     let identities = resolve::pod_identities(&world, standard(), &web).unwrap();
     let decided = condition(&identities, &all(TokenState::Fetched));
@@ -87,7 +89,8 @@ fn ready_only_once_every_identity_is_assigned_and_has_a_token() {
 #[test]
 fn a_failed_fetch_is_said_and_wins_over_one_still_running() {
     let (mut world, web) = two_identities();
-    for object in world.identities.clone() {
+    let objects: Vec<_> = world.matching.identities().cloned().collect();
+    for object in objects {
         assign(&mut world, &web, &object, "Assigned");
     }
     let identities = resolve::pod_identities(&world, standard(), &web).unwrap();
@@ -134,8 +137,12 @@ fn a_pod_no_binding_selects_is_not_ready_and_told_why() {
 #[test]
 fn managed_mode_needs_only_the_token_and_service_principals_count_too() {
     let mut world = synced_world();
-    world.identities = vec![service_principal("ns", "sp", CLIENT_A)];
-    world.bindings = vec![binding("ns", "a", "sp", "web", None)];
+    world
+        .matching
+        .replace_identities([service_principal("ns", "sp", CLIENT_A)]);
+    world
+        .matching
+        .replace_bindings([binding("ns", "a", "sp", "web", None)]);
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     let identities = resolve::pod_identities(&world, managed(), &web).unwrap();

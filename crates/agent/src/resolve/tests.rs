@@ -5,6 +5,7 @@ use pod_identity_api::{
     AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
     AzurePodIdentityExceptionSpec, SecretReference,
     answer::AssignedView,
+    matching::{Index, Scope},
     naming::assigned_identity_name,
     pod::{Containers, PodView},
 };
@@ -128,10 +129,7 @@ pub(crate) fn standard() -> Policy {
 }
 
 pub(crate) fn managed() -> Policy {
-    Policy {
-        mode: Mode::Managed,
-        ..Policy::default()
-    }
+    Policy { mode: Mode::Managed }
 }
 
 fn served_client(resolution: &Resolution) -> Option<String> {
@@ -160,8 +158,10 @@ fn a_pod_without_the_label_is_refused_at_once_and_told_why() {
 #[test]
 fn a_label_no_binding_carries_is_refused_at_once() {
     let mut world = synced_world();
-    world.identities.push(identity("ns", "id-a", CLIENT_A));
-    world.bindings.push(binding("ns", "b", "id-a", "other", None));
+    world.matching.upsert_identity(identity("ns", "id-a", CLIENT_A));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "other", None));
     let resolution = resolve(
         &world,
         standard(),
@@ -178,10 +178,14 @@ fn a_label_no_binding_carries_is_refused_at_once() {
 #[test]
 fn a_binding_of_another_namespace_gives_nothing_by_default() {
     let mut world = synced_world();
-    world.identities.push(identity("other", "id-a", CLIENT_A));
-    world.bindings.push(binding("other", "b", "id-a", "web", None));
+    world
+        .matching
+        .upsert_identity(identity("other", "id-a", CLIENT_A));
+    world
+        .matching
+        .upsert_binding(binding("other", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
-    let other = world.identities[0].clone();
+    let other = world.matching.identity("other", "id-a").unwrap().clone();
     assign(&mut world, &web, &other, "Assigned");
     let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
     assert!(
@@ -193,8 +197,13 @@ fn a_binding_of_another_namespace_gives_nothing_by_default() {
 #[test]
 fn cross_namespace_scope_lets_it_through() {
     let mut world = synced_world();
-    world.identities.push(identity("other", "id-a", CLIENT_A));
-    world.bindings.push(binding("other", "b", "id-a", "web", None));
+    world.matching = Index::empty(Scope::CrossNamespace);
+    world
+        .matching
+        .upsert_identity(identity("other", "id-a", CLIENT_A));
+    world
+        .matching
+        .upsert_binding(binding("other", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     world.upsert_assigned(AssignedView {
         key: ObjectKey::new("default", assigned_identity_name("web", "ns", "id-a")),
@@ -202,11 +211,7 @@ fn cross_namespace_scope_lets_it_through() {
         client_id: Some(CLIENT_A.into()),
         status: AssignmentStatus::Assigned,
     });
-    let policy = Policy {
-        scope: Scope::CrossNamespace,
-        ..Policy::default()
-    };
-    let resolution = resolve(&world, policy, &web, &Selector::Default, &());
+    let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
     assert_eq!(
         served_client(&resolution).as_deref(),
         Some(CLIENT_A),
@@ -218,8 +223,10 @@ fn cross_namespace_scope_lets_it_through() {
 fn an_assigned_identity_is_served() {
     let mut world = synced_world();
     let id = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(id.clone());
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_identity(id.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &id, "Assigned");
     let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
@@ -239,8 +246,10 @@ fn an_assigned_identity_is_served() {
 fn a_created_or_missing_assignment_means_wait() {
     let mut world = synced_world();
     let id = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(id.clone());
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_identity(id.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     assert!(matches!(
         resolve(&world, standard(), &web, &Selector::Default, &()),
@@ -260,8 +269,10 @@ fn a_created_or_missing_assignment_means_wait() {
 fn a_legacy_assignment_without_status_is_usable() {
     let mut world = synced_world();
     let id = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(id.clone());
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_identity(id.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &id, "");
     assert_eq!(
@@ -274,10 +285,12 @@ fn a_legacy_assignment_without_status_is_usable() {
 fn an_assignment_of_an_older_client_id_means_wait() {
     let mut world = synced_world();
     let id = identity("ns", "id-a", CLIENT_A);
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &id, "Assigned");
-    world.identities.push(identity("ns", "id-a", CLIENT_B));
+    world.matching.upsert_identity(identity("ns", "id-a", CLIENT_B));
     assert!(matches!(
         resolve(&world, standard(), &web, &Selector::Default, &()),
         Resolution::Wait(_)
@@ -288,8 +301,10 @@ fn an_assignment_of_an_older_client_id_means_wait() {
 fn an_assignment_for_another_pod_of_the_same_name_is_not_ours() {
     let mut world = synced_world();
     let id = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(id.clone());
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_identity(id.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     world.upsert_assigned(AssignedView {
         key: ObjectKey::new("ns", assigned_identity_name("web", "ns", "id-a")),
@@ -307,10 +322,14 @@ fn an_assignment_for_another_pod_of_the_same_name_is_not_ours() {
 fn someone_elses_client_id_is_refused() {
     let mut world = synced_world();
     let mine = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(mine.clone());
-    world.identities.push(identity("ns", "id-b", CLIENT_B));
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
-    world.bindings.push(binding("ns", "b2", "id-b", "db", None));
+    world.matching.upsert_identity(mine.clone());
+    world.matching.upsert_identity(identity("ns", "id-b", CLIENT_B));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b2", "id-b", "db", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &mine, "Assigned");
     let resolution = resolve(
@@ -331,9 +350,14 @@ fn client_id_and_resource_id_select_among_the_pods_identities() {
     let mut world = synced_world();
     let a = identity("ns", "id-a", CLIENT_A);
     let b = identity("ns", "id-b", CLIENT_B);
-    world.identities.extend([a.clone(), b.clone()]);
-    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
-    world.bindings.push(binding("ns", "bb", "id-b", "web", None));
+    world.matching.upsert_identity(a.clone());
+    world.matching.upsert_identity(b.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "bb", "id-b", "web", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, "Assigned");
     assign(&mut world, &web, &b, "Assigned");
@@ -368,9 +392,14 @@ fn the_default_identity_is_the_highest_weight_and_waits_for_it() {
     let mut world = synced_world();
     let a = identity("ns", "id-a", CLIENT_A);
     let b = identity("ns", "id-b", CLIENT_B);
-    world.identities.extend([a.clone(), b.clone()]);
-    world.bindings.push(binding("ns", "ba", "id-a", "web", Some(1)));
-    world.bindings.push(binding("ns", "bb", "id-b", "web", Some(5)));
+    world.matching.upsert_identity(a.clone());
+    world.matching.upsert_identity(b.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "ba", "id-a", "web", Some(1)));
+    world
+        .matching
+        .upsert_binding(binding("ns", "bb", "id-b", "web", Some(5)));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, "Assigned");
     assign(&mut world, &web, &b, "Created");
@@ -390,8 +419,10 @@ fn the_default_identity_is_the_highest_weight_and_waits_for_it() {
 fn managed_mode_serves_bound_identities_without_assignments() {
     let mut world = synced_world();
     world.synced.assigned = false;
-    world.identities.push(identity("ns", "id-a", CLIENT_A));
-    world.bindings.push(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_identity(identity("ns", "id-a", CLIENT_A));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "id-a", "web", None));
     let web = pod("ns", "web", Some("web"));
     assert_eq!(
         served_client(&resolve(&world, managed(), &web, &Selector::Default, &())).as_deref(),
@@ -406,8 +437,12 @@ fn managed_mode_serves_bound_identities_without_assignments() {
 #[test]
 fn service_principals_need_no_assignment() {
     let mut world = synced_world();
-    world.identities.push(service_principal("ns", "sp", CLIENT_A));
-    world.bindings.push(binding("ns", "b", "sp", "web", None));
+    world
+        .matching
+        .upsert_identity(service_principal("ns", "sp", CLIENT_A));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "sp", "web", None));
     let web = pod("ns", "web", Some("web"));
     let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
     let Resolution::Serve(grant) = resolution else {
@@ -429,11 +464,15 @@ pub(crate) fn federated(namespace: &str, name: &str, client_id: &str) -> AzureId
 #[test]
 fn a_federated_identity_needs_no_assignment_and_is_its_own_principal() {
     let mut world = synced_world();
-    world.identities.push(federated("ns", "fed", CLIENT_A));
+    world.matching.upsert_identity(federated("ns", "fed", CLIENT_A));
     // Another object naming the same client ID, on the node backend.
-    world.identities.push(identity("ns", "plain", CLIENT_A));
-    world.bindings.push(binding("ns", "b", "fed", "web", None));
-    world.bindings.push(binding("ns", "b2", "plain", "other", None));
+    world.matching.upsert_identity(identity("ns", "plain", CLIENT_A));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b", "fed", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "b2", "plain", "other", None));
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     let resolution = resolve(
@@ -463,7 +502,9 @@ fn a_federated_identity_needs_no_assignment_and_is_its_own_principal() {
         "the same client on the node backend is not what this pod uses"
     );
     // Back on the node backend, the pod waits for its assignment again.
-    world.identities[0].metadata.annotations = None;
+    let mut unannotated = world.matching.identity("ns", "fed").unwrap().clone();
+    unannotated.metadata.annotations = None;
+    world.matching.upsert_identity(unannotated);
     assert!(matches!(
         resolve(&world, standard(), &web, &Selector::Default, &()),
         Resolution::Wait(Pending::Assignment { .. })
@@ -473,7 +514,7 @@ fn a_federated_identity_needs_no_assignment_and_is_its_own_principal() {
 #[test]
 fn an_excepted_pod_goes_to_the_node() {
     let mut world = synced_world();
-    world.exceptions.push(AzurePodIdentityException {
+    world.matching.upsert_exception(AzurePodIdentityException {
         metadata: meta("ns", "exc"),
         spec: AzurePodIdentityExceptionSpec {
             pod_labels: BTreeMap::from([("app".to_owned(), "Controller".to_owned())]),
@@ -507,9 +548,14 @@ fn object_id_is_matched_against_what_tokens_taught() {
     let mut world = synced_world();
     let a = identity("ns", "id-a", CLIENT_A);
     let b = identity("ns", "id-b", CLIENT_B);
-    world.identities.extend([a.clone(), b.clone()]);
-    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
-    world.bindings.push(binding("ns", "bb", "id-b", "web", None));
+    world.matching.upsert_identity(a.clone());
+    world.matching.upsert_identity(b.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "bb", "id-b", "web", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, "Assigned");
     assign(&mut world, &web, &b, "Assigned");
@@ -543,9 +589,14 @@ fn only_identities_live_pods_may_use_stay_authorized() {
     let mut world = synced_world();
     let a = identity("ns", "id-a", CLIENT_A);
     let b = identity("ns", "id-b", CLIENT_B);
-    world.identities.extend([a.clone(), b.clone()]);
-    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
-    world.bindings.push(binding("ns", "bb", "id-b", "web", None));
+    world.matching.upsert_identity(a.clone());
+    world.matching.upsert_identity(b.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "bb", "id-b", "web", None));
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     assign(&mut world, &web, &a, "Assigned");
@@ -558,7 +609,7 @@ fn only_identities_live_pods_may_use_stay_authorized() {
         client_id: CLIENT_B.into()
     }));
     assert!(!auth.allows(&Principal::Node(Selector::Default)));
-    world.bindings.clear();
+    world.matching.replace_bindings([]);
     let auth = authorized(&world, standard()).unwrap();
     assert!(auth.principals.is_empty(), "the binding went away");
     world.synced.pods = false;
@@ -569,8 +620,10 @@ fn only_identities_live_pods_may_use_stay_authorized() {
 fn a_pod_being_deleted_is_served_and_its_tokens_stay_cached_until_its_containers_stop() {
     let mut world = synced_world();
     let a = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(a.clone());
-    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
+    world.matching.upsert_identity(a.clone());
+    world
+        .matching
+        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
     let mut web = pod("ns", "web", Some("web"));
     web.view.deleting = true;
     world.upsert_pod(web.clone());

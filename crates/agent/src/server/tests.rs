@@ -159,10 +159,14 @@ fn fixture(world: World, config: ServerConfig, upstream: FakeUpstream) -> Fixtur
 fn bound_world(status: &str) -> World {
     let mut world = synced_world();
     let a = identity("ns", "id-a", CLIENT_A);
-    world.identities.push(a.clone());
-    world.identities.push(identity("ns", "id-b", CLIENT_B));
-    world.bindings.push(binding("ns", "ba", "id-a", "web", None));
-    world.bindings.push(binding("ns", "bb", "id-b", "db", None));
+    world.matching.upsert_identity(a.clone());
+    world.matching.upsert_identity(identity("ns", "id-b", CLIENT_B));
+    world
+        .matching
+        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
+    world
+        .matching
+        .upsert_binding(binding("ns", "bb", "id-b", "db", None));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, status);
     world.upsert_pod(web);
@@ -690,8 +694,8 @@ async fn malformed_parameters_get_imds_400s_and_nothing_goes_upstream() {
     let mut world = bound_world("Assigned");
     // An excepted pod: its requests go to the node's IMDS as they are, so they must be clean first.
     world
-        .exceptions
-        .push(pod_identity_api::AzurePodIdentityException {
+        .matching
+        .upsert_exception(pod_identity_api::AzurePodIdentityException {
             metadata: kube::api::ObjectMeta {
                 namespace: Some("ns".into()),
                 name: Some("exc".into()),

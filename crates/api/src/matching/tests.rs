@@ -579,3 +579,122 @@ fn ambiguous_names_of_different_pods_are_reported_as_collisions() {
     );
     assert_eq!(desired.collisions[0].1.pod, ObjectKey::new("c", "a-b"));
 }
+
+fn exception(namespace: &str, name: &str, selector: &str) -> AzurePodIdentityException {
+    AzurePodIdentityException {
+        metadata: meta(namespace, name),
+        spec: AzurePodIdentityExceptionSpec {
+            pod_labels: BTreeMap::from([(POD_LABEL.to_owned(), selector.to_owned())]),
+        },
+        status: None,
+    }
+}
+
+/// What every pod of `pods` is decided, by an index.
+fn decisions(index: &Index, pods: &[PodView]) -> Vec<PodDecision> {
+    pods.iter().map(|pod| index.decide(pod)).collect()
+}
+
+#[test]
+fn an_index_kept_by_events_decides_as_one_built_from_the_final_lists() {
+    let pods = [
+        pod("shop", "web", "pay", "node-1"),
+        pod("shop", "api", "audit", "node-1"),
+        pod("bank", "ledger", "pay", "node-2"),
+    ];
+    let mut kept = Index::empty(Scope::Namespaced);
+    kept.upsert_identity(identity("shop", "payments"));
+    kept.upsert_identity(identity("shop", "audit"));
+    kept.upsert_binding(binding("shop", "b1", "payments", "pay"));
+    kept.upsert_binding(weighted(binding("shop", "b2", "audit", "pay"), 5));
+    kept.upsert_binding(binding("shop", "b3", "audit", "audit"));
+    kept.upsert_exception(exception("shop", "skip", "audit"));
+    // A binding moves to another selector, another changes weight, one goes; an identity and an exception go.
+    kept.upsert_binding(binding("shop", "b3", "audit", "none"));
+    kept.upsert_binding(weighted(binding("shop", "b1", "payments", "pay"), 9));
+    kept.upsert_binding(binding("bank", "b4", "payments", "pay"));
+    assert!(kept.remove_binding(&ObjectKey::new("bank", "b4")));
+    assert!(
+        !kept.remove_binding(&ObjectKey::new("bank", "b4")),
+        "already gone"
+    );
+    kept.upsert_identity(identity("bank", "payments"));
+    assert!(kept.remove_identity(&ObjectKey::new("bank", "payments")));
+    assert!(kept.remove_exception(&ObjectKey::new("shop", "skip")));
+
+    let fx = Fixture {
+        bindings: vec![
+            weighted(binding("shop", "b1", "payments", "pay"), 9),
+            weighted(binding("shop", "b2", "audit", "pay"), 5),
+            binding("shop", "b3", "audit", "none"),
+        ],
+        identities: vec![identity("shop", "payments"), identity("shop", "audit")],
+        exceptions: Vec::new(),
+        scope: Scope::Namespaced,
+    };
+    let built = Index::new(fx.world());
+    assert_eq!(decisions(&kept, &pods), decisions(&built, &pods));
+    let web = kept.decide(&pods[0]);
+    let ranked: Vec<&str> = web.candidates.iter().map(|c| c.binding.name.as_str()).collect();
+    assert_eq!(ranked, ["b1", "b2"], "the weight change re-ranked the bindings");
+    assert!(!kept.decide(&pods[1]).excepted, "the exception went");
+    assert_eq!(
+        (
+            kept.binding_count(),
+            kept.identity_count(),
+            kept.exception_count()
+        ),
+        (3, 2, 0)
+    );
+}
+
+#[test]
+fn a_relist_replaces_everything_and_the_last_copy_of_a_repeated_object_counts() {
+    let mut index = Index::empty(Scope::Namespaced);
+    index.upsert_binding(binding("shop", "old", "payments", "pay"));
+    index.upsert_exception(exception("shop", "skip", "pay"));
+    index.replace_bindings([
+        binding("shop", "b1", "payments", "other"),
+        binding("shop", "b1", "payments", "pay"),
+    ]);
+    index.replace_identities([identity("shop", "payments")]);
+    index.replace_exceptions([]);
+    let decision = index.decide(&pod("shop", "web", "pay", "node-1"));
+    assert!(!decision.excepted);
+    let bindings: Vec<&str> = decision
+        .candidates
+        .iter()
+        .map(|c| c.binding.name.as_str())
+        .collect();
+    assert_eq!(bindings, ["b1"]);
+    assert_eq!(decision.assignments.len(), 1);
+    assert_eq!(index.binding_count(), 1);
+    assert!(
+        index
+            .decide(&pod("shop", "api", "other", "node-1"))
+            .candidates
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_binding_without_a_selector_is_kept_and_matches_no_pod() {
+    let mut index = Index::empty(Scope::Namespaced);
+    let mut unselective = binding("shop", "b", "payments", "");
+    unselective.spec.selector = None;
+    index.upsert_binding(unselective);
+    index.upsert_identity(identity("shop", "payments"));
+    assert_eq!(index.binding_count(), 1);
+    assert_eq!(index.bindings().count(), 1);
+    let mut unlabelled = pod("shop", "web", "", "node-1");
+    unlabelled.labels.clear();
+    assert!(index.decide(&unlabelled).candidates.is_empty());
+    assert!(
+        index
+            .decide(&pod("shop", "web", "", "node-1"))
+            .candidates
+            .is_empty()
+    );
+    assert!(index.remove_binding(&ObjectKey::new("shop", "b")));
+    assert_eq!(index.bindings().count(), 0);
+}

@@ -39,7 +39,7 @@ pub struct BackendReport {
 /// The reports of the pod's identities (those its bindings give it).
 pub fn reports(
     assignments: &[DesiredAssignment],
-    index: &Index<'_>,
+    index: &Index,
     view: &FederationView,
 ) -> Vec<BackendReport> {
     assignments
