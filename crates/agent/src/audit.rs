@@ -34,9 +34,9 @@ use serde::Serialize;
 use pod_identity_api::AzureIdentity;
 
 use crate::{
-    cache::Token,
     metrics::{Metrics, ResultLabels},
     request::{Selector, TokenQuery},
+    upstream::Token,
     world::PodRecord,
 };
 

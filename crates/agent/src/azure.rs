@@ -12,8 +12,8 @@ use pod_identity_azure::{
 };
 
 use crate::{
-    cache::Token,
     request::Selector,
+    upstream::Token,
     upstream::{BoxFuture, Secret, ServicePrincipal, Upstream, UpstreamError, claims},
 };
 

@@ -533,7 +533,7 @@ mod tests {
             &'a self,
             _: &'a crate::request::Selector,
             _: &'a str,
-        ) -> BoxFuture<'a, Result<crate::cache::Token, UpstreamError>> {
+        ) -> BoxFuture<'a, Result<crate::upstream::Token, UpstreamError>> {
             panic!("a federated identity never asks IMDS")
         }
 
@@ -542,7 +542,7 @@ mod tests {
             principal: &'a ServicePrincipal,
             tenant_id: &'a str,
             _: &'a str,
-        ) -> BoxFuture<'a, Result<crate::cache::Token, UpstreamError>> {
+        ) -> BoxFuture<'a, Result<crate::upstream::Token, UpstreamError>> {
             let Secret::Assertion(assertion) = &principal.secret else {
                 panic!("expected the subject token as assertion")
             };
@@ -555,7 +555,7 @@ mod tests {
             Box::pin(async move {
                 match refusal {
                     Some(error) => Err(error),
-                    None => Ok(crate::cache::Token {
+                    None => Ok(crate::upstream::Token {
                         access_token: "access".into(),
                         expires_on: crate::clock::now() + 86_400,
                         not_before: crate::clock::now(),

@@ -6,7 +6,7 @@ use axum::{body::Body, response::Response};
 use http::{HeaderMap, Request, StatusCode, Uri};
 use pod_identity_azure::{AzureError, imds_http::ImdsHttp};
 
-use crate::{response, server::is_hop_header};
+use crate::response;
 
 /// Forwards to IMDS.
 #[derive(Clone, Debug)]
@@ -67,4 +67,27 @@ impl Proxy {
         }
         response
     }
+}
+
+/// Headers that belong to one hop and are never forwarded.
+pub fn is_hop_header(name: &str) -> bool {
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+    )
 }

@@ -25,7 +25,11 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use pod_identity_api::{ObjectKey, pod::Life, readiness::IDENTITY_READY_CONDITION};
+use pod_identity_api::{
+    ObjectKey,
+    pod::Life,
+    readiness::{Condition, IDENTITY_READY_CONDITION},
+};
 use serde_json::{Value, json};
 
 use crate::{
@@ -35,60 +39,8 @@ use crate::{
     world::PodRecord,
 };
 
-/// What the agent reads of a pod's gate.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodGate {
-    /// `spec.readinessGates` names [`IDENTITY_READY_CONDITION`].
-    pub gated: bool,
-    /// The condition as the pod's status has it.
-    pub condition: Option<Condition>,
-}
-
-impl PodGate {
-    /// The gate of a pod object.
-    pub fn of(pod: &Pod) -> Self {
-        let gated = pod
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.readiness_gates.as_ref())
-            .is_some_and(|gates| gates.iter().any(|g| g.condition_type == IDENTITY_READY_CONDITION));
-        let condition = pod
-            .status
-            .as_ref()
-            .and_then(|status| status.conditions.as_ref())
-            .and_then(|conditions| conditions.iter().find(|c| c.type_ == IDENTITY_READY_CONDITION))
-            .map(|c| Condition {
-                status: c.status == "True",
-                reason: c.reason.clone().unwrap_or_default(),
-                message: c.message.clone().unwrap_or_default(),
-            });
-        Self { gated, condition }
-    }
-}
-
-/// A value of the condition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Condition {
-    /// `True` or `False`.
-    pub status: bool,
-    /// A CamelCase word.
-    pub reason: String,
-    /// For people.
-    pub message: String,
-}
-
-impl Condition {
-    fn new(status: bool, reason: &str, message: String) -> Self {
-        Self {
-            status,
-            reason: reason.to_owned(),
-            message: pod_identity_api::text::truncate(&message, MAX_MESSAGE_BYTES).into_owned(),
-        }
-    }
-}
-
 /// Longest condition message written, in bytes (refusals quote selectors and binding names).
-pub const MAX_MESSAGE_BYTES: usize = 1024;
+pub use pod_identity_api::readiness::MAX_CONDITION_MESSAGE_BYTES as MAX_MESSAGE_BYTES;
 
 /// Where the agent stands with a principal's tokens.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use axum::{
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::cache::Token;
+use crate::upstream::Token;
 
 /// The JSON of one token, all fields strings as IMDS sends them (the Rust SDK refuses a numeric
 /// `expires_on`; MSAL needs `expires_in`; Python reads `resource`).

@@ -562,7 +562,7 @@ async fn answer(
     call: &Call,
     query: &TokenQuery,
     resolved: Resolved,
-    render: impl FnOnce(&[crate::cache::Token], &str, i64) -> Response,
+    render: impl FnOnce(&[crate::upstream::Token], &str, i64) -> Response,
 ) -> Response {
     let Resolved {
         pod,
@@ -640,7 +640,7 @@ async fn answer(
         .tokens
         .tokens(&principal, identity_object.as_ref(), resource)
         .await;
-    let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::cache::Token]| {
+    let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::upstream::Token]| {
         let identity = IdentityRef::of(identity_object.as_ref(), &query.selector);
         state.audit.record(&audit::Entry {
             caller: call.peer,
@@ -752,29 +752,6 @@ fn record_first_token(state: &AppState, pod: Option<&PodRecord>) {
     seen.insert(uid.clone());
     let elapsed = jiff::Timestamp::now().duration_since(created);
     state.metrics.first_token.observe(elapsed.as_secs_f64().max(0.0));
-}
-
-/// Headers that belong to one hop and are never forwarded.
-pub fn is_hop_header(name: &str) -> bool {
-    matches!(
-        name.to_ascii_lowercase().as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-            | "forwarded"
-            | "x-forwarded-for"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-real-ip"
-    )
 }
 
 #[cfg(test)]

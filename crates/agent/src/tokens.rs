@@ -9,11 +9,12 @@ use pod_identity_api::AzureIdentity;
 use pod_identity_azure::retry::{RetryPolicy, with_retries};
 
 use crate::{
-    cache::{Key, Outcome, Token, TokenCache, Tokens},
+    cache::{Key, Outcome, TokenCache, Tokens},
     federation::{SubjectToken, Subjects},
     metrics::{Metrics, ResultLabels, UpstreamLabels, UpstreamOnly},
     request::Selector,
     resolve::{self, Policy, Principal},
+    upstream::Token,
     upstream::{BoxFuture, ServicePrincipal, Upstream, UpstreamError},
     world::Shared,
 };

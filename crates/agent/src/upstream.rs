@@ -14,7 +14,31 @@ use pod_identity_azure::{
     retry::{RetryPolicy, RetryableError},
 };
 
-use crate::{cache::Token, request::Selector};
+use crate::request::Selector;
+
+/// An access token with what a pod's answer needs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The bearer token.
+    pub access_token: String,
+    /// Unix seconds.
+    pub expires_on: i64,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Client ID of the principal, when known.
+    pub client_id: Option<String>,
+    /// Object ID of the principal (the `oid` claim), when the token carries it.
+    pub object_id: Option<String>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("expires_on", &self.expires_on)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Why upstream gave no token: what IMDS or Entra answered, sorted by the Azure model ([`AzureError`]),
 /// or an identity whose credential the agent cannot read.

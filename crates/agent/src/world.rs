@@ -27,8 +27,8 @@ pub struct PodRecord {
     pub created: Option<jiff::Timestamp>,
     /// Its service account, for the audit stream.
     pub service_account: Option<String>,
-    /// Its `IdentityReady` readiness gate and condition ([`crate::readiness`]).
-    pub gate: crate::readiness::PodGate,
+    /// Its `IdentityReady` readiness gate and condition.
+    pub gate: pod_identity_api::readiness::PodGate,
 }
 
 impl PodRecord {
@@ -38,7 +38,7 @@ impl PodRecord {
             view: PodView::from_pod(pod),
             created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
             service_account: pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
-            gate: crate::readiness::PodGate::of(pod),
+            gate: pod_identity_api::readiness::PodGate::of(pod),
         }
     }
 }

@@ -1,4 +1,4 @@
-use pod_identity_api::pod::Containers;
+use pod_identity_api::{pod::Containers, readiness::PodGate};
 use serde_json::json;
 
 use super::*;

@@ -14,10 +14,11 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::{
-    cache::{Freshness, Token, TokenCache},
+    cache::{Freshness, TokenCache},
     request::Selector,
     resolve::tests::{CLIENT_A, CLIENT_B, assign, binding, identity, pod, synced_world},
     tokens::Credentials,
+    upstream::Token,
     upstream::{BoxFuture, RETRY, ServicePrincipal, Upstream},
     world::World,
 };
