@@ -388,6 +388,7 @@ impl Args {
     /// The endpoint's behaviour.
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
+            node: self.node.clone(),
             policy: self.policy(),
             metadata_header_required: self.metadata_header_required,
             block_instance_metadata: self.block_instance_metadata,

@@ -19,8 +19,8 @@ use axum::{
     response::Response,
 };
 use http::{Method, Request, StatusCode, request::Parts};
-use pod_identity_azure::AzureError;
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::{
     attest::{
@@ -37,14 +37,16 @@ use crate::{
     resolve::{self, Pending, Policy, Principal, Resolution},
     response,
     tokens::TokenService,
-    upstream::UpstreamError,
     world::{PodRecord, Shared},
 };
+use verdict::Verdict;
 
 /// What the endpoint's behaviour depends on.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Standard or managed mode, namespaced or not.
+    /// This node's name, on every request's span.
+    pub node: String,
+    /// Standard or managed mode.
     pub policy: Policy,
     /// Require `Metadata: true` (the original's `--metadata-header-required`).
     pub metadata_header_required: bool,
@@ -162,11 +164,24 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
+/// One span per request, which the token path fills in with the pod and the identity once it knows them,
+/// so that every line logged for the request names node, caller, pod and identity.
 async fn handle(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request<Body>,
 ) -> Response {
+    let span = tracing::info_span!(
+        "request",
+        node = %state.config.node,
+        peer = %peer.ip(),
+        pod = tracing::field::Empty,
+        identity = tracing::field::Empty,
+    );
+    handle_request(state, peer, req).instrument(span).await
+}
+
+async fn handle_request(state: Arc<AppState>, peer: SocketAddr, req: Request<Body>) -> Response {
     let started = Instant::now();
     let connection = req.extensions().get::<Arc<Connection>>().cloned();
     let (parts, body) = req.into_parts();
@@ -577,64 +592,29 @@ async fn answer(
         .map(|p| (p.view.key.namespace.as_str(), p.view.key.name.as_str()))
         .unwrap_or(("", ""));
     let resource = query.resource.as_str();
+    let span = tracing::Span::current();
+    if let Some(pod) = &pod {
+        span.record("pod", tracing::field::display(&pod.view.key));
+    }
+    if let Resolution::Serve(grant) = &resolution {
+        span.record("identity", tracing::field::display(&grant.identity));
+    }
+    if let Some(verdict) = verdict::of_resolution(&resolution) {
+        let why = match &resolution {
+            Resolution::Deny(why) => why.clone(),
+            Resolution::Wait(pending) => pending.to_string(),
+            _ => "the requested object_id is not an identity of this pod".to_owned(),
+        };
+        tracing::info!(pod = name, namespace, selector = %query.selector, resource, status = verdict.status.as_u16(), decision = verdict.decision, reason = %why, waited_ms = waited.as_millis() as u64, "refused a token request");
+        return refuse(state, call, pod.as_ref(), Some(query), &verdict, &why);
+    }
     let (principal, identity_object, identity_name) = match &resolution {
         Resolution::Serve(grant) => (
             grant.principal.clone(),
             Some(grant.object.clone()),
             grant.identity.to_string(),
         ),
-        Resolution::Excepted => (Principal::Node(query.selector.clone()), None, "node".to_owned()),
-        Resolution::Deny(why) => {
-            decision(state, "denied");
-            tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "denied", reason = %why, "refused a token request");
-            call.refused(
-                &state.audit,
-                pod.as_ref(),
-                Some(query),
-                (Decision::Denied, audit::Reason::IdentityDenied),
-                why,
-            );
-            notify(state, pod.as_ref(), Reason::IdentityDenied, why);
-            return response::forbidden(why);
-        }
-        Resolution::Wait(pending) => {
-            // Whatever was waited for may still come (an address or containers reported, an
-            // assignment made): 503 with Retry-After, which every SDK retries, never a final 403.
-            let why = pending.to_string();
-            let reason = match pending {
-                resolve::Pending::NotSynced => audit::Reason::NotSynced,
-                _ if pending.is_about_the_caller() => audit::Reason::UnknownCaller,
-                _ => audit::Reason::IdentityNotAssigned,
-            };
-            call.refused(
-                &state.audit,
-                pod.as_ref(),
-                Some(query),
-                (Decision::Unavailable, reason),
-                &why,
-            );
-            if pending.is_about_the_caller() {
-                decision(state, "unknown_caller");
-                tracing::info!(selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "caller not known in time");
-            } else {
-                decision(state, "timeout");
-                tracing::info!(pod = name, namespace, selector = %query.selector, resource, decision = "unavailable", reason = %why, waited_ms = waited.as_millis() as u64, "no identity in time");
-                notify(state, pod.as_ref(), Reason::IdentityNotAssigned, &why);
-            }
-            return response::unavailable(&why, state.config.retry_after.as_secs());
-        }
-        Resolution::LearnObjectIds(_) => {
-            decision(state, "denied");
-            let why = "the requested object_id is not an identity of this pod";
-            call.refused(
-                &state.audit,
-                pod.as_ref(),
-                Some(query),
-                (Decision::Denied, audit::Reason::IdentityDenied),
-                why,
-            );
-            return response::forbidden(why);
-        }
+        _ => (Principal::Node(query.selector.clone()), None, "node".to_owned()),
     };
     let (result, outcome) = state
         .tokens
@@ -680,39 +660,44 @@ async fn answer(
             render(&tokens, resource, crate::clock::now())
         }
         Err(error) => {
-            decision(state, "upstream_error");
             tracing::warn!(pod = name, namespace, identity = %identity_name, resource, decision = "upstream_error", %error, "no token from upstream");
             let why = format!("could not get a token for {identity_name}: {error}");
-            notify(state, pod.as_ref(), Reason::TokenUpstreamError, &why);
-            let answered = upstream_failure(state, &error, &why);
-            let decided = if answered.status() == StatusCode::SERVICE_UNAVAILABLE {
-                Decision::Unavailable
-            } else {
-                Decision::Denied
-            };
-            audited((decided, audit::Reason::TokenUpstreamError), &why, &[]);
-            answered
+            let verdict = verdict::of_upstream(&error);
+            decision(state, verdict.decision);
+            if let Some(reason) = verdict.event {
+                notify(state, pod.as_ref(), reason, &why);
+            }
+            audited(verdict.audited, &why, &[]);
+            verdict_response(state, &verdict, &why)
         }
     }
 }
 
-fn upstream_failure(state: &AppState, error: &UpstreamError, why: &str) -> Response {
-    match error {
-        UpstreamError::Azure(AzureError::Throttled { retry_after, .. }) => {
-            response::unavailable(why, retry_after.unwrap_or(state.config.retry_after).as_secs())
-        }
-        UpstreamError::Azure(AzureError::InvalidResponse(_)) => {
-            response::unavailable(why, state.config.retry_after.as_secs())
-        }
-        // The controller recorded the identity as on this machine, and IMDS does not know it yet: IMDS
-        // sees a scale set's new identities some time after ARM's update completes, and an identity taken
-        // off by someone else is put back by the controller. Either way asking again can succeed, so 503
-        // (which SDKs retry) rather than the final 400/403.
-        UpstreamError::Azure(AzureError::IdentityNotFound { .. }) => {
-            response::unavailable(why, state.config.retry_after.as_secs())
-        }
-        error if error.is_retryable() => response::unavailable(why, state.config.retry_after.as_secs()),
-        _ => response::forbidden(why),
+/// Counts, audits, tells the pod and answers, as `verdict` says.
+fn refuse(
+    state: &AppState,
+    call: &Call,
+    pod: Option<&PodRecord>,
+    query: Option<&TokenQuery>,
+    verdict: &Verdict,
+    why: &str,
+) -> Response {
+    decision(state, verdict.decision);
+    call.refused(&state.audit, pod, query, verdict.audited, why);
+    if let Some(reason) = verdict.event {
+        notify(state, pod, reason, why);
+    }
+    verdict_response(state, verdict, why)
+}
+
+fn verdict_response(state: &AppState, verdict: &Verdict, why: &str) -> Response {
+    if verdict.status == StatusCode::SERVICE_UNAVAILABLE {
+        response::unavailable(
+            why,
+            verdict.retry_after.unwrap_or(state.config.retry_after).as_secs(),
+        )
+    } else {
+        response::forbidden(why)
     }
 }
 
@@ -753,6 +738,8 @@ fn record_first_token(state: &AppState, pod: Option<&PodRecord>) {
     let elapsed = jiff::Timestamp::now().duration_since(created);
     state.metrics.first_token.observe(elapsed.as_secs_f64().max(0.0));
 }
+
+mod verdict;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use std::{
 
 use axum::extract::connect_info::MockConnectInfo;
 use base64::Engine;
-use pod_identity_azure::imds_http::ImdsHttp;
+use pod_identity_azure::{AzureError, imds_http::ImdsHttp};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -18,8 +18,8 @@ use crate::{
     request::Selector,
     resolve::tests::{CLIENT_A, CLIENT_B, assign, binding, identity, pod, synced_world},
     tokens::Credentials,
-    upstream::Token,
     upstream::{BoxFuture, RETRY, ServicePrincipal, Upstream},
+    upstream::{Token, UpstreamError},
     world::World,
 };
 
@@ -112,6 +112,7 @@ struct Fixture {
 
 fn config() -> ServerConfig {
     ServerConfig {
+        node: "node-a".into(),
         policy: Policy::default(),
         metadata_header_required: true,
         block_instance_metadata: true,
@@ -226,6 +227,59 @@ async fn a_bound_pod_gets_its_token_with_string_fields_and_the_cache_answers_aga
     assert!(
         metrics.contains("pod_identity_requests_total{route=\"token\",code=\"200\"} 2"),
         "{metrics}"
+    );
+}
+
+/// A log sink the test reads back.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_line_a_request_logs_names_its_node_caller_pod_and_identity() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
+    let (status, _, body) = call(&f.state, POD_IP, TOKEN, &[META]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, body) = call(
+        &f.state,
+        POD_IP,
+        &format!("{TOKEN}&client_id={CLIENT_B}"),
+        &[META],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let served = log.lines().find(|l| l.contains("served a token")).expect(&log);
+    assert!(
+        served.contains(&format!(
+            "request{{node=node-a peer={POD_IP} pod=ns/web identity=ns/id-a}}"
+        )),
+        "{served}"
+    );
+    let refused = log
+        .lines()
+        .find(|l| l.contains("refused a token request"))
+        .expect(&log);
+    assert!(
+        refused.contains(&format!("request{{node=node-a peer={POD_IP} pod=ns/web}}")),
+        "{refused}"
     );
 }
 
