@@ -148,7 +148,16 @@ async fn a_request_waits_for_the_assignment_then_succeeds_or_gets_503_with_retry
     // The controller's part, played by the test: the identity reaches the scale set, then the
     // assignment says so. The request is already waiting.
     let waiting = h.curl_in_background(&web, TOKEN_URL, &["-H", "Metadata: true"]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(|| async {
+        let metrics = h.metrics();
+        anyhow::ensure!(
+            metrics.contains("pod_identity_waiting_requests 1"),
+            "the request is not waiting yet"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
     assert!(
         h.imds_requests(0).is_empty(),
         "nothing may be fetched before the assignment"
@@ -313,12 +322,25 @@ async fn killed_and_restarted_under_load_no_pod_request_reaches_imds_and_the_rul
     assert!(rules_before.contains("DNAT"), "{rules_before}");
 
     let load = h.load(&web, Duration::from_secs(8));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The load is being served before the agent goes.
+    eventually(|| async {
+        let metrics = h.metrics();
+        let served = metrics
+            .lines()
+            .find(|l| l.starts_with("pod_identity_requests_total{route=\"token\",code=\"200\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        anyhow::ensure!(served >= 10, "{served} requests of the load served so far");
+        Ok(())
+    })
+    .await
+    .unwrap();
     h.kill_agent();
     // Down: the rules stay and pods get resets, never IMDS.
     assert_eq!(h.nat_rules(), rules_before, "the rules must survive the agent");
     let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
     assert_eq!(status, 0, "with the agent down the connection is refused");
+    // An outage the load lasts through, so that it sees refused connections, not only the one above.
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.restart_agent().await;
     let outcome = load.await.unwrap();

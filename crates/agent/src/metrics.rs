@@ -103,6 +103,8 @@ pub struct Metrics {
     pub attestation_duration: Family<KindLabels, Histogram>,
     /// Audit records by result (`written`, `folded`, `dropped`, `failed`).
     pub audit_records: Family<ResultLabels, Counter>,
+    /// Token requests waiting now for their pod to be known or their identity to be assigned.
+    pub waiting_requests: Gauge,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -240,6 +242,12 @@ impl Metrics {
              record; dropped because the queue was full; failed to write)",
             audit_records.clone(),
         );
+        let waiting_requests = Gauge::default();
+        registry.register(
+            "waiting_requests",
+            "Token requests waiting now for their pod to be known or their identity to be assigned",
+            waiting_requests.clone(),
+        );
         Self {
             registry,
             requests,
@@ -261,6 +269,7 @@ impl Metrics {
             attestations,
             attestation_duration,
             audit_records,
+            waiting_requests,
         }
     }
 

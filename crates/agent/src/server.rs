@@ -495,6 +495,23 @@ fn invalid(state: &AppState, call: &Call, code: &str, why: &str) -> Response {
 }
 
 /// Resolves the request, waiting on the world while the answer may still change.
+/// Counts a request in `pod_identity_waiting_requests` from its first wait until it is answered or its
+/// caller goes away (the request's future is dropped).
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn resolve_waiting(
     state: &AppState,
     query: &TokenQuery,
@@ -505,6 +522,7 @@ async fn resolve_waiting(
     let pod_deadline = started + state.config.pod_wait;
     let mut changes = state.shared.subscribe();
     let mut learnt = false;
+    let mut waiting = None;
     loop {
         changes.borrow_and_update();
         let (pod, resolution) = {
@@ -533,6 +551,7 @@ async fn resolve_waiting(
                 } else {
                     assignment_deadline
                 };
+                waiting.get_or_insert_with(|| Waiting::new(&state.metrics.waiting_requests));
                 let timed_out = tokio::time::timeout_at(deadline, changes.changed()).await;
                 if !matches!(timed_out, Ok(Ok(()))) {
                     return Resolved {

@@ -448,7 +448,20 @@ async fn a_request_waits_for_the_assignment_and_is_served_once_assigned() {
         let state = f.state.clone();
         async move { call(&state, POD_IP, TOKEN, &[META]).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The request is waiting (it counts as such) and stays unanswered while the assignment is Created.
+    let metrics = f.state.metrics.clone();
+    pod_identity_test_support::eventually(|| {
+        let metrics = metrics.clone();
+        async move {
+            anyhow::ensure!(
+                metrics.render().contains("pod_identity_waiting_requests 1"),
+                "not waiting yet"
+            );
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
     assert!(
         !waiter.is_finished(),
         "the request must wait while the assignment is Created"
@@ -460,6 +473,13 @@ async fn a_request_waits_for_the_assignment_and_is_served_once_assigned() {
     let (status, _, body) = waiter.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["client_id"], CLIENT_A);
+    assert!(
+        f.state
+            .metrics
+            .render()
+            .contains("pod_identity_waiting_requests 0"),
+        "answered, it no longer counts"
+    );
 }
 
 #[tokio::test]
