@@ -1084,3 +1084,352 @@ async fn a_tainted_node_runs_no_pod_before_its_agent_and_a_gated_pod_is_ready_on
     drop(session);
     drop(cluster);
 }
+
+/// How long Azure takes to update a scale set's identities (aad-pod-identity #770: 40–60 s).
+const SCALE_SET_UPDATE: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// The local Azure's scale-set updates made to take `duration` until dropped (then as before), so that a
+/// failing test leaves the shared node's Azure as it found it.
+struct SlowUpdates<'a> {
+    emulator: &'a pod_identity_emulator::Emulator,
+    before: u64,
+}
+
+impl<'a> SlowUpdates<'a> {
+    fn new(emulator: &'a pod_identity_emulator::Emulator, duration: std::time::Duration) -> Self {
+        let before = emulator.settings().lro_duration_ms;
+        emulator.update_settings(|s| s.lro_duration_ms = duration.as_millis() as u64);
+        Self { emulator, before }
+    }
+}
+
+impl Drop for SlowUpdates<'_> {
+    fn drop(&mut self) {
+        let before = self.before;
+        self.emulator.update_settings(|s| s.lro_duration_ms = before);
+    }
+}
+
+/// [`eventually`] with `extra` more patience, for what waits on a scale-set update.
+async fn eventually_after<T, F, Fut>(extra: std::time::Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + extra;
+    loop {
+        match eventually(&mut check).await {
+            Ok(value) => return Ok(value),
+            Err(error) if tokio::time::Instant::now() >= deadline => return Err(error),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A Deployment of `replicas` toolbox pods bound by `selector`, each asking for a token as soon as it
+/// starts and again every second until served, printing each attempt's status and time.
+async fn token_deployment(session: &Session<'_>, namespace: &str, name: &str, selector: &str, replicas: i32) {
+    let script = "n=0; while :; do n=$((n+1)); \
+         r=$(curl -s -o /dev/null -m 60 -w '%{http_code} %{time_total}' -H 'Metadata: true' 'URL'); \
+         echo \"attempt $n: $r\"; case \"$r\" in 200*) break;; esac; sleep 1; done; exec sleep 86400"
+        .replace("URL", harness::TOKEN_URL);
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}, "template": {
+            "metadata": {"labels": {"app": name, (pod_identity_api::POD_LABEL): selector}},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "app", "image": session.images.reference("toolbox").unwrap(),
+                    "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+                }],
+            }}},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(session.client.clone(), namespace)
+        .create(&Default::default(), &deployment)
+        .await
+        .unwrap();
+}
+
+/// The one pod of Deployment `name`, once created.
+async fn workload_pod(session: &Session<'_>, namespace: &str, name: &str) -> Pod {
+    let pods = Api::<Pod>::namespaced(session.client.clone(), namespace);
+    eventually(|| async {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={name}")))
+            .await?;
+        match list.items.as_slice() {
+            [pod] => Ok(pod.clone()),
+            other => bail!("{} pods of {namespace}/{name}", other.len()),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The audit records of the pod with `uid`, oldest first.
+fn audit_records(session: &Session<'_>, uid: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    // The audit stream is the agent's standard output; its logs (standard error) have no `pod` object.
+    let output = session
+        .node
+        .kubectl()
+        .args([
+            "logs",
+            "-n",
+            INSTALL_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "--tail=-1",
+        ])
+        .output()?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|r| r["pod"]["uid"] == uid)
+        .collect())
+}
+
+/// Waits for the first token served to the pod with `uid`; its audit records up to it, and its time.
+async fn first_served(
+    session: &Session<'_>,
+    uid: &str,
+    extra: std::time::Duration,
+) -> (Vec<serde_json::Value>, jiff::Timestamp) {
+    eventually_after(extra, || async {
+        let records = audit_records(session, uid)?;
+        let Some(at) = records.iter().position(|r| r["decision"] == "served") else {
+            bail!("no token served to {uid} yet: {records:?}");
+        };
+        let time: jiff::Timestamp = records[at]["time"].as_str().context("no time")?.parse()?;
+        Ok((records[..=at].to_vec(), time))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("agent")))
+}
+
+/// Waits until the AzureAssignedIdentity `name` is Assigned.
+async fn assigned(session: &Session<'_>, namespace: &str, name: &str, extra: std::time::Duration) {
+    let api = Api::<AzureAssignedIdentity>::namespaced(session.client.clone(), namespace);
+    eventually_after(extra, || async {
+        let record = api.get(name).await?;
+        match record.assignment_status() {
+            AssignmentStatus::Assigned => Ok(()),
+            other => bail!("{namespace}/{name} is {other:?}"),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("controller")));
+}
+
+/// Writes to the node's scale set that the local Azure received after request `since`.
+fn scale_set_writes(session: &Session<'_>, since: u64) -> Vec<pod_identity_emulator::RequestRecord> {
+    session
+        .emulator
+        .requests(&pod_identity_emulator::LogFilter {
+            service: Some(pod_identity_emulator::Service::Arm),
+            since: Some(since),
+            path_contains: Some("/virtualMachineScaleSets/nodepool".into()),
+            ..Default::default()
+        })
+        .into_iter()
+        .filter(|r| !r.method.eq_ignore_ascii_case("GET"))
+        .collect()
+}
+
+/// The sum and count of `pod_identity_pod_first_token_seconds` for `identity`, from the agent.
+fn first_token_metric(session: &Session<'_>, identity: &str) -> (f64, u64) {
+    let (status, metrics) = curl_from_node(session, "http://127.0.0.1:9090/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let value = |suffix: &str| {
+        let prefix = format!("pod_identity_pod_first_token_seconds_{suffix}{{identity=\"{identity}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {prefix}in:\n{metrics}"))
+    };
+    (value("sum").parse().unwrap(), value("count").parse().unwrap())
+}
+
+fn created(pod: &Pod) -> jiff::Timestamp {
+    pod.metadata.creation_timestamp.as_ref().unwrap().0
+}
+
+#[tokio::test]
+async fn with_prewarming_a_new_pod_of_a_warmed_workload_is_served_without_waiting_for_a_scale_set_update() {
+    let cluster = cluster().await;
+    let session = cluster.session().await.unwrap();
+    installed(&session).await;
+    let _slow = SlowUpdates::new(&session.emulator, SCALE_SET_UPDATE);
+    let mut values = session.values();
+    values.push("prewarm.enabled=true".into());
+    session.helm_release("upgrade", &values).unwrap();
+    session.wait_controller_ready().await.unwrap();
+
+    // An opted-in binding and a Deployment it selects, with no pod yet: the identity is warmed on the
+    // node's scale set, in one update, and recorded as pre-warmed.
+    let warm = session.namespace("warmed").await.unwrap();
+    session
+        .bind(&warm, "id-c", harness::CLIENT_C, "warm")
+        .await
+        .unwrap();
+    Api::<pod_identity_api::AzureIdentityBinding>::namespaced(session.client.clone(), &warm)
+        .patch(
+            "id-c-binding",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                (pod_identity_controller::prewarm::PREWARM_ANNOTATION): "true"}}})),
+        )
+        .await
+        .unwrap();
+    let before_warming = session.emulator.last_seq();
+    token_deployment(&session, &warm, "app", "warm", 0).await;
+    let records = Api::<AzureAssignedIdentity>::namespaced(session.client.clone(), &warm);
+    let warmed = eventually_after(SCALE_SET_UPDATE, || async {
+        let list = records
+            .list(&ListParams::default().labels(&format!(
+                "{}=true",
+                pod_identity_controller::prewarm::PREWARM_LABEL
+            )))
+            .await?;
+        match list.items.as_slice() {
+            [record] if record.assignment_status() == AssignmentStatus::Assigned => Ok(record.clone()),
+            other => bail!("pre-warmed records: {other:?}"),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", session.diagnose("controller")));
+    let warmed_identity = warmed.spec.azure_identity_ref.as_ref().unwrap();
+    assert_eq!(warmed_identity.metadata.name.as_deref(), Some("id-c"));
+    assert!(
+        session
+            .scale_set_identities()
+            .contains(&identity_id("id-c").to_lowercase())
+    );
+    let warming = scale_set_writes(&session, before_warming);
+    assert!(
+        !warming.is_empty(),
+        "the identity reached the scale set without an update"
+    );
+    println!(
+        "warming: {} scale-set update(s) of {} s",
+        warming.len(),
+        SCALE_SET_UPDATE.as_secs()
+    );
+
+    // A new pod of the workload: its first token needs no scale-set update, and its assignment is
+    // Assigned without waiting for one.
+    let before_pod = session.emulator.last_seq();
+    let asked = jiff::Timestamp::now();
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(session.client.clone(), &warm)
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    let pod = workload_pod(&session, &warm, "app").await;
+    let uid = pod.metadata.uid.clone().unwrap();
+    let (decisions, served_at) = first_served(&session, &uid, std::time::Duration::ZERO).await;
+    assigned(
+        &session,
+        &warm,
+        &pod_identity_api::naming::assigned_identity_name(&pod.name_any(), &warm, "id-c"),
+        std::time::Duration::ZERO,
+    )
+    .await;
+    let writes = scale_set_writes(&session, before_pod);
+    assert!(
+        writes.is_empty(),
+        "the warmed workload's pod needed a scale-set update: {writes:#?}"
+    );
+    assert!(
+        decisions.iter().all(|r| r["reason"] != "IdentityNotAssigned"),
+        "the warmed workload's pod was told to wait for its identity: {decisions:#?}"
+    );
+    let (measured, count) = first_token_metric(&session, &format!("{warm}/id-c"));
+    assert_eq!(count, 1, "one pod, one identity: one first token");
+    let pod = Api::<Pod>::namespaced(session.client.clone(), &warm)
+        .get(&pod.name_any())
+        .await
+        .unwrap();
+    println!(
+        "pre-warmed, scale-set updates taking {} s: pod created -> first token {measured:.3} s \
+         (pod_identity_pod_first_token_seconds; the creation time has whole seconds), scale-up asked \
+         -> first token {:.3} s, created -> first token {:.3} s (audit record), scale-set updates \
+         meanwhile: 0",
+        SCALE_SET_UPDATE.as_secs(),
+        served_at.duration_since(asked).as_secs_f64(),
+        served_at.duration_since(created(&pod)).as_secs_f64(),
+    );
+    println!("the pod's attempts: {:?}", workload_attempts(&session, &pod));
+
+    // The contrast: a workload whose binding is not opted in waits for its scale-set update.
+    let cold = session.namespace("unwarmed").await.unwrap();
+    session
+        .bind(&cold, "id-d", harness::CLIENT_D, "cold")
+        .await
+        .unwrap();
+    let before_cold = session.emulator.last_seq();
+    token_deployment(&session, &cold, "app", "cold", 1).await;
+    let pod = workload_pod(&session, &cold, "app").await;
+    let uid = pod.metadata.uid.clone().unwrap();
+    let (decisions, served_at) = first_served(&session, &uid, SCALE_SET_UPDATE).await;
+    let writes = scale_set_writes(&session, before_cold);
+    assert!(
+        !writes.is_empty(),
+        "the identity of a workload not opted in reached the scale set without an update"
+    );
+    assert!(
+        decisions
+            .iter()
+            .any(|r| r["decision"] == "unavailable" && r["reason"] == "IdentityNotAssigned"),
+        "the pod of a workload not opted in was not told to wait for its identity: {decisions:#?}"
+    );
+    let (measured_cold, count) = first_token_metric(&session, &format!("{cold}/id-d"));
+    assert_eq!(count, 1);
+    println!(
+        "not pre-warmed, scale-set updates taking {} s: pod created -> first token {measured_cold:.3} s \
+         (pod_identity_pod_first_token_seconds), created -> first token {:.3} s (audit record), \
+         scale-set updates meanwhile: {}; answers before: {:?}; {:.0}x the pre-warmed pod's",
+        SCALE_SET_UPDATE.as_secs(),
+        served_at.duration_since(created(&pod)).as_secs_f64(),
+        writes.len(),
+        decisions
+            .iter()
+            .map(|r| format!(
+                "{} {}",
+                r["decision"].as_str().unwrap_or_default(),
+                r["reason"].as_str().unwrap_or_default()
+            ))
+            .collect::<Vec<_>>(),
+        measured_cold / measured.max(1e-3),
+    );
+    println!("the pod's attempts: {:?}", workload_attempts(&session, &pod));
+    assert_no_pod_reached_imds(&session);
+
+    // Back to the release's own values and immediate updates for the other tests.
+    drop(_slow);
+    session.helm_release("upgrade", &session.values()).unwrap();
+    session.wait_controller_ready().await.unwrap();
+}
+
+/// What the pod's container printed of its token attempts (`attempt N: <status> <seconds>`).
+fn workload_attempts(session: &Session<'_>, pod: &Pod) -> Vec<String> {
+    let logs = session
+        .node
+        .kubectl_ok(&[
+            "logs",
+            "-n",
+            pod.metadata.namespace.as_deref().unwrap(),
+            &pod.name_any(),
+            "-c",
+            "app",
+        ])
+        .unwrap_or_else(|e| e.to_string());
+    logs.lines().map(str::to_owned).collect()
+}

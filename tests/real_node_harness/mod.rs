@@ -44,6 +44,10 @@ pub const CLIENT_A: &str = "3c9d2e1f-1111-4111-8111-00000000000a";
 pub const OBJECT_A: &str = "3c9d2e1f-2222-4222-8222-00000000000a";
 pub const CLIENT_B: &str = "3c9d2e1f-1111-4111-8111-00000000000b";
 pub const OBJECT_B: &str = "3c9d2e1f-2222-4222-8222-00000000000b";
+pub const CLIENT_C: &str = "3c9d2e1f-1111-4111-8111-00000000000c";
+pub const OBJECT_C: &str = "3c9d2e1f-2222-4222-8222-00000000000c";
+pub const CLIENT_D: &str = "3c9d2e1f-1111-4111-8111-00000000000d";
+pub const OBJECT_D: &str = "3c9d2e1f-2222-4222-8222-00000000000d";
 pub const NODES_GROUP: &str = "nodes";
 pub const IDENTITIES_GROUP: &str = "identities";
 pub const VAULT: &str = "nodevault";
@@ -73,7 +77,8 @@ pub fn identity_id(name: &str) -> String {
 }
 
 /// The local Azure's state: the controller's service principal (Contributor on the subscription), the
-/// node's scale set with one instance, two identities, a vault that identity `id-a` may read.
+/// node's scale set with one instance, four identities (`id-a` to `id-d`), a vault that identity `id-a`
+/// may read.
 pub fn seed() -> Result<Seed> {
     Ok(serde_json::from_value(json!({
         "tenants": [{"id": TENANT, "applications": [{
@@ -84,6 +89,8 @@ pub fn seed() -> Result<Seed> {
             {"name": IDENTITIES_GROUP, "location": "westeurope", "userAssignedIdentities": [
                 {"name": "id-a", "clientId": CLIENT_A, "principalId": OBJECT_A},
                 {"name": "id-b", "clientId": CLIENT_B, "principalId": OBJECT_B},
+                {"name": "id-c", "clientId": CLIENT_C, "principalId": OBJECT_C},
+                {"name": "id-d", "clientId": CLIENT_D, "principalId": OBJECT_D},
             ]},
             {"name": NODES_GROUP, "location": "westeurope",
              "virtualMachineScaleSets": [{"name": "nodepool", "instances": [{"instanceId": "0"}]}],
@@ -495,7 +502,7 @@ impl Session<'_> {
         )
     }
 
-    /// An AzureIdentity for identity `id-a`/`id-b` (`client_id`) and a binding with `selector`, in
+    /// An AzureIdentity for identity `id-a` to `id-d` (`client_id`) and a binding with `selector`, in
     /// `namespace`.
     pub async fn bind(&self, namespace: &str, identity: &str, client_id: &str, selector: &str) -> Result<()> {
         let params = PatchParams::apply("pod-identity-real-node");

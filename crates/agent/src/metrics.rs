@@ -1,6 +1,8 @@
 //! Prometheus metrics, all prefixed `pod_identity_`. Every label takes values from a small fixed set
-//! (routes, status codes, outcomes, kinds): pod, namespace and identity names go to logs and Events,
-//! never to labels, so the series count does not grow with the cluster.
+//! (routes, status codes, outcomes, kinds): pod and namespace names go to logs and Events, never to
+//! labels, so the series count does not grow with the pods of the cluster. The one exception is the
+//! `identity` of [`Metrics::first_token`]: its values are AzureIdentity objects an administrator created
+//! and bound to pods of this node, which no pod can add to.
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -54,6 +56,14 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// The AzureIdentity a pod was served, as `namespace/name`, or `node` for a pod excepted by an
+/// `AzurePodIdentityException` (which gets the node's identities).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// `namespace/name` of the AzureIdentity, or `node`.
+    pub identity: String,
+}
+
 /// Object kind label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -81,8 +91,8 @@ pub struct Metrics {
     pub upstream_duration: Family<UpstreamOnly, Histogram>,
     /// Time requests waited for an assignment or a pod to appear.
     pub wait_duration: Histogram,
-    /// Time from pod creation to its first token.
-    pub first_token: Histogram,
+    /// Time from pod creation to the first token of each of its identities.
+    pub first_token: Family<IdentityLabels, Histogram>,
     /// Rule checks by result (`unchanged`, `repaired`, `error`).
     pub rule_syncs: Family<ResultLabels, Counter>,
     /// 1 while every interception rule is in place.
@@ -176,10 +186,12 @@ impl Metrics {
             "Time token requests waited for an assignment or for their pod to be known",
             wait_duration.clone(),
         );
-        let first_token = Histogram::new(slow_buckets());
+        let first_token =
+            Family::<IdentityLabels, Histogram>::new_with_constructor(|| Histogram::new(slow_buckets()));
         registry.register(
             "pod_first_token_seconds",
-            "Time from a pod's creation to the first token it was served",
+            "Time from a pod's creation to the first token it was served of an identity, by identity \
+             (namespace/name of the AzureIdentity; node for a pod excepted by an AzurePodIdentityException)",
             first_token.clone(),
         );
         let rule_syncs = Family::<ResultLabels, Counter>::default();

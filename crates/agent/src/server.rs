@@ -31,7 +31,7 @@ use crate::{
     cache::Outcome,
     connections::Connection,
     events::{Events, Notice, Reason},
-    metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
+    metrics::{IdentityLabels, Metrics, RequestLabels, ResultLabels, RouteLabels},
     proxy::Proxy,
     request::{self, Route, TokenQuery},
     resolve::{self, Pending, Policy, Principal, Resolution},
@@ -82,7 +82,8 @@ pub struct AppState {
     attestor: Option<Arc<Attestor>>,
     /// The audit stream.
     pub audit: Audit,
-    first_tokens: Mutex<HashSet<String>>,
+    /// The (pod UID, identity) pairs whose first token was observed.
+    first_tokens: Mutex<HashSet<(String, String)>>,
 }
 
 impl AppState {
@@ -669,7 +670,7 @@ async fn answer(
             } else {
                 tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             }
-            record_first_token(state, pod.as_ref());
+            record_first_token(state, pod.as_ref(), &identity_name);
             let reason = if matches!(resolution, Resolution::Excepted) {
                 audit::Reason::Excepted
             } else {
@@ -739,23 +740,33 @@ fn notify(state: &AppState, pod: Option<&PodRecord>, reason: Reason, why: &str) 
     }
 }
 
-/// Observes the time from a pod's creation to its first token, once per pod.
-fn record_first_token(state: &AppState, pod: Option<&PodRecord>) {
+/// Observes the time from a pod's creation to its first token of `identity` (`namespace/name`, or `node`
+/// for an excepted pod, whatever node identity it asked for), once per pod and identity: a pod's second
+/// identity is a first token of its own, a repeat of either is not.
+fn record_first_token(state: &AppState, pod: Option<&PodRecord>, identity: &str) {
     let Some(pod) = pod else { return };
     let (Some(uid), Some(created)) = (pod.view.uid.as_ref(), pod.created) else {
         return;
     };
+    let key = (uid.clone(), identity.to_owned());
     let mut seen = state.first_tokens.lock().unwrap_or_else(|p| p.into_inner());
-    if seen.contains(uid) {
+    if seen.contains(&key) {
         return;
     }
     // Pods come and go; a bounded set forgets old ones rather than growing with the node's history.
     if seen.len() >= 4096 {
         seen.clear();
     }
-    seen.insert(uid.clone());
+    seen.insert(key);
+    drop(seen);
     let elapsed = jiff::Timestamp::now().duration_since(created);
-    state.metrics.first_token.observe(elapsed.as_secs_f64().max(0.0));
+    state
+        .metrics
+        .first_token
+        .get_or_create(&IdentityLabels {
+            identity: identity.to_owned(),
+        })
+        .observe(elapsed.as_secs_f64().max(0.0));
 }
 
 mod verdict;

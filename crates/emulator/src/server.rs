@@ -174,9 +174,12 @@ pub fn spawn_listener(
                 }
             };
             let _ = stream.set_nodelay(true);
+            // The address this connection reached, not the listener's: on a wildcard listener (0.0.0.0)
+            // URLs built from it (an operation to poll, under HTTP/2 where no Host header names the
+            // server) must name an address the client can reach and the certificate covers.
             let conn = Conn {
                 peer,
-                local,
+                local: stream.local_addr().unwrap_or(local),
                 instance: instance.clone(),
             };
             let handler = handler.clone();

@@ -204,6 +204,52 @@ async fn assigning_an_identity_that_does_not_exist_fails_the_identity_operation(
 }
 
 #[tokio::test]
+async fn on_a_wildcard_listener_the_operation_to_poll_names_the_address_the_client_reached() {
+    let em = start_with(|c| {
+        c.azure_addr = "0.0.0.0:0".parse().unwrap();
+        c.settings.lro_duration_ms = 600_000;
+    })
+    .await;
+    let port = em.azure_url().rsplit(':').next().unwrap().to_owned();
+    let base = format!("https://127.0.0.1:{port}");
+    let tok = ctl_token_at(&em, &base).await;
+    let a = answer(
+        client(&em)
+            .patch(format!("{base}{}?api-version={V}", vmss_id()))
+            .bearer_auth(&tok)
+            .json(&adds(&[uami("id-b")]))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let op_url = a.header("azure-asyncoperation").unwrap().to_owned();
+    assert!(op_url.starts_with(&format!("{base}/")), "{op_url}");
+    let op = answer(client(&em).get(&op_url).bearer_auth(&tok).send().await.unwrap()).await;
+    assert_eq!(op.body["status"], "InProgress", "{}", op.text);
+}
+
+/// A management token from the emulator's Entra at `base`.
+async fn ctl_token_at(em: &Emulator, base: &str) -> String {
+    let body: Value = client(em)
+        .post(format!("{base}/{TENANT}/oauth2/v2.0/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CTL_CLIENT),
+            ("client_secret", CTL_SECRET),
+            ("scope", "https://management.azure.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
 async fn identity_reaches_imds_only_after_the_operation_completes() {
     // Long enough that the checks below always run while the operation is in progress, however busy
     // the machine; the operation is then brought due instead of waited out.

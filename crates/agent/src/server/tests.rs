@@ -283,6 +283,83 @@ async fn every_line_a_request_logs_names_its_node_caller_pod_and_identity() {
     );
 }
 
+/// The count of `pod_identity_pod_first_token_seconds` for `identity`, 0 without a series.
+fn first_tokens(state: &AppState, identity: &str) -> u64 {
+    let wanted = format!("pod_identity_pod_first_token_seconds_count{{identity=\"{identity}\"}} ");
+    state
+        .metrics
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(wanted.as_str()))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn each_identity_of_a_pod_has_its_first_token_observed_once() {
+    let mut world = bound_world("Assigned");
+    // `web` is bound to id-b too, and an excepted pod gets the node's identities.
+    world
+        .matching
+        .upsert_binding(binding("ns", "bb-web", "id-b", "web", None));
+    let b = world.matching.identity("ns", "id-b").unwrap().clone();
+    let mut web = world
+        .pod(&pod_identity_api::ObjectKey::new("ns", "web"))
+        .unwrap()
+        .clone();
+    web.created = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3));
+    assign(&mut world, &web, &b, "Assigned");
+    world.upsert_pod(web);
+    world
+        .matching
+        .upsert_exception(pod_identity_api::AzurePodIdentityException {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some("exc".into()),
+                ..Default::default()
+            },
+            spec: pod_identity_api::AzurePodIdentityExceptionSpec {
+                pod_labels: std::collections::BTreeMap::from([("app".to_owned(), "controller".to_owned())]),
+            },
+            status: None,
+        });
+    let mut excepted = pod("ns", "ctl", None);
+    excepted.view.ips = vec!["10.244.0.4".parse().unwrap()];
+    excepted.view.labels.insert("app".into(), "controller".into());
+    excepted.created = Some(jiff::Timestamp::now());
+    world.upsert_pod(excepted);
+    let f = fixture(world, config(), FakeUpstream::default());
+
+    let for_a = format!("{TOKEN}&client_id={CLIENT_A}");
+    let for_b = format!("{TOKEN}&client_id={CLIENT_B}");
+    let other_resource = format!(
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com&client_id={CLIENT_A}"
+    );
+    for (path, peer) in [
+        (&for_a, POD_IP),
+        (&for_a, POD_IP),
+        (&other_resource, POD_IP),
+        (&for_b, POD_IP),
+        (&for_b, POD_IP),
+        (&for_a, "10.244.0.4"),
+        (&for_b, "10.244.0.4"),
+    ] {
+        let (status, _, body) = call(&f.state, peer, path, &[META]).await;
+        assert_eq!(status, StatusCode::OK, "{path} from {peer}: {body}");
+    }
+    // A pod's second identity is a first token of its own; another resource or a repeat of either is not;
+    // an excepted pod is observed once, under `node`, whichever node identity it asked for.
+    assert_eq!(first_tokens(&f.state, "ns/id-a"), 1);
+    assert_eq!(first_tokens(&f.state, "ns/id-b"), 1);
+    assert_eq!(first_tokens(&f.state, "node"), 1);
+    let metrics = f.state.metrics.render();
+    assert!(
+        metrics.contains("pod_identity_pod_first_token_seconds_bucket{le=\"2.0\",identity=\"ns/id-a\"} 0")
+            && metrics
+                .contains("pod_identity_pod_first_token_seconds_bucket{le=\"5.0\",identity=\"ns/id-a\"} 1"),
+        "measured from the pod's creation, 3 s ago: {metrics}"
+    );
+}
+
 #[tokio::test]
 async fn missing_metadata_header_and_forwarding_headers_are_refused_like_imds() {
     let f = fixture(bound_world("Assigned"), config(), FakeUpstream::default());
