@@ -234,7 +234,7 @@ pub fn resolve(
         Answer::Identities(identities) => identities,
     };
     // The pod's identities in rank order (0 is the default), each with whether it may be used now.
-    let options: Vec<(Grant, Option<Pending>)> = identities
+    let mut options: Vec<(Grant, Option<Pending>)> = identities
         .into_iter()
         .map(|identity| {
             let pending = identity.pending.clone().map(Pending::from);
@@ -243,8 +243,8 @@ pub fn resolve(
         .collect();
 
     let chosen = match selector {
-        Selector::Default => options.first(),
-        Selector::ClientId(id) => options.iter().find(|(grant, _)| {
+        Selector::Default => (!options.is_empty()).then_some(0),
+        Selector::ClientId(id) => options.iter().position(|(grant, _)| {
             grant
                 .object
                 .spec
@@ -252,7 +252,7 @@ pub fn resolve(
                 .as_deref()
                 .is_some_and(|client| client.eq_ignore_ascii_case(id))
         }),
-        Selector::ResourceId(id) => options.iter().find(|(grant, _)| {
+        Selector::ResourceId(id) => options.iter().position(|(grant, _)| {
             grant
                 .object
                 .spec
@@ -261,7 +261,7 @@ pub fn resolve(
                 .is_some_and(|resource| resource_id::same(resource, id))
         }),
         Selector::ObjectId(id) => {
-            if let Some(found) = options.iter().find(|(grant, _)| {
+            if let Some(found) = options.iter().position(|(grant, _)| {
                 ids.object_id(&grant.principal)
                     .is_some_and(|known| known.eq_ignore_ascii_case(id))
             }) {
@@ -286,9 +286,10 @@ pub fn resolve(
             }
         }
     };
-    match chosen {
-        Some((grant, None)) => Resolution::Serve(Box::new(grant.clone())),
-        Some((_, Some(pending))) => Resolution::Wait(pending.clone()),
+    // The chosen option is moved out, not copied: the identity object is the larger part of an answer.
+    match chosen.map(|at| options.swap_remove(at)) {
+        Some((grant, None)) => Resolution::Serve(Box::new(grant)),
+        Some((_, Some(pending))) => Resolution::Wait(pending),
         None => Resolution::Deny(format!("{selector} is not an identity of pod {key}")),
     }
 }

@@ -10,34 +10,72 @@ use serde_json::{Value, json};
 
 use crate::upstream::Token;
 
-/// The JSON of one token, all fields strings as IMDS sends them (the Rust SDK refuses a numeric
-/// `expires_on`; MSAL needs `expires_in`; Python reads `resource`).
-pub fn token_json(token: &Token, resource: &str, now: i64) -> Value {
-    let expires_in = (token.expires_on - now).max(0).to_string();
-    let mut body = json!({
-        "access_token": token.access_token,
-        "refresh_token": "",
-        "expires_in": expires_in,
-        "expires_on": token.expires_on.to_string(),
-        "ext_expires_in": expires_in,
-        "not_before": token.not_before.to_string(),
-        "resource": resource,
-        "token_type": "Bearer",
-    });
-    if let Some(client_id) = &token.client_id {
-        body["client_id"] = json!(client_id);
+/// One token as IMDS sends it: every field a string (the Rust SDK refuses a numeric `expires_on`; MSAL
+/// needs `expires_in`; Python reads `resource`), keys in alphabetical order as IMDS and the original
+/// sent them. Serialised straight from the cached token, without copying it: this is every cached
+/// answer's cost.
+#[derive(serde::Serialize)]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a str>,
+    #[serde(serialize_with = "as_string")]
+    expires_in: i64,
+    #[serde(serialize_with = "as_string")]
+    expires_on: i64,
+    #[serde(serialize_with = "as_string")]
+    ext_expires_in: i64,
+    #[serde(serialize_with = "as_string")]
+    not_before: i64,
+    refresh_token: &'static str,
+    resource: &'a str,
+    token_type: &'static str,
+}
+
+impl<'a> TokenBody<'a> {
+    /// The body of `token` for `resource`, its lifetime counted from `now` (Unix seconds).
+    fn new(token: &'a Token, resource: &'a str, now: i64) -> Self {
+        let expires_in = (token.expires_on - now).max(0);
+        Self {
+            access_token: &token.access_token,
+            client_id: token.client_id.as_deref(),
+            expires_in,
+            expires_on: token.expires_on,
+            ext_expires_in: expires_in,
+            not_before: token.not_before,
+            refresh_token: "",
+            resource,
+            token_type: "Bearer",
+        }
     }
-    body
+}
+
+fn as_string<S: serde::Serializer>(value: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// The JSON of one token, as a value to embed in another answer (`/host/token`).
+pub fn token_json(token: &Token, resource: &str, now: i64) -> Value {
+    serde_json::to_value(TokenBody::new(token, resource, now)).unwrap_or(Value::Null)
 }
 
 /// The answer to a token request: one token as an object; for a multi-tenant service principal a list,
 /// the primary tenant's first, as the original answered.
 pub fn tokens(tokens: &[Token], resource: &str, now: i64) -> Response {
-    let body = match tokens {
-        [single] => token_json(single, resource, now),
-        many => Value::Array(many.iter().map(|t| token_json(t, resource, now)).collect()),
+    let bodies: Vec<TokenBody<'_>> = tokens.iter().map(|t| TokenBody::new(t, resource, now)).collect();
+    let bytes = match bodies.as_slice() {
+        [single] => serde_json::to_vec(single),
+        many => serde_json::to_vec(many),
     };
-    json_response(StatusCode::OK, &body)
+    match bytes {
+        Ok(bytes) => json_bytes(StatusCode::OK, bytes),
+        // Strings and integers always serialise; this is only what the type system cannot know.
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "could not encode the token",
+        ),
+    }
 }
 
 /// An error in IMDS's shape.
@@ -75,7 +113,10 @@ pub fn unavailable(description: &str, retry_after_secs: u64) -> Response {
 
 /// A JSON response with an explicit length, as the original sent.
 pub fn json_response(status: StatusCode, body: &Value) -> Response {
-    let bytes = body.to_string();
+    json_bytes(status, body.to_string().into_bytes())
+}
+
+fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
     let mut response = (status, Body::from(bytes)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -116,6 +157,25 @@ mod tests {
         }
         assert_eq!(body["expires_in"], "3600");
         assert_eq!(body["token_type"], "Bearer");
+    }
+
+    /// The bytes IMDS sends (keys in alphabetical order), which the answer built through a JSON value gave.
+    #[tokio::test]
+    async fn a_token_answer_is_byte_for_byte_the_imds_shape() {
+        let response = tokens(&[token()], "https://vault.azure.net", 1_000_000);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(
+            String::from_utf8(bytes.to_vec()).unwrap(),
+            r#"{"access_token":"eyJ.x.y","client_id":"c","expires_in":"3600","expires_on":"1003600","ext_expires_in":"3600","not_before":"1000000","refresh_token":"","resource":"https://vault.azure.net","token_type":"Bearer"}"#
+        );
+        let mut anonymous = token();
+        anonymous.client_id = None;
+        let value = token_json(&anonymous, "r", 2_000_000);
+        assert!(value.get("client_id").is_none(), "{value}");
+        assert_eq!(
+            value["expires_in"], "0",
+            "an expired token says 0, never a negative lifetime"
+        );
     }
 
     #[tokio::test]

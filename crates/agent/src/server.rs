@@ -631,17 +631,14 @@ async fn answer(
     let (principal, identity_object, identity_name) = match &resolution {
         Resolution::Serve(grant) => (
             grant.principal.clone(),
-            Some(grant.object.clone()),
+            Some(&grant.object),
             grant.identity.to_string(),
         ),
         _ => (Principal::Node(query.selector.clone()), None, "node".to_owned()),
     };
-    let (result, outcome) = state
-        .tokens
-        .tokens(&principal, identity_object.as_ref(), resource)
-        .await;
+    let (result, outcome) = state.tokens.tokens(&principal, identity_object, resource).await;
     let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::upstream::Token]| {
-        let identity = IdentityRef::of(identity_object.as_ref(), &query.selector);
+        let identity = IdentityRef::of(identity_object, &query.selector);
         state.audit.record(&audit::Entry {
             caller: call.peer,
             pod: pod.as_ref(),

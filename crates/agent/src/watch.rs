@@ -98,6 +98,19 @@ impl Kind for AzurePodIdentityException {
     }
 }
 
+/// Kubectl's copy of the object as last applied, which nothing here reads.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the agent never reads and every token request would otherwise copy with the identity it
+/// serves: the managed-fields bookkeeping and kubectl's last-applied copy (together often larger than the
+/// object itself).
+fn trim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
+
 /// Starts every watch the mode needs; they run until the process ends, retrying with backoff.
 pub fn spawn_all(client: &Client, node: &str, mode: Mode, shared: &Arc<Shared>, metrics: &Arc<Metrics>) {
     let pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
@@ -139,7 +152,11 @@ where
     tokio::spawn(async move {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         let mut relist: Vec<K> = Vec::new();
-        let mut events = watcher(api, config).default_backoff().into_stream().boxed();
+        let mut events = watcher(api, config)
+            .default_backoff()
+            .modify(trim)
+            .into_stream()
+            .boxed();
         loop {
             let event = match events.try_next().await {
                 Ok(Some(event)) => event,
@@ -171,4 +188,42 @@ where
         }
         tracing::error!(kind, "watch ended");
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::ObjectMeta;
+    use pod_identity_api::AzureIdentitySpec;
+
+    use super::*;
+
+    #[test]
+    fn what_nothing_reads_is_dropped_and_every_other_annotation_kept() {
+        let mut identity = AzureIdentity {
+            metadata: ObjectMeta {
+                name: Some("id".into()),
+                annotations: Some(
+                    [
+                        (LAST_APPLIED_ANNOTATION.to_owned(), "{...}".to_owned()),
+                        (
+                            "aadpodidentity.k8s.io/Behavior".to_owned(),
+                            "namespaced".to_owned(),
+                        ),
+                    ]
+                    .into(),
+                ),
+                managed_fields: Some(vec![Default::default()]),
+                ..Default::default()
+            },
+            spec: AzureIdentitySpec::default(),
+            status: None,
+        };
+        trim(&mut identity);
+        assert_eq!(identity.metadata.managed_fields, None);
+        let annotations = identity.metadata.annotations.unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            ["aadpodidentity.k8s.io/Behavior"]
+        );
+    }
 }
