@@ -622,6 +622,23 @@ fn no_sequence_removes_an_identity_we_did_not_add() {
                     foreign.remove(&fold(&identity_id(n)));
                 }
             }
+            // The machine read while another writer's update runs, or after it failed: nothing becomes
+            // Assigned, nothing of someone else's is removed, and while it runs nothing is sent.
+            if rng.u8(0..3) == 0 {
+                let state = if rng.bool() { "Updating" } else { "Failed" };
+                machine_state.provisioning_state = Some(state.into());
+                let plan = run_with(&input, Some(&machine_state), &protection, &no_quarantine);
+                assert!(!assigns(&plan), "seed {seed}: {state}: {plan:?}");
+                assert!(
+                    state != "Updating" || plan.delta.is_empty(),
+                    "seed {seed}: {plan:?}"
+                );
+                for id in &plan.delta.remove {
+                    assert!(!foreign.contains(&fold(id)), "seed {seed}: removed foreign {id}");
+                }
+                apply_writes(&mut input, &plan);
+                machine_state.provisioning_state = Some("Succeeded".into());
+            }
             for delta in round(&mut input, &mut machine_state, &protection) {
                 for id in &delta.add {
                     foreign.remove(&fold(id));
