@@ -1174,3 +1174,78 @@ async fn a_node_gone_on_scale_in_keeps_its_pods_identity_until_the_pods_go() {
     assert!(w.has(&scale_set("pool-a"), "id-a"));
     controller.stop().await;
 }
+
+/// Polling an update's operation fails once; the controller reads the scale set, whose model already
+/// lists the identity with `provisioningState: Updating`. The record must not say Assigned (IMDS on the
+/// nodes does not know the identity yet) until a read shows the update done, and nothing is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_is_assigned_only_once_arm_has_applied_the_update_whose_poll_failed() {
+    let w = World::new().await;
+    // The update runs until the test ends it: what the controller does meanwhile is not a race.
+    w.em.update_settings(|s| s.lro_duration_ms = 600_000);
+    w.em.inject(FaultSpec {
+        service: Some(Service::Arm),
+        method: Some("GET".into()),
+        path_contains: Some("/operations/".into()),
+        status: Some(503),
+        times: Some(1),
+        ..FaultSpec::default()
+    });
+    w.bound_identity("id-c").await;
+    let controller = w.start(w.config());
+    w.pod("web", "b0", "id-c").await;
+    let name = w.assignment_name("web", "id-c");
+
+    // The failed poll, then two reads of the scale set while its update runs.
+    let reads_after_failed_poll = || {
+        let failed =
+            w.em.requests(&LogFilter {
+                service: Some(Service::Arm),
+                ..LogFilter::default()
+            })
+            .into_iter()
+            .find(|r| r.status == 503 && r.path.contains("/operations/"))?;
+        Some(
+            w.arm("GET")
+                .into_iter()
+                .filter(|r| r.seq > failed.seq && r.status == 200)
+                .count(),
+        )
+    };
+    let status = eventually(|| async {
+        let aai = w.assignments().get(&name).await.context(name.clone())?;
+        let status = aai.assignment_status();
+        ensure!(
+            status == AssignmentStatus::Assigned || reads_after_failed_poll().unwrap_or(0) >= 2,
+            "{name}: {status:?}, {:?} reads after the failed poll",
+            reads_after_failed_poll()
+        );
+        Ok(status)
+    })
+    .await
+    .unwrap();
+    let running = |w: &World| {
+        w.em.with_state(|state| state.operations.values().filter(|op| op.end.is_none()).count())
+    };
+    assert_eq!(running(&w), 1, "the update is still running");
+    assert_eq!(
+        status,
+        AssignmentStatus::Created,
+        "Assigned while ARM was still applying the update"
+    );
+    assert!(w.has(&scale_set("pool-b"), "id-c"), "the model lists it");
+    let patches = w.arm("PATCH");
+    assert_eq!(patches.len(), 1, "nothing sent again: {patches:?}");
+
+    // The update ends: the next read finds it applied.
+    w.em.with_state(|state| {
+        for operation in state.operations.values_mut() {
+            operation.due = std::time::Instant::now();
+        }
+    });
+    let aai = w.wait_assigned("web", "id-c").await;
+    assert_eq!(running(&w), 0);
+    assert_eq!(aai.annotations()[ORIGIN_ANNOTATION], "added");
+    assert_eq!(w.arm("PATCH").len(), 1, "assigned without another change");
+    controller.stop().await;
+}

@@ -56,6 +56,42 @@ impl Observed {
             .as_deref()
             .is_some_and(|s| s.eq_ignore_ascii_case("Deleting"))
     }
+
+    /// How far ARM has applied the model this read returned; see [`Settlement`].
+    pub fn settlement(&self) -> Settlement {
+        Settlement::of(self.provisioning_state.as_deref())
+    }
+}
+
+/// How far ARM has applied a machine's model, from its `properties.provisioningState`. ARM's GET returns
+/// the model, which lists a change as soon as it is accepted; the instances (and IMDS on them) have it
+/// only once the operation ends `Succeeded`, 40-60 s later for a scale set (aad-pod-identity's best
+/// practices). The terminal states are `Succeeded`, `Failed` and `Canceled`, and no state at all means
+/// success (azure-core's ARM polling; ARM's async-operations guidance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// `Succeeded`, or no state: the model is what the instances run.
+    Applied,
+    /// A change is being applied (`Updating`, `Creating`, `Migrating`...): identities the model lists may
+    /// not be on the instances yet, and identities it no longer lists may still be.
+    Applying,
+    /// The last change ended `Failed` or `Canceled`: the model lists what the instances may not have
+    /// (and lacks what they may still have).
+    Unapplied,
+}
+
+impl Settlement {
+    /// The settlement a `provisioningState` (any case) says.
+    pub fn of(state: Option<&str>) -> Self {
+        match state {
+            None => Self::Applied,
+            Some(s) if s.eq_ignore_ascii_case("Succeeded") => Self::Applied,
+            Some(s) if s.eq_ignore_ascii_case("Failed") || s.eq_ignore_ascii_case("Canceled") => {
+                Self::Unapplied
+            }
+            Some(_) => Self::Applying,
+        }
+    }
 }
 
 /// Reading and changing the identities of VMs and scale sets. Failures are the Azure model's

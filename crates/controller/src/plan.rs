@@ -16,7 +16,16 @@
 //!
 //! "Protected" is the immutable list and the cluster's own identity. An identity in a change ARM is
 //! applying now is left out of the step altogether, until ARM's answer says where it stands. A machine that ARM is deleting is
-//! left alone. A machine ARM says does not exist (deleted, with its scale set or resource group) holds
+//! left alone.
+//!
+//! "On the machine" means on its instances, which only a model ARM has applied says
+//! ([`Settlement::Applied`]). A model read while a change is applied ([`Settlement::Applying`]: ours, whose
+//! answer was lost, or someone else's) is no evidence either way: nothing is marked Assigned, nothing is
+//! sent (ARM refuses a second update meanwhile), no record saying `added` is released, and the machine
+//! is read again ([`Plan::settling`]). A model whose last change failed ([`Settlement::Unapplied`]) lists
+//! what the instances may lack: needed identities not yet recorded Assigned are sent again (the update
+//! applies the whole model), and records saying `added` of identities it no longer lists are kept until a
+//! model ARM applied shows them gone. A machine ARM says does not exist (deleted, with its scale set or resource group) holds
 //! nothing: records no pod needs are released, and those pods still want are kept, not usable, with the
 //! reason, until the machine is back (re-created under the same name) or their pods go.
 
@@ -27,7 +36,7 @@ use pod_identity_azure::{IdentityDelta, resource_id::fold};
 use serde_json::{Value, json};
 
 use crate::{
-    arm::Observed,
+    arm::{Observed, Settlement},
     machine::Target,
     record::{ERROR_ANNOTATION, MACHINE_ANNOTATION, ORIGIN_ANNOTATION, Origin, Recorded, Wanted},
 };
@@ -177,6 +186,9 @@ pub struct Plan {
     pub needs_observation: bool,
     /// ARM is deleting the machine: nothing is done.
     pub deferred: bool,
+    /// ARM is applying a change to the machine and something waits for it to finish: read the machine
+    /// again after a poll interval, and send nothing meanwhile.
+    pub settling: bool,
     /// Identities that would be added but are quarantined, with the reason.
     pub quarantined: Vec<(String, String)>,
 }
@@ -184,7 +196,7 @@ pub struct Plan {
 impl Plan {
     /// Whether the round is finished.
     pub fn is_idle(&self) -> bool {
-        self.writes.is_empty() && self.delta.is_empty() && !self.needs_observation
+        self.writes.is_empty() && self.delta.is_empty() && !self.needs_observation && !self.settling
     }
 }
 
@@ -299,19 +311,41 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
             }
             continue;
         };
-        let present = observed.has(key);
+        let settlement = observed.settlement();
+        let listed = observed.has(key);
+        // On the instances for certain: listed by a model ARM has applied.
+        let present = listed && settlement == Settlement::Applied;
+        let unconfirmed = pair
+            .wanted
+            .iter()
+            .any(|w| recorded_by_name.get(&w.key).is_none_or(|r| !r.status.is_usable()));
+        // Needed but neither on the instances nor on its way there: not listed, or listed by a model
+        // whose change failed and not yet confirmed by one that applied.
+        let missing = !listed || (settlement == Settlement::Unapplied && unconfirmed);
         let absent = observed
             .absent
             .as_ref()
             .map(|message| format!("{} does not exist: {message}", input.target));
         // What keeps a needed identity off the machine: quarantine, or no machine at all.
-        let quarantine = if needed_now && !present {
+        let quarantine = if needed_now && missing {
             (ctx.quarantine)(key).or(absent.clone())
         } else {
             None
         };
-        let add = needed_now && !present && quarantine.is_none();
-        let remove = !needed && present && owned && !protected;
+        let applying = settlement == Settlement::Applying;
+        let add = needed_now && missing && quarantine.is_none();
+        let remove = !needed && listed && owned && !protected;
+        // Records saying `added` of an identity the model does not show applied stay until one does.
+        let keep_owned = settlement != Settlement::Applied;
+        if applying
+            && (add
+                || remove
+                || (needed_now && listed && unconfirmed)
+                || (stale.iter().any(|r| r.origin == Origin::Added) && !protected))
+        {
+            plan.settling = true;
+        }
+        let (add, remove) = (add && !applying, remove && !applying);
         if add {
             plan.delta.add.push(id.to_owned());
         }
@@ -321,10 +355,11 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
         if let Some(reason) = quarantine.as_ref().filter(|_| absent.is_none()) {
             plan.quarantined.push((id.to_owned(), reason.clone()));
         }
-        // Records that stay take `added` when the identity is (or becomes) ours.
-        let origin_for_kept = if add || owned {
+        // Records that stay take `added` when the identity is (or becomes) ours; sending again what a
+        // failed change listed makes nothing ours.
+        let origin_for_kept = if owned || (add && !listed) {
             Origin::Added
-        } else if present {
+        } else if listed {
             Origin::Preexisting
         } else {
             Origin::Unknown
@@ -379,7 +414,12 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
             }
         }
         for recorded in stale {
-            if !(remove && present) {
+            let kept = if keep_owned {
+                recorded.origin == Origin::Added && !protected
+            } else {
+                remove && present
+            };
+            if !kept {
                 releases.push(release(recorded));
             }
         }

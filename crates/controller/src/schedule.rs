@@ -24,6 +24,10 @@
 //! - **Bisection.** A change ARM refuses because of an identity it does not name is split: half of its
 //!   additions go alone; the half that is refused is split again, until the refused one is alone and
 //!   quarantined.
+//! - **Settling.** A read that finds ARM applying a change (a PATCH whose answer was lost, or someone
+//!   else's update) decides nothing that needs the change done ([`crate::plan::Plan::settling`]): the
+//!   machine is read again [`SETTLE_POLL_INTERVAL`] later (or after the `Retry-After` of a failed call),
+//!   and nothing is sent meanwhile.
 //! - **Drift check.** A machine with records whose knowledge has not been renewed for one drift
 //!   interval is read, to find identities someone else removed.
 
@@ -48,6 +52,10 @@ const MAX_WRITE_STEPS: u32 = 8;
 
 /// The longest an identity no pod needs stays on a machine while other removals keep coming.
 pub const REMOVAL_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// How long after a read that found ARM applying a change the machine is read again: the interval
+/// azure-core polls a long-running operation at when ARM sends no `Retry-After`.
+pub const SETTLE_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the schedule needs besides its own state.
 pub struct Facts<'a> {
@@ -272,6 +280,16 @@ impl Schedule {
         if plan.needs_observation {
             if reads_free > now {
                 wake.at(reads_free);
+                return Step::Wait(wake.into());
+            }
+            return self.read(false);
+        }
+        if plan.settling
+            && let Some((at, ..)) = &known
+        {
+            let due = reads_free.max(*at + SETTLE_POLL_INTERVAL);
+            if due > now {
+                wake.at(due);
                 return Step::Wait(wake.into());
             }
             return self.read(false);

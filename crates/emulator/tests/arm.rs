@@ -305,6 +305,41 @@ async fn identity_reaches_imds_only_after_the_operation_completes() {
     );
 }
 
+/// ARM's GET returns the model: a change is listed as soon as it is accepted, with
+/// `provisioningState: Updating` until its operation ends, `Succeeded` after (azure-core polls the resource
+/// itself on that state when an operation names no other URL).
+#[tokio::test]
+async fn a_machine_read_during_an_update_lists_the_change_and_reads_updating_until_it_ends() {
+    let em = start_with(|c| c.settings.lro_duration_ms = 600_000).await;
+    let tok = ctl_token(&em).await;
+    for id in [vmss_id(), vm_id()] {
+        let accepted = patch(&em, &tok, &id, &adds(&[uami("id-c")])).await;
+        assert_eq!(accepted.status, 200, "{id}: {}", accepted.text);
+        let during = get(&em, &tok, &id).await;
+        assert_eq!(during.status, 200, "{id}: {}", during.text);
+        assert_eq!(during.body["properties"]["provisioningState"], "Updating", "{id}");
+        assert!(
+            during.body["identity"]["userAssignedIdentities"]
+                .get(uami("id-c"))
+                .is_some(),
+            "{id}: the model lists the identity being added: {}",
+            during.text
+        );
+        em.with_state(|state| {
+            for operation in state.operations.values_mut() {
+                operation.due = std::time::Instant::now();
+            }
+        });
+        let after = get(&em, &tok, &id).await;
+        assert_eq!(after.body["properties"]["provisioningState"], "Succeeded", "{id}");
+        assert!(
+            after.body["identity"]["userAssignedIdentities"]
+                .get(uami("id-c"))
+                .is_some()
+        );
+    }
+}
+
 #[tokio::test]
 async fn authentication_failures_are_401_with_arm_codes() {
     let em = start().await;

@@ -622,6 +622,23 @@ fn no_sequence_removes_an_identity_we_did_not_add() {
                     foreign.remove(&fold(&identity_id(n)));
                 }
             }
+            // The machine read while another writer's update runs, or after it failed: nothing becomes
+            // Assigned, nothing of someone else's is removed, and while it runs nothing is sent.
+            if rng.u8(0..3) == 0 {
+                let state = if rng.bool() { "Updating" } else { "Failed" };
+                machine_state.provisioning_state = Some(state.into());
+                let plan = run_with(&input, Some(&machine_state), &protection, &no_quarantine);
+                assert!(!assigns(&plan), "seed {seed}: {state}: {plan:?}");
+                assert!(
+                    state != "Updating" || plan.delta.is_empty(),
+                    "seed {seed}: {plan:?}"
+                );
+                for id in &plan.delta.remove {
+                    assert!(!foreign.contains(&fold(id)), "seed {seed}: removed foreign {id}");
+                }
+                apply_writes(&mut input, &plan);
+                machine_state.provisioning_state = Some("Succeeded".into());
+            }
             for delta in round(&mut input, &mut machine_state, &protection) {
                 for id in &delta.add {
                     foreign.remove(&fold(id));
@@ -698,4 +715,235 @@ fn identities_in_a_change_in_flight_are_left_alone_and_the_others_planned() {
         vec!["api-0-ns-orders", "db-0-ns-shared"],
         "no record of an identity in flight: neither Assigned before ARM answers, nor released"
     );
+}
+
+fn in_state(names: &[&str], state: &str) -> Observed {
+    Observed {
+        provisioning_state: Some(state.into()),
+        ..observed(names)
+    }
+}
+
+fn assigns(plan: &Plan) -> bool {
+    plan.writes.iter().any(|w| match w {
+        Write::Create { object, .. } => object.assignment_status() == AssignmentStatus::Assigned,
+        Write::Patch { transition, .. } => matches!(transition, Some(Transition::Assigned(_))),
+        Write::Release { .. } => false,
+    })
+}
+
+fn releases(plan: &Plan) -> Vec<String> {
+    plan.writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Release { key, .. } => Some(key.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn provisioning_states_other_than_succeeded_failed_and_canceled_are_changes_being_applied() {
+    for (state, settlement) in [
+        (None, Settlement::Applied),
+        (Some("Succeeded"), Settlement::Applied),
+        (Some("succeeded"), Settlement::Applied),
+        (Some("Failed"), Settlement::Unapplied),
+        (Some("Canceled"), Settlement::Unapplied),
+        (Some("Updating"), Settlement::Applying),
+        (Some("Creating"), Settlement::Applying),
+        (Some("Migrating"), Settlement::Applying),
+        (Some("SomethingNew"), Settlement::Applying),
+    ] {
+        assert_eq!(Settlement::of(state), settlement, "{state:?}");
+    }
+}
+
+#[test]
+fn an_identity_listed_while_its_addition_is_applied_is_not_assigned_nor_sent_again() {
+    // Our PATCH was accepted; polling its operation failed, and the machine read again lists the
+    // identity while ARM still applies it.
+    let w = wanted("web-0", "node-1", "payments", 1);
+    let newcomer = wanted("web-1", "node-1", "payments", 1);
+    let mut input = input(
+        vec![w.clone(), newcomer],
+        vec![recorded(
+            &w,
+            AssignmentStatus::Created,
+            Origin::Added,
+            Some(&machine().arm_id()),
+        )],
+    );
+    let updating = in_state(&["payments"], "Updating");
+    let plan = run(&input, Some(&updating));
+    assert!(!assigns(&plan), "nothing Assigned before ARM finished: {plan:?}");
+    assert!(plan.delta.is_empty(), "nothing sent again: {plan:?}");
+    assert!(plan.settling, "the machine is read again");
+    assert!(!plan.is_idle());
+    // The newcomer's record is written (not usable yet, and ours, as the addition is).
+    let [Write::Create { object, transition }] = plan.writes.as_slice() else {
+        panic!("{plan:?}")
+    };
+    assert_eq!(object.assignment_status(), AssignmentStatus::Created);
+    assert_eq!(
+        object.metadata.annotations.as_ref().unwrap()[ORIGIN_ANNOTATION],
+        "added"
+    );
+    assert_eq!(transition, &None);
+    apply_writes(&mut input, &plan);
+
+    // A read after the operation ended: both become Assigned, with no change sent.
+    let done = observed(&["payments"]);
+    let plan = run(&input, Some(&done));
+    assert!(plan.delta.is_empty());
+    assert!(!plan.settling);
+    assert_eq!(
+        plan.writes
+            .iter()
+            .filter(|w| matches!(
+                w,
+                Write::Patch {
+                    transition: Some(Transition::Assigned(_)),
+                    ..
+                }
+            ))
+            .count(),
+        2,
+        "{plan:?}"
+    );
+}
+
+#[test]
+fn a_removal_being_applied_keeps_the_record_until_a_read_shows_it_done() {
+    let gone = wanted("gone-0", "node-1", "old", 3);
+    let input = input(
+        vec![],
+        vec![recorded(&gone, AssignmentStatus::Assigned, Origin::Added, None)],
+    );
+    // Our removal was accepted and its answer lost: the model no longer lists it, the instances may.
+    let removing = in_state(&[], "Updating");
+    let plan = run(&input, Some(&removing));
+    assert!(releases(&plan).is_empty(), "kept while ARM removes: {plan:?}");
+    assert!(plan.delta.is_empty());
+    assert!(plan.settling);
+    // Someone else's update runs before our removal was sent: nothing is sent meanwhile, nothing released.
+    let busy = in_state(&["old"], "Updating");
+    let plan = run(&input, Some(&busy));
+    assert!(
+        plan.delta.is_empty(),
+        "ARM refuses a second update meanwhile: {plan:?}"
+    );
+    assert!(releases(&plan).is_empty());
+    assert!(plan.settling);
+    // Done: the record goes.
+    let plan = run(&input, Some(&observed(&[])));
+    assert_eq!(releases(&plan), vec!["gone-0-ns-old"]);
+    assert!(!plan.settling);
+    // A record that can never remove anything goes at once, whatever ARM is doing.
+    let preexisting = MachineInput {
+        recorded: vec![recorded(
+            &gone,
+            AssignmentStatus::Assigned,
+            Origin::Preexisting,
+            None,
+        )],
+        ..input
+    };
+    let plan = run(&preexisting, Some(&removing));
+    assert_eq!(releases(&plan), vec!["gone-0-ns-old"]);
+    assert!(!plan.settling);
+}
+
+#[test]
+fn a_drift_check_during_someone_elses_update_repairs_and_demotes_nothing_until_it_ends() {
+    let w = wanted("web-0", "node-1", "payments", 1);
+    let input = input(
+        vec![w.clone()],
+        vec![recorded(
+            &w,
+            AssignmentStatus::Assigned,
+            Origin::Added,
+            Some(&machine().arm_id()),
+        )],
+    );
+    // Another writer's update drops our identity; until it ends IMDS still has it.
+    let mid = in_state(&["other"], "Updating");
+    let plan = run(&input, Some(&mid));
+    assert!(plan.delta.is_empty(), "no repair mid-update: {plan:?}");
+    assert!(plan.writes.is_empty(), "the Assigned record stays: {plan:?}");
+    assert!(plan.settling);
+    // Ended: the identity is put back.
+    let plan = run(&input, Some(&observed(&["other"])));
+    assert_eq!(plan.delta.add, vec![identity_id("payments")]);
+    // A machine being updated with nothing of ours waiting on it is no reason to read it again.
+    let plan = run(&input, Some(&in_state(&["payments", "other"], "Updating")));
+    assert!(plan.is_idle(), "{plan:?}");
+}
+
+#[test]
+fn a_failed_update_lists_what_did_not_apply_so_it_is_sent_again_and_nothing_is_assigned() {
+    let w = wanted("web-0", "node-1", "payments", 1);
+    let stranger = wanted("api-0", "node-1", "shared", 2);
+    let gone = wanted("gone-0", "node-1", "old", 3);
+    let input = input(
+        vec![w.clone(), stranger],
+        vec![
+            recorded(
+                &w,
+                AssignmentStatus::Created,
+                Origin::Added,
+                Some(&machine().arm_id()),
+            ),
+            recorded(&gone, AssignmentStatus::Assigned, Origin::Added, None),
+        ],
+    );
+    // The last update failed: the model lists "payments" (ours) and "shared" (someone else's, in that
+    // update), and no longer "old" (our removal, in that update).
+    for state in ["Failed", "Canceled"] {
+        let failed = in_state(&["payments", "shared"], state);
+        let plan = run(&input, Some(&failed));
+        assert!(!assigns(&plan), "{state}: {plan:?}");
+        assert!(
+            !plan.settling,
+            "{state}: terminal; the change sent again is what follows"
+        );
+        let mut add = plan.delta.add.clone();
+        add.sort();
+        assert_eq!(
+            add,
+            vec![identity_id("payments"), identity_id("shared")],
+            "{state}"
+        );
+        assert!(
+            releases(&plan).is_empty(),
+            "{state}: the removal may not have applied: {plan:?}"
+        );
+        // Sending again what someone else's failed update listed makes it not ours.
+        let created = plan
+            .writes
+            .iter()
+            .find_map(|w| match w {
+                Write::Create { object, .. } => Some(object),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            created.metadata.annotations.as_ref().unwrap()[ORIGIN_ANNOTATION],
+            "preexisting",
+            "{state}"
+        );
+    }
+    // An identity already confirmed Assigned is not sent again for a failure of a later update.
+    let confirmed = MachineInput {
+        recorded: vec![recorded(
+            &w,
+            AssignmentStatus::Assigned,
+            Origin::Added,
+            Some(&machine().arm_id()),
+        )],
+        wanted: vec![w],
+        ..input
+    };
+    let plan = run(&confirmed, Some(&in_state(&["payments"], "Failed")));
+    assert!(plan.is_idle(), "{plan:?}");
 }

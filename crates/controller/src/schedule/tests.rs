@@ -794,3 +794,44 @@ fn pods_going_one_after_another_make_one_removal_once_they_stop_or_after_30_s() 
     }
     panic!("never removed");
 }
+
+#[test]
+fn a_change_whose_answer_was_lost_is_read_until_arm_has_applied_it_and_only_then_assigned() {
+    let mut s = Sim::new();
+    s.known(0, &[], 1);
+    s.pod("web-0", "payments");
+    s.settle(0);
+    assert!(matches!(s.step(1000), Kind::Patch { add: 1, .. }));
+    // Polling the operation failed: the outcome is unknown, and the machine is read after the backoff.
+    let effects = s.answer(
+        1000,
+        Err(AzureError::Transient {
+            status: None,
+            code: "ConnectionReset".into(),
+            message: "connection reset".into(),
+        }),
+    );
+    let at = 1000 + ceil_ms(effects.failed.unwrap().1);
+    assert_eq!(s.step(at), Kind::Read { drift: false });
+    let updating = Observed {
+        provisioning_state: Some("Updating".into()),
+        ..machine(&["payments"], Some(2))
+    };
+    s.answer(at, Ok(updating.clone()));
+    // ARM still applies it: no write, no second PATCH; the next read one poll interval later.
+    let poll = SETTLE_POLL_INTERVAL.as_millis() as u64;
+    assert_eq!(s.step(at), Kind::Wait(Some(ms(at + poll))));
+    assert_eq!(s.status("web-0"), Some(AssignmentStatus::Created));
+    assert!(s.schedule.busy());
+    assert_eq!(s.step(at + poll), Kind::Read { drift: false });
+    s.answer(at + poll, Ok(updating));
+    assert_eq!(s.step(at + poll), Kind::Wait(Some(ms(at + 2 * poll))));
+    assert_eq!(s.status("web-0"), Some(AssignmentStatus::Created));
+    assert_eq!(s.step(at + 2 * poll), Kind::Read { drift: false });
+    // Done: Assigned, with no change sent.
+    s.answer(at + 2 * poll, Ok(machine(&["payments"], Some(3))));
+    assert_eq!(s.step(at + 2 * poll), Kind::Write(1));
+    assert_eq!(s.status("web-0"), Some(AssignmentStatus::Assigned));
+    assert!(matches!(s.step(at + 2 * poll), Kind::Wait(_)));
+    assert!(!s.schedule.busy());
+}
