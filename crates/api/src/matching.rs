@@ -143,13 +143,38 @@ pub struct Index {
     scope: Scope,
     /// Bindings by selector, each list in rank order; those without a selector under `""`, which no
     /// pod's label matches.
-    bindings_by_selector: HashMap<String, Vec<AzureIdentityBinding>>,
+    bindings_by_selector: HashMap<String, Vec<Validated<AzureIdentityBinding>>>,
     /// The selector each binding is filed under.
     binding_selectors: HashMap<ObjectKey, String>,
     /// Identities by namespace, then name.
-    identities: HashMap<String, HashMap<String, AzureIdentity>>,
+    identities: HashMap<String, HashMap<String, Validated<AzureIdentity>>>,
     /// Exceptions by namespace, then name.
     exceptions: HashMap<String, HashMap<String, AzurePodIdentityException>>,
+}
+
+/// An object with what validating its spec found, once per change of the object rather than once per
+/// decision.
+#[derive(Clone, Debug)]
+struct Validated<T> {
+    object: T,
+    errors: Vec<SpecError>,
+}
+
+impl Validated<AzureIdentityBinding> {
+    fn binding(object: AzureIdentityBinding) -> Self {
+        Self {
+            errors: object.spec.validate(),
+            object,
+        }
+    }
+}
+
+impl Validated<AzureIdentity> {
+    fn identity(object: AzureIdentity) -> Self {
+        let mut errors = object.spec.validate();
+        errors.extend(crate::federation::backend_errors(&object));
+        Self { object, errors }
+    }
 }
 
 impl Index {
@@ -181,8 +206,8 @@ impl Index {
         self.remove_binding(&key);
         let selector = binding.spec.selector.clone().unwrap_or_default();
         let list = self.bindings_by_selector.entry(selector.clone()).or_default();
-        let at = list.partition_point(|b| rank_order(b, &binding) == std::cmp::Ordering::Less);
-        list.insert(at, binding);
+        let at = list.partition_point(|b| rank_order(&b.object, &binding) == std::cmp::Ordering::Less);
+        list.insert(at, Validated::binding(binding));
         self.binding_selectors.insert(key, selector);
     }
 
@@ -192,7 +217,7 @@ impl Index {
             return false;
         };
         if let Some(list) = self.bindings_by_selector.get_mut(&selector) {
-            list.retain(|b| !is(b, key));
+            list.retain(|b| !is(&b.object, key));
             if list.is_empty() {
                 self.bindings_by_selector.remove(&selector);
             }
@@ -211,16 +236,16 @@ impl Index {
                 && let Some(list) = self.bindings_by_selector.get_mut(&previous)
             {
                 // A list naming one object twice: the last one counts, as a watch would leave it.
-                list.retain(|b| !is(b, &key));
+                list.retain(|b| !is(&b.object, &key));
             }
             self.bindings_by_selector
                 .entry(selector)
                 .or_default()
-                .push(binding);
+                .push(Validated::binding(binding));
         }
         self.bindings_by_selector.retain(|_, list| !list.is_empty());
         for list in self.bindings_by_selector.values_mut() {
-            list.sort_by(rank_order);
+            list.sort_by(|a, b| rank_order(&a.object, &b.object));
         }
     }
 
@@ -230,7 +255,7 @@ impl Index {
         self.identities
             .entry(key.namespace)
             .or_default()
-            .insert(key.name, identity);
+            .insert(key.name, Validated::identity(identity));
     }
 
     /// Removes an identity; whether it was there.
@@ -270,12 +295,18 @@ impl Index {
 
     /// Every binding, in no particular order.
     pub fn bindings(&self) -> impl Iterator<Item = &AzureIdentityBinding> {
-        self.bindings_by_selector.values().flatten()
+        self.bindings_by_selector
+            .values()
+            .flatten()
+            .map(|validated| &validated.object)
     }
 
     /// Every identity, in no particular order.
     pub fn identities(&self) -> impl Iterator<Item = &AzureIdentity> {
-        self.identities.values().flat_map(HashMap::values)
+        self.identities
+            .values()
+            .flat_map(HashMap::values)
+            .map(|validated| &validated.object)
     }
 
     /// Every exception, in no particular order.
@@ -300,7 +331,10 @@ impl Index {
 
     /// The identity of that namespace and name.
     pub fn identity(&self, namespace: &str, name: &str) -> Option<&AzureIdentity> {
-        self.identities.get(namespace)?.get(name)
+        self.identities
+            .get(namespace)?
+            .get(name)
+            .map(|validated| &validated.object)
     }
 
     /// Whether an exception of the pod's namespace matches the pod.
@@ -328,12 +362,13 @@ impl Index {
         };
         let node = pod.node_name.as_deref();
         let mut taken: BTreeMap<ObjectKey, (ObjectKey, ObjectKey)> = BTreeMap::new();
-        for binding in self.bindings_by_selector.get(selector).into_iter().flatten() {
+        for validated in self.bindings_by_selector.get(selector).into_iter().flatten() {
+            let binding = &validated.object;
             let binding_key = key_of(binding);
             let identity_name = binding.spec.azure_identity.clone().unwrap_or_default();
             let identity_key = ObjectKey::new(binding_key.namespace.clone(), identity_name);
             let outcome = self
-                .evaluate(pod, binding, &binding_key, &identity_key)
+                .evaluate(pod, validated, &binding_key, &identity_key)
                 .and_then(|assignment| match taken.entry(assignment.clone()) {
                     Entry::Occupied(kept) => {
                         let (kept_binding, kept_identity) = kept.get();
@@ -379,28 +414,33 @@ impl Index {
     fn evaluate(
         &self,
         pod: &PodView,
-        binding: &AzureIdentityBinding,
+        binding: &Validated<AzureIdentityBinding>,
         binding_key: &ObjectKey,
         identity_key: &ObjectKey,
     ) -> Result<ObjectKey, Rejection> {
         if self.scope == Scope::Namespaced && binding_key.namespace != pod.key.namespace {
             return Err(Rejection::OtherNamespace);
         }
-        let binding_errors = binding.spec.validate();
-        if !binding_errors.is_empty() {
-            return Err(Rejection::InvalidBinding(binding_errors));
+        if !binding.errors.is_empty() {
+            return Err(Rejection::InvalidBinding(binding.errors.clone()));
         }
-        let identity = self
-            .identity(&identity_key.namespace, &identity_key.name)
+        let Validated {
+            object: identity,
+            errors: identity_errors,
+        } = self
+            .identities
+            .get(&identity_key.namespace)
+            .and_then(|names| names.get(&identity_key.name))
             .ok_or_else(|| Rejection::IdentityMissing(identity_key.clone()))?;
         let namespaced_identity = self.scope == Scope::Namespaced || is_namespaced_by_annotation(identity);
         if namespaced_identity && identity_key.namespace != pod.key.namespace {
             return Err(Rejection::IdentityNamespaced);
         }
-        let mut identity_errors = identity.spec.validate();
-        identity_errors.extend(crate::federation::backend_errors(identity));
         if !identity_errors.is_empty() {
-            return Err(Rejection::InvalidIdentity(identity_key.clone(), identity_errors));
+            return Err(Rejection::InvalidIdentity(
+                identity_key.clone(),
+                identity_errors.clone(),
+            ));
         }
         let namespace = if namespaced_identity {
             identity_key.namespace.clone()
