@@ -13,10 +13,13 @@
 //!   identities it carries are left alone ([`crate::plan::Context::in_flight`]); whatever else arrives
 //!   gathers, and goes in one follow-up PATCH when the first returns.
 //! - **Batch window.** An identity to add waits at most `batch_window` from the moment a pod first
-//!   needed it, so that a burst of pods makes one request. Removals wait until no other removal has
-//!   come for `batch_window` (at most [`REMOVAL_MAX_WAIT`]), so that pods deleted one after another make
-//!   one request, and a pod deleted and at once replaced (a rollout, a node drained) removes nothing;
-//!   they ride along with any addition sent once they are one window old.
+//!   needed it, so that a burst of pods makes one request. Removals wait until neither another removal
+//!   has come nor another pod has left the machine for `batch_window` (at most [`REMOVAL_MAX_WAIT`]),
+//!   so that pods deleted one after another make one request, and a pod deleted and at once replaced (a
+//!   rollout, a node drained) removes nothing. Pods leaving count, not only identities no longer
+//!   needed: an identity goes with the last of its pods, so in a scale-down the first identities to go
+//!   come far apart and the bulk comes last. Removals ride along with any addition sent once they are
+//!   one window old.
 //! - **Records first.** Record writes come before any ARM call, so that an identity is recorded
 //!   `added` before ARM is asked to add it.
 //! - **Holds.** After a failure nothing more is sent before ARM's `Retry-After` (the machine's own, and
@@ -32,10 +35,11 @@
 //!   interval is read, to find identities someone else removed.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
+use pod_identity_api::ObjectKey;
 use pod_identity_azure::{
     AzureError, IdentityDelta, ThrottleScope, error::named_in, resource_id::fold, retry::Backoff,
 };
@@ -147,6 +151,10 @@ pub struct Schedule {
     write_steps: u32,
     /// Since when each pending change (case-folded identity) has been wanted.
     pending: BTreeMap<String, Instant>,
+    /// The assignments wanted on the machine at the last step.
+    wanted: BTreeSet<ObjectKey>,
+    /// When an assignment was last no longer wanted (its pod left the machine, or its binding went).
+    departed: Option<Instant>,
     /// Additions among which ARM refuses one it does not name.
     suspects: Option<Vec<String>>,
     /// When the drift check reads the machine next.
@@ -178,6 +186,8 @@ impl Schedule {
             writes_hold: None,
             write_steps: 0,
             pending: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            departed: None,
             suspects: None,
             drift_due: now + drift_interval.mul_f64(jitter.clamp(0.0, 1.0)),
             modified: 0,
@@ -240,6 +250,7 @@ impl Schedule {
             );
             (plan, current.map(|k| (k.at, k.drift, k.observed.etag.clone())))
         };
+        self.note_departures(input, now);
         // Without knowledge there is no delta; what was pending stays pending while the machine is read.
         if known.is_some() {
             self.pending_for(&plan.delta, now);
@@ -527,6 +538,15 @@ impl Schedule {
         effects
     }
 
+    /// Notes whether an assignment wanted at the last step is no longer wanted.
+    fn note_departures(&mut self, input: &MachineInput, now: Instant) {
+        let wanted: BTreeSet<ObjectKey> = input.wanted.iter().map(|w| w.key.clone()).collect();
+        if self.wanted.difference(&wanted).next().is_some() {
+            self.departed = Some(now);
+        }
+        self.wanted = wanted;
+    }
+
     /// Notes since when each change of `delta` has been wanted; forgets changes no longer wanted.
     fn pending_for(&mut self, delta: &IdentityDelta, now: Instant) {
         let keys: Vec<String> = delta.add.iter().chain(&delta.remove).map(|id| fold(id)).collect();
@@ -550,8 +570,9 @@ impl Schedule {
     }
 
     /// When the change is due: an addition one batch window after it was first wanted; removals once no
-    /// other removal has come for a batch window (so that pods going one after another, a scale-down or a
-    /// drained node, make one request), but at most [`REMOVAL_MAX_WAIT`] after the first.
+    /// other removal has come and no pod has left for a batch window (so that pods going one after
+    /// another, a scale-down or a drained node, make one request), but at most [`REMOVAL_MAX_WAIT`] after
+    /// the first.
     fn due(&self, delta: &IdentityDelta) -> Option<Instant> {
         let sinces = |ids: &[String]| -> Vec<Instant> {
             ids.iter()
@@ -565,7 +586,8 @@ impl Schedule {
         let removals = sinces(&delta.remove);
         let removals = match (removals.iter().min(), removals.iter().max()) {
             (Some(oldest), Some(youngest)) => {
-                Some((*youngest + self.batch_window).min(*oldest + REMOVAL_MAX_WAIT.max(self.batch_window)))
+                let quiet_since = later(self.departed, *youngest);
+                Some((quiet_since + self.batch_window).min(*oldest + REMOVAL_MAX_WAIT.max(self.batch_window)))
             }
             _ => None,
         };
@@ -622,6 +644,7 @@ impl Schedule {
         self.hold = self.hold.map(back);
         self.writes_hold = self.writes_hold.map(back);
         self.drift_due = back(self.drift_due);
+        self.departed = self.departed.map(back);
         for since in self.pending.values_mut() {
             *since = back(*since);
         }

@@ -740,6 +740,42 @@ fn a_machine_that_vanished_holds_nothing_and_its_records_go_without_a_change() {
 }
 
 #[test]
+fn a_scale_down_whose_identities_go_far_apart_makes_one_removal_while_its_pods_keep_going() {
+    // "a" has one pod, "b" ten: a scale-down takes "a" first, and "b" only with its last pod, 2 s later.
+    let mut s = Sim::new();
+    s.pod("a-0", "a");
+    for n in 0..10 {
+        s.pod(&format!("b-{n}"), "b");
+    }
+    s.known(0, &[], 1);
+    s.settle(0);
+    assert!(matches!(s.step(1000), Kind::Patch { add: 2, .. }));
+    s.answer(1000, Ok(machine(&["a", "b"], Some(2))));
+    s.settle(1000);
+    let mut at = 2000;
+    s.pod_gone("a-0");
+    assert_eq!(s.settle(at), Kind::Wait(Some(ms(at + 1000))));
+    for n in 0..10 {
+        at += 200;
+        s.pod_gone(&format!("b-{n}"));
+        assert_eq!(
+            s.settle(at),
+            Kind::Wait(Some(ms(at + 1000))),
+            "pods still leave at {at}: \"a\" waits for them"
+        );
+    }
+    assert_eq!(
+        s.step(at + 1000),
+        Kind::Patch {
+            add: 0,
+            remove: 2,
+            if_match: tag(2)
+        },
+        "one removal, a window after the last pod went"
+    );
+}
+
+#[test]
 fn pods_going_one_after_another_make_one_removal_once_they_stop_or_after_30_s() {
     let names: Vec<String> = (0..40).map(|n| format!("id{n}")).collect();
     let mut s = Sim::new();
