@@ -198,6 +198,22 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
     let log = dir.path().join("controller.log");
     // The chart's names for the readiness-gate webhook's Service, Secret and configuration.
     let webhook = format!("{release}-pod-identity-webhook");
+    // Helm installs the webhook configuration last, so the controller may lead and write its Secret before
+    // the configuration exists; here it surely does, and must then adopt the Secret with the chart's RBAC.
+    let admin = plane.admin_client().await.unwrap();
+    let configurations =
+        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(admin.clone());
+    let mut installed = configurations.get(&webhook).await.unwrap();
+    installed.metadata = kube::api::ObjectMeta {
+        name: installed.metadata.name.clone(),
+        labels: installed.metadata.labels.clone(),
+        annotations: installed.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    configurations
+        .delete(&webhook, &Default::default())
+        .await
+        .unwrap();
     let log_file = std::fs::File::create(&log).unwrap();
     let _controller = Killed(
         Command::new(tools::workspace_binary("pod-identity-controller").unwrap())
@@ -241,8 +257,18 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
             .spawn()
             .unwrap(),
     );
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &release);
+    eventually(|| async {
+        secrets.get(&format!("{webhook}-cert")).await?;
+        Ok::<_, kube::Error>(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; controller log:\n{}", std::fs::read_to_string(&log).unwrap()));
+    configurations
+        .create(&kube::api::PostParams::default(), &installed)
+        .await
+        .unwrap();
 
-    let admin = plane.admin_client().await.unwrap();
     let ns = plane.namespace().await.unwrap();
     let node = format!("node-{}", ns.name);
     fixtures::create_node(
@@ -311,9 +337,6 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
     .unwrap_or_else(|e| panic!("{e}; controller log:\n{}", std::fs::read_to_string(&log).unwrap()));
     // It keeps the webhook's certificate in its Secret and publishes the authority in the chart's
     // configuration (the namespaced Role on one Secret, the ClusterRole on one configuration).
-    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &release);
-    let configurations =
-        Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(admin.clone());
     eventually(|| async {
         let secret = secrets.get(&format!("{webhook}-cert")).await?;
         let bundle = secret.data.unwrap_or_default().remove("ca.crt").map(|b| b.0);
@@ -331,6 +354,22 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}; controller log:\n{}", std::fs::read_to_string(&log).unwrap()));
+    // The Secret written before the configuration existed is adopted: uninstalling removes it.
+    let owners = eventually(|| async {
+        let secret = secrets.get(&format!("{webhook}-cert")).await?;
+        let owners: Vec<String> = secret
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        anyhow::ensure!(!owners.is_empty(), "the Secret has no owner yet");
+        Ok(owners)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; controller log:\n{}", std::fs::read_to_string(&log).unwrap()));
+    assert_eq!(owners, vec![webhook.clone()]);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.contains("forbidden") && !text.contains("Forbidden"),

@@ -20,7 +20,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
@@ -104,6 +104,9 @@ pub async fn load(client: Client, namespace: String, secret: String, key: Arc<Se
     }
 }
 
+/// How soon the leader looks again for a configuration that does not exist yet.
+const CONFIGURATION_WAIT: Duration = Duration::from_secs(2);
+
 /// While this replica leads, creates and rotates the certificates and publishes the bundle; waits
 /// otherwise. Runs until dropped.
 pub async fn keep(client: Client, config: KeeperConfig, mut leadership: Leadership) {
@@ -139,14 +142,18 @@ async fn round(
     let kept = existing.as_ref().and_then(material_of);
     let now = SystemTime::now();
     let verdict = certs::assess(kept.as_ref(), &config.settings, now);
-    // A Secret written before the configuration existed gets its owner now (a rewrite adds it itself).
+    // A Secret written before the configuration existed (the controller can lead before Helm has created
+    // the configuration, which it installs last) gets its owner now; a rewrite adds it itself.
     let unowned = match (&verdict, &existing) {
-        (Verdict::Keep, Some(secret)) => secret
-            .metadata
-            .owner_references
-            .as_ref()
-            .is_none_or(Vec::is_empty)
-            .then(|| secret.resource_version()),
+        (Verdict::Keep, Some(secret))
+            if secret
+                .metadata
+                .owner_references
+                .as_ref()
+                .is_none_or(Vec::is_empty) =>
+        {
+            Some(secret.clone())
+        }
         _ => None,
     };
     let configuration = configurations.get_opt(&config.configuration).await?;
@@ -176,15 +183,7 @@ async fn round(
         }
         (Verdict::Keep, None) => return Ok(now),
     };
-    if let (Some(version), Some(owner)) = (unowned, configuration.as_ref().and_then(owner_of)) {
-        if !leadership.is_leader() {
-            return Err(KeeperError::NotLeading);
-        }
-        let patch = json!({"metadata": {"ownerReferences": [owner], "resourceVersion": version}});
-        secrets
-            .patch(&config.secret, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
+    // Publishing comes first: the API server needs the bundle, the owner only matters at uninstall.
     match &configuration {
         Some(configuration) => publish(configurations, configuration, &current.ca_bundle, leadership).await?,
         None => warn!(
@@ -192,7 +191,24 @@ async fn round(
             "the MutatingWebhookConfiguration does not exist; its caBundle is published once it does"
         ),
     }
-    Ok(certs::renewal_due(&current, &config.settings).unwrap_or(now))
+    if let (Some(mut secret), Some(owner)) = (unowned, configuration.as_ref().and_then(owner_of)) {
+        if !leadership.is_leader() {
+            return Err(KeeperError::NotLeading);
+        }
+        // An update, the one verb the chart's Role grants on this Secret besides reading it, carrying the
+        // read's resourceVersion: a Secret changed since is a conflict, not overwritten.
+        secret.metadata.owner_references = Some(vec![owner]);
+        secrets
+            .replace(&config.secret, &PostParams::default(), &secret)
+            .await?;
+    }
+    let due = certs::renewal_due(&current, &config.settings).unwrap_or(now);
+    Ok(match configuration {
+        Some(_) => due,
+        // Helm creates the configuration last: look again soon rather than at the next recheck, so that
+        // the webhook works moments after an install, not a recheck later.
+        None => due.min(now + CONFIGURATION_WAIT),
+    })
 }
 
 /// Sets every webhook's `caBundle` of `configuration` to `bundle` where it differs; each change is
