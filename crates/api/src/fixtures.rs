@@ -34,11 +34,13 @@ pub const TENANT_ID: &str = "tenant";
 /// The Kubernetes secret that [`service_principal`] names as its `clientPassword`.
 pub const CLIENT_SECRET_NAME: &str = "secret";
 
-/// Metadata naming an object in a namespace.
+/// Metadata naming an object in a namespace, with the UID `uid-{namespace}-{name}` (the API server
+/// gives every stored object one; records of an identity carry it).
 pub fn object_meta(namespace: &str, name: &str) -> ObjectMeta {
     ObjectMeta {
         namespace: Some(namespace.into()),
         name: Some(name.into()),
+        uid: Some(format!("uid-{namespace}-{name}")),
         ..Default::default()
     }
 }
@@ -51,11 +53,11 @@ pub fn user_assigned_identity_id(subscription: &str, name: &str) -> String {
 }
 
 /// An `AzureIdentity` of type 0 (user-assigned managed identity) with `clientID` `client_id` and a
-/// `resourceID` of the same name in subscription `sub` ([`AzureIdentity::with_resource_id`] changes it).
+/// `resourceID` of the same name in subscription `s` ([`AzureIdentity::with_resource_id`] changes it).
 pub fn user_assigned_identity(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
     identity_of_type(namespace, name, IdentityType::UserAssignedManagedIdentity)
         .with_client_id(client_id)
-        .with_resource_id(&user_assigned_identity_id("sub", name))
+        .with_resource_id(&user_assigned_identity_id("s", name))
 }
 
 /// An `AzureIdentity` of type 1 (service principal with a secret) in tenant [`TENANT_ID`], whose
@@ -69,6 +71,14 @@ pub fn service_principal(namespace: &str, name: &str, client_id: &str) -> AzureI
         namespace: Some(namespace.into()),
     });
     identity
+}
+
+/// A user-assigned identity served by workload identity federation: the backend annotation says
+/// `federated`, and it names tenant [`TENANT_ID`].
+pub fn federated_identity(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
+    user_assigned_identity(namespace, name, client_id)
+        .with_annotation(crate::federation::BACKEND_ANNOTATION, "federated")
+        .with_tenant_id(TENANT_ID)
 }
 
 /// An `AzureIdentity` with only its `type`; the `with_*` methods add the rest.
