@@ -114,10 +114,7 @@ impl AzureIdentity {
 
     /// This identity with the annotation `key` set to `value`.
     pub fn with_annotation(mut self, key: &str, value: &str) -> Self {
-        self.metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(key.into(), value.into());
+        annotate(&mut self.metadata, key, value);
         self
     }
 }
@@ -142,6 +139,19 @@ impl AzureIdentityBinding {
         self.spec.weight = Some(weight);
         self
     }
+
+    /// This binding with the annotation `key` set to `value`.
+    pub fn with_annotation(mut self, key: &str, value: &str) -> Self {
+        annotate(&mut self.metadata, key, value);
+        self
+    }
+}
+
+fn annotate(metadata: &mut ObjectMeta, key: &str, value: &str) {
+    metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(key.into(), value.into());
 }
 
 /// An `AzurePodIdentityException` for pods of its namespace that carry every label of `pod_labels`.
