@@ -99,20 +99,124 @@ fn selector_is_compared_by_exact_string_equality() {
     );
 }
 
+/// A pod's labels and life decide whether it gets the identity its label binds. Each row is a former
+/// test: `pod_without_label_or_with_empty_label_gets_nothing`,
+/// `a_pod_being_deleted_keeps_its_identities_until_its_containers_stop` and
+/// `finished_pods_release_their_identities`.
 #[test]
-fn pod_without_label_or_with_empty_label_gets_nothing() {
+fn a_pods_label_and_life_decide_whether_it_gets_its_identity() {
     let fx = Fixture::new(
         vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     );
-    let mut unlabelled = pod("shop", "web", "pay", "n");
-    unlabelled.labels.clear();
-    let empty = pod("shop", "web2", "", "n");
-    assert!(fx.names(&[unlabelled.clone(), empty.clone()]).is_empty());
-    assert_eq!(fx.decide(&unlabelled).skipped, Some(PodSkip::NotLabelled));
-    assert_eq!(fx.decide(&empty).skipped, Some(PodSkip::NotLabelled));
+    let with = |change: fn(&mut PodView)| {
+        let mut pod = pod("shop", "web", "pay", "n");
+        change(&mut pod);
+        pod
+    };
+    // (row, pod, assignments, skip; `None` where the row asserts its assignments only)
+    let rows: [(&str, PodView, usize, Option<Option<PodSkip>>); 12] = [
+        (
+            "no label",
+            with(|p| p.labels.clear()),
+            0,
+            Some(Some(PodSkip::NotLabelled)),
+        ),
+        (
+            "empty label",
+            pod("shop", "web2", "", "n"),
+            0,
+            Some(Some(PodSkip::NotLabelled)),
+        ),
+        // SIGTERM handlers run through the grace period and need their tokens.
+        (
+            "deleted, containers running",
+            with(|p| {
+                p.deleting = true;
+                p.containers = Containers::Running;
+            }),
+            1,
+            Some(None),
+        ),
+        (
+            "deleted, containers unreported",
+            with(|p| {
+                p.deleting = true;
+                p.containers = Containers::Unreported;
+            }),
+            1,
+            Some(None),
+        ),
+        (
+            "deleted, every container stopped",
+            with(|p| {
+                p.deleting = true;
+                p.containers = Containers::NoneRunning;
+            }),
+            0,
+            Some(Some(PodSkip::Finished(Ending::Stopped))),
+        ),
+        (
+            "phase Succeeded",
+            with(|p| p.phase = Some("Succeeded".into())),
+            0,
+            Some(Some(PodSkip::Finished(Ending::Succeeded))),
+        ),
+        // Being deleted changes nothing for a pod that finished.
+        (
+            "phase Succeeded, deleted",
+            with(|p| {
+                p.phase = Some("Succeeded".into());
+                p.deleting = true;
+            }),
+            0,
+            None,
+        ),
+        (
+            "phase Failed",
+            with(|p| p.phase = Some("Failed".into())),
+            0,
+            Some(Some(PodSkip::Finished(Ending::Failed))),
+        ),
+        (
+            "phase Failed, deleted",
+            with(|p| {
+                p.phase = Some("Failed".into());
+                p.deleting = true;
+            }),
+            0,
+            None,
+        ),
+        (
+            "phase Pending",
+            with(|p| p.phase = Some("Pending".into())),
+            1,
+            None,
+        ),
+        (
+            "phase Running",
+            with(|p| p.phase = Some("Running".into())),
+            1,
+            None,
+        ),
+        (
+            "phase Unknown",
+            with(|p| p.phase = Some("Unknown".into())),
+            1,
+            None,
+        ),
+    ];
+    for (row, pod, assignments, skipped) in rows {
+        assert_eq!(
+            fx.names(std::slice::from_ref(&pod)).len(),
+            assignments,
+            "{row}: assignments"
+        );
+        if let Some(skipped) = skipped {
+            assert_eq!(fx.decide(&pod).skipped, skipped, "{row}: skip");
+        }
+    }
 }
-
 #[test]
 fn pod_without_node_gets_nothing_until_scheduled() {
     let fx = Fixture::new(
@@ -133,31 +237,6 @@ fn pod_without_node_gets_nothing_until_scheduled() {
 }
 
 #[test]
-fn a_pod_being_deleted_keeps_its_identities_until_its_containers_stop() {
-    let fx = Fixture::new(
-        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
-        vec![binding("shop", "b", "payments", "pay")],
-    );
-    // SIGTERM handlers run through the grace period and need their tokens.
-    for containers in [Containers::Running, Containers::Unreported] {
-        let mut leaving = pod("shop", "web", "pay", "n");
-        leaving.deleting = true;
-        leaving.containers = containers;
-        assert_eq!(
-            fx.names(std::slice::from_ref(&leaving)).len(),
-            1,
-            "{containers:?}"
-        );
-        assert_eq!(fx.decide(&leaving).skipped, None);
-    }
-    let mut gone = pod("shop", "web", "pay", "n");
-    gone.deleting = true;
-    gone.containers = Containers::NoneRunning;
-    assert!(fx.names(std::slice::from_ref(&gone)).is_empty());
-    assert_eq!(fx.decide(&gone).skipped, Some(PodSkip::Finished(Ending::Stopped)));
-}
-
-#[test]
 fn host_network_pods_are_matched_like_any_other() {
     // They reach IMDS directly (their traffic is not intercepted), so their identity must be on the
     // machine as for any pod; only the agent's lookup by address leaves them out.
@@ -168,33 +247,6 @@ fn host_network_pods_are_matched_like_any_other() {
     let mut host = pod("shop", "csi", "pay", "n");
     host.host_network = true;
     assert_eq!(fx.names(&[host]).len(), 1);
-}
-
-#[test]
-fn finished_pods_release_their_identities() {
-    let fx = Fixture::new(
-        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
-        vec![binding("shop", "b", "payments", "pay")],
-    );
-    for phase in ["Succeeded", "Failed"] {
-        let mut done = pod("shop", "job", "pay", "n");
-        done.phase = Some(phase.into());
-        assert!(fx.names(std::slice::from_ref(&done)).is_empty());
-        let ending = if phase == "Succeeded" {
-            Ending::Succeeded
-        } else {
-            Ending::Failed
-        };
-        assert_eq!(fx.decide(&done).skipped, Some(PodSkip::Finished(ending)));
-        // Being deleted changes nothing for a pod that finished.
-        done.deleting = true;
-        assert!(fx.names(std::slice::from_ref(&done)).is_empty());
-    }
-    for phase in ["Pending", "Running", "Unknown"] {
-        let mut live = pod("shop", "job", "pay", "n");
-        live.phase = Some(phase.into());
-        assert_eq!(fx.names(&[live]).len(), 1, "phase {phase} keeps the identity");
-    }
 }
 
 #[test]
