@@ -173,39 +173,42 @@ fn an_assigned_identity_is_served() {
     );
 }
 
+/// What the pod's assignment record says decides whether its identity is served or waited for. Rows are
+/// the former tests `a_created_or_missing_assignment_means_wait` and
+/// `a_legacy_assignment_without_status_is_usable`.
 #[test]
-fn a_created_or_missing_assignment_means_wait() {
-    let mut world = synced_world();
-    let id = user_assigned_identity("ns", "id-a", CLIENT_A);
-    world.matching.upsert_identity(id.clone());
-    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
-    let web = pod("ns", "web", Some("web"));
-    assert!(matches!(
-        resolve(&world, standard(), &web, &Selector::Default, &()),
-        Resolution::Wait(Pending::Assignment { status: None, .. })
-    ));
-    assign(&mut world, &web, &id, "Created");
-    assert!(matches!(
-        resolve(&world, standard(), &web, &Selector::Default, &()),
-        Resolution::Wait(Pending::Assignment {
-            status: Some(AssignmentStatus::Created),
-            ..
-        })
-    ));
-}
-
-#[test]
-fn a_legacy_assignment_without_status_is_usable() {
-    let mut world = synced_world();
-    let id = user_assigned_identity("ns", "id-a", CLIENT_A);
-    world.matching.upsert_identity(id.clone());
-    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
-    let web = pod("ns", "web", Some("web"));
-    assign(&mut world, &web, &id, "");
-    assert_eq!(
-        served_client(&resolve(&world, standard(), &web, &Selector::Default, &())).as_deref(),
-        Some(CLIENT_A)
-    );
+fn an_assignment_record_decides_between_serving_and_waiting() {
+    // (row, the record's status if there is one, what the resolution must be)
+    type Row = (&'static str, Option<&'static str>, fn(&Resolution) -> bool);
+    let rows: [Row; 3] = [
+        ("no record: wait", None, |r| {
+            matches!(r, Resolution::Wait(Pending::Assignment { status: None, .. }))
+        }),
+        ("created: wait", Some("Created"), |r| {
+            matches!(
+                r,
+                Resolution::Wait(Pending::Assignment {
+                    status: Some(AssignmentStatus::Created),
+                    ..
+                })
+            )
+        }),
+        ("legacy record without status: usable", Some(""), |r| {
+            served_client(r).as_deref() == Some(CLIENT_A)
+        }),
+    ];
+    for (row, status, expected) in rows {
+        let mut world = synced_world();
+        let id = user_assigned_identity("ns", "id-a", CLIENT_A);
+        world.matching.upsert_identity(id.clone());
+        world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
+        let web = pod("ns", "web", Some("web"));
+        if let Some(status) = status {
+            assign(&mut world, &web, &id, status);
+        }
+        let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
+        assert!(expected(&resolution), "{row}: {resolution:?}");
+    }
 }
 
 #[test]
