@@ -266,28 +266,21 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use pod_identity_api::pod::Containers;
+    use pod_identity_api::{fixtures::pod_view, pod::Containers};
 
     use super::*;
 
+    /// A running pod of node `node-a` in `phase`, at `ip` unless it is empty.
     pub(crate) fn pod(namespace: &str, name: &str, ip: &str, phase: &str) -> PodRecord {
+        let mut view = pod_view(namespace, name)
+            .with_uid(&format!("uid-{name}"))
+            .on_node("node-a")
+            .with_phase(phase);
+        if !ip.is_empty() {
+            view = view.with_ip(ip.parse().unwrap());
+        }
         PodRecord {
-            view: PodView {
-                key: ObjectKey::new(namespace, name),
-                uid: Some(format!("uid-{name}")),
-                labels: BTreeMap::new(),
-                node_name: Some("node-a".into()),
-                phase: Some(phase.into()),
-                deleting: false,
-                containers: Containers::Running,
-                host_network: false,
-                ips: (!ip.is_empty())
-                    .then(|| ip.parse().unwrap())
-                    .into_iter()
-                    .collect(),
-            },
+            view,
             created: None,
             service_account: None,
             gate: Default::default(),

@@ -185,60 +185,57 @@ pub fn algorithm_problem(alg: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
     use super::*;
-    use crate::AzureIdentitySpec;
+    use crate::{IdentityType, fixtures::identity_of_type};
 
-    fn identity(kind: i64, annotation: Option<&str>, tenant: Option<&str>) -> AzureIdentity {
-        AzureIdentity {
-            metadata: ObjectMeta {
-                namespace: Some("shop".into()),
-                name: Some("payments".into()),
-                annotations: annotation
-                    .map(|v| BTreeMap::from([(BACKEND_ANNOTATION.to_owned(), v.to_owned())])),
-                ..Default::default()
-            },
-            spec: AzureIdentitySpec {
-                type_: Some(kind),
-                tenant_id: tenant.map(str::to_owned),
-                ..Default::default()
-            },
-            status: None,
+    const MANAGED: IdentityType = IdentityType::UserAssignedManagedIdentity;
+    const SECRET: IdentityType = IdentityType::ServicePrincipalSecret;
+    const CERTIFICATE: IdentityType = IdentityType::ServicePrincipalCertificate;
+
+    /// `shop/payments` of `type_`, with the backend annotation and the tenant when given.
+    fn identity(type_: IdentityType, annotation: Option<&str>, tenant: Option<&str>) -> AzureIdentity {
+        let mut identity = identity_of_type("shop", "payments", type_);
+        if let Some(value) = annotation {
+            identity = identity.with_annotation(BACKEND_ANNOTATION, value);
         }
+        if let Some(tenant) = tenant {
+            identity = identity.with_tenant_id(tenant);
+        }
+        identity
     }
 
     #[test]
     fn node_is_the_default_and_federated_is_asked_for_by_annotation() {
-        assert_eq!(backend(&identity(0, None, None)), Ok(Backend::Node));
-        assert_eq!(backend(&identity(0, Some(""), None)), Ok(Backend::Node));
-        assert_eq!(backend(&identity(0, Some("node"), None)), Ok(Backend::Node));
+        assert_eq!(backend(&identity(MANAGED, None, None)), Ok(Backend::Node));
+        assert_eq!(backend(&identity(MANAGED, Some(""), None)), Ok(Backend::Node));
+        assert_eq!(backend(&identity(MANAGED, Some("node"), None)), Ok(Backend::Node));
         assert_eq!(
-            backend(&identity(0, Some("Federated"), Some("t"))),
+            backend(&identity(MANAGED, Some("Federated"), Some("t"))),
             Ok(Backend::Federated)
         );
-        assert!(is_federated(&identity(0, Some("federated"), Some("t"))));
-        assert!(!is_federated(&identity(0, Some("federated"), None)));
+        assert!(is_federated(&identity(MANAGED, Some("federated"), Some("t"))));
+        assert!(!is_federated(&identity(MANAGED, Some("federated"), None)));
     }
 
     #[test]
     fn a_bad_choice_is_an_error_that_names_the_annotation() {
-        let err = backend(&identity(0, Some("vmss"), Some("t"))).unwrap_err();
+        let err = backend(&identity(MANAGED, Some("vmss"), Some("t"))).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with(&format!("metadata.annotations[{BACKEND_ANNOTATION}]")),
             "{err}"
         );
         assert!(err.to_string().contains("\"vmss\""), "{err}");
-        let err = backend(&identity(1, Some("federated"), Some("t"))).unwrap_err();
+        let err = backend(&identity(SECRET, Some("federated"), Some("t"))).unwrap_err();
         assert!(err.to_string().contains("type 0"), "{err}");
-        let err = backend(&identity(0, Some("federated"), Some(" "))).unwrap_err();
+        let err = backend(&identity(MANAGED, Some("federated"), Some(" "))).unwrap_err();
         assert_eq!(err.field, "tenantID");
-        assert_eq!(backend_errors(&identity(0, Some("federated"), None)).len(), 1);
+        assert_eq!(
+            backend_errors(&identity(MANAGED, Some("federated"), None)).len(),
+            1
+        );
         assert!(
-            backend_errors(&identity(2, None, None)).is_empty(),
+            backend_errors(&identity(CERTIFICATE, None, None)).is_empty(),
             "no choice, no error"
         );
     }

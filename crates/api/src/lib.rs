@@ -19,6 +19,8 @@ pub mod binding;
 pub mod crds;
 pub mod exception;
 pub mod federation;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod identity;
 pub mod matching;
 pub mod naming;

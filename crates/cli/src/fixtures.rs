@@ -1,56 +1,23 @@
-//! Cluster objects for the unit tests.
+//! Cluster objects for the unit tests: the four kinds come from [`pod_identity_api::fixtures`]; what the
+//! CLI reads beyond them (Kubernetes pods, assignment records) is built here.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::api::ObjectMeta;
 use pod_identity_api::{
-    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, POD_LABEL,
+    AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, POD_LABEL,
 };
 
 pub const CLIENT_ID: &str = "5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b";
 
-fn meta(namespace: &str, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        ..Default::default()
-    }
-}
-
-pub fn identity(namespace: &str, name: &str) -> AzureIdentity {
-    AzureIdentity {
-        metadata: meta(namespace, name),
-        spec: AzureIdentitySpec {
-            type_: Some(0),
-            resource_id: Some(format!(
-                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-            )),
-            client_id: Some(CLIENT_ID.into()),
-            ..Default::default()
-        },
-        status: None,
-    }
-}
-
-pub fn binding(namespace: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-    AzureIdentityBinding {
-        metadata: meta(namespace, name),
-        spec: AzureIdentityBindingSpec {
-            azure_identity: Some(identity.into()),
-            selector: Some(selector.into()),
-            weight: None,
-        },
-        status: None,
-    }
-}
+pub use pod_identity_api::fixtures::{binding, object_meta, user_assigned_identity};
 
 pub fn pod(namespace: &str, name: &str, label: Option<&str>) -> Pod {
     Pod {
         metadata: ObjectMeta {
             labels: label.map(|l| BTreeMap::from([(POD_LABEL.to_owned(), l.to_owned())])),
-            ..meta(namespace, name)
+            ..object_meta(namespace, name)
         },
         spec: Some(PodSpec {
             node_name: Some("node-1".into()),
@@ -71,7 +38,7 @@ pub fn pod(namespace: &str, name: &str, label: Option<&str>) -> Pod {
 /// The assignment of `identity` to pod `pod`, both of `namespace`, as the controller names and writes it.
 pub fn assignment(namespace: &str, pod: &str, identity: &str, status: &str) -> AzureAssignedIdentity {
     AzureAssignedIdentity {
-        metadata: meta(
+        metadata: object_meta(
             namespace,
             &pod_identity_api::naming::assigned_identity_name(pod, namespace, identity),
         ),

@@ -502,7 +502,11 @@ pub fn seed(assignments: &[Arc<AzureAssignedIdentity>], now: jiff::Timestamp) ->
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use pod_identity_api::matching::Scope;
+    use pod_identity_api::{
+        IdentityType, SecretReference,
+        fixtures::{self, identity_of_type},
+        matching::Scope,
+    };
     use serde_json::json;
 
     use super::*;
@@ -515,31 +519,35 @@ mod tests {
         )
     }
 
-    fn identity(namespace: &str, name: &str, type_: i64) -> AzureIdentity {
-        serde_json::from_value(json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"type": type_, "resourceID": uami(name), "clientID": "00000000-0000-4000-8000-000000000001",
-                     "tenantID": "11111111-1111-4111-8111-111111111111", "clientPassword": {"name": "s", "namespace": namespace}},
-        }))
-        .unwrap()
+    const MANAGED: IdentityType = IdentityType::UserAssignedManagedIdentity;
+    const SECRET: IdentityType = IdentityType::ServicePrincipalSecret;
+
+    /// Identity `name` of `type_` for user-assigned identity `name` of [`SUB`], with a tenant and a
+    /// secret reference whatever its type.
+    fn identity(namespace: &str, name: &str, type_: IdentityType) -> AzureIdentity {
+        let mut identity = identity_of_type(namespace, name, type_)
+            .with_resource_id(&uami(name))
+            .with_client_id("00000000-0000-4000-8000-000000000001")
+            .with_tenant_id("11111111-1111-4111-8111-111111111111");
+        identity.spec.client_password = Some(SecretReference {
+            name: Some("s".into()),
+            namespace: Some(namespace.into()),
+        });
+        identity
     }
 
+    /// Binding `{identity}-binding` of `identity` to `selector`, with the pre-warm annotation when given.
     fn binding(
         namespace: &str,
         identity: &str,
         selector: &str,
         prewarm: Option<&str>,
     ) -> AzureIdentityBinding {
-        let annotations = prewarm
-            .map(|v| json!({PREWARM_ANNOTATION: v}))
-            .unwrap_or(json!(null));
-        serde_json::from_value(json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
-            "metadata": {"name": format!("{identity}-binding"), "namespace": namespace, "annotations": annotations},
-            "spec": {"azureIdentity": identity, "selector": selector},
-        }))
-        .unwrap()
+        let binding = fixtures::binding(namespace, &format!("{identity}-binding"), identity, selector);
+        match prewarm {
+            Some(value) => binding.with_annotation(PREWARM_ANNOTATION, value),
+            None => binding,
+        }
     }
 
     fn template(
@@ -626,7 +634,10 @@ mod tests {
 
     #[test]
     fn opted_in_bindings_warm_every_scale_set_a_template_may_land_on() {
-        let identities = [identity("shop", "payments", 0), identity("shop", "reports", 0)];
+        let identities = [
+            identity("shop", "payments", MANAGED),
+            identity("shop", "reports", MANAGED),
+        ];
         let bindings = [
             binding("shop", "payments", "payments", Some("true")),
             binding("shop", "reports", "reports", None),
@@ -658,7 +669,7 @@ mod tests {
 
     #[test]
     fn node_selector_and_required_affinity_on_the_pool_label_narrow_the_scale_sets() {
-        let identities = [identity("shop", "payments", 0)];
+        let identities = [identity("shop", "payments", MANAGED)];
         let bindings = [binding("shop", "payments", "payments", Some("TRUE"))];
         let cases = [
             (
@@ -716,9 +727,9 @@ mod tests {
     #[test]
     fn matching_rules_are_those_of_pods() {
         let identities = [
-            identity("shop", "payments", 0),
-            identity("other", "foreign", 0),
-            identity("shop", "sp", 1),
+            identity("shop", "payments", MANAGED),
+            identity("other", "foreign", MANAGED),
+            identity("shop", "sp", SECRET),
         ];
         let bindings = [
             binding("other", "foreign", "payments", Some("true")),
@@ -747,7 +758,7 @@ mod tests {
 
     #[test]
     fn warm_identities_become_records_that_a_new_leader_lets_linger() {
-        let identities = [identity("shop", "payments", 0)];
+        let identities = [identity("shop", "payments", MANAGED)];
         let bindings = [binding("shop", "payments", "payments", Some("true"))];
         let templates = [template(
             WorkloadKind::DaemonSet,

@@ -316,7 +316,7 @@ impl Recorded {
 pub(crate) mod fixtures {
     //! Objects for unit tests.
 
-    use pod_identity_api::{AzureIdentityBindingSpec, AzureIdentitySpec};
+    use pod_identity_api::fixtures::user_assigned_identity;
 
     use super::*;
 
@@ -332,32 +332,14 @@ pub(crate) mod fixtures {
         format!("00000000-0000-0000-0000-0000000000{n:02x}")
     }
 
+    pub use pod_identity_api::fixtures::binding;
+
+    /// User-assigned identity `name` of [`SUB`] with client [`client_id`]`(n)`, as read at version 1.
     pub fn identity(namespace: &str, name: &str, n: u8) -> AzureIdentity {
-        let mut identity = AzureIdentity::new(
-            name,
-            AzureIdentitySpec {
-                type_: Some(0),
-                resource_id: Some(identity_id(name)),
-                client_id: Some(client_id(n)),
-                ..AzureIdentitySpec::default()
-            },
-        );
-        identity.metadata.namespace = Some(namespace.to_owned());
+        let mut identity =
+            user_assigned_identity(namespace, name, &client_id(n)).with_resource_id(&identity_id(name));
         identity.metadata.resource_version = Some("1".into());
         identity
-    }
-
-    pub fn binding(namespace: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-        let mut binding = AzureIdentityBinding::new(
-            name,
-            AzureIdentityBindingSpec {
-                azure_identity: Some(identity.to_owned()),
-                selector: Some(selector.to_owned()),
-                weight: None,
-            },
-        );
-        binding.metadata.namespace = Some(namespace.to_owned());
-        binding
     }
 
     /// A wanted assignment of `pod` (namespace `ns`) to identity `name` on `node`.

@@ -205,7 +205,7 @@ fn recorded_target(recorded: &Recorded, nodes: &HashMap<String, Option<Machine>>
 mod tests {
     use std::collections::BTreeSet;
 
-    use pod_identity_api::{AssignmentStatus, POD_LABEL};
+    use pod_identity_api::{AssignmentStatus, fixtures::pod_view};
 
     use pod_identity_azure::MachineKind;
 
@@ -225,14 +225,10 @@ mod tests {
     }
 
     fn pod(name: &str, node: &str, selector: &str) -> PodView {
-        PodView {
-            key: ObjectKey::new("ns", name),
-            uid: Some(format!("uid-{name}")),
-            labels: [(POD_LABEL.to_owned(), selector.to_owned())].into(),
-            node_name: Some(node.to_owned()),
-            phase: Some("Running".into()),
-            ..PodView::default()
-        }
+        pod_view("ns", name)
+            .with_uid(&format!("uid-{name}"))
+            .with_selector(selector)
+            .on_node(node)
     }
 
     struct World {

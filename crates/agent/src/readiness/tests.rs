@@ -1,10 +1,12 @@
-use pod_identity_api::{pod::Containers, readiness::PodGate};
+use pod_identity_api::{
+    fixtures::{binding, service_principal, user_assigned_identity},
+    pod::Containers,
+    readiness::PodGate,
+};
 use serde_json::json;
 
 use super::*;
-use crate::resolve::tests::{
-    CLIENT_A, CLIENT_B, assign, binding, identity, managed, pod, service_principal, standard, synced_world,
-};
+use crate::resolve::tests::{CLIENT_A, CLIENT_B, assign, managed, pod, standard, synced_world};
 
 fn all(state: TokenState) -> impl Fn(&Principal) -> TokenState {
     move |_| state.clone()
@@ -13,12 +15,13 @@ fn all(state: TokenState) -> impl Fn(&Principal) -> TokenState {
 /// A world where pod ns/web is bound to id-a and id-b.
 fn two_identities() -> (crate::world::World, PodRecord) {
     let mut world = synced_world();
-    world
-        .matching
-        .replace_identities([identity("ns", "id-a", CLIENT_A), identity("ns", "id-b", CLIENT_B)]);
+    world.matching.replace_identities([
+        user_assigned_identity("ns", "id-a", CLIENT_A),
+        user_assigned_identity("ns", "id-b", CLIENT_B),
+    ]);
     world.matching.replace_bindings([
-        binding("ns", "a", "id-a", "web", None),
-        binding("ns", "b", "id-b", "web", None),
+        binding("ns", "a", "id-a", "web"),
+        binding("ns", "b", "id-b", "web"),
     ]);
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
@@ -140,9 +143,7 @@ fn managed_mode_needs_only_the_token_and_service_principals_count_too() {
     world
         .matching
         .replace_identities([service_principal("ns", "sp", CLIENT_A)]);
-    world
-        .matching
-        .replace_bindings([binding("ns", "a", "sp", "web", None)]);
+    world.matching.replace_bindings([binding("ns", "a", "sp", "web")]);
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     let identities = resolve::pod_identities(&world, managed(), &web).unwrap();

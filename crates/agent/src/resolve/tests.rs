@@ -1,13 +1,12 @@
-use std::collections::BTreeMap;
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use pod_identity_api::{
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
-    AzurePodIdentityExceptionSpec, SecretReference,
     answer::AssignedView,
+    fixtures::{
+        binding, exception, federated_identity, pod_view, service_principal, user_assigned_identity,
+        user_assigned_identity_id,
+    },
     matching::{Index, Scope},
     naming::assigned_identity_name,
-    pod::{Containers, PodView},
+    pod::Containers,
 };
 
 use super::*;
@@ -15,83 +14,17 @@ use crate::world::Synced;
 
 pub(crate) const CLIENT_A: &str = "11111111-1111-1111-1111-111111111111";
 pub(crate) const CLIENT_B: &str = "22222222-2222-2222-2222-222222222222";
-const RG: &str =
-    "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities";
-
-pub(crate) fn meta(namespace: &str, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        uid: Some(format!("uid-{namespace}-{name}")),
-        ..Default::default()
-    }
-}
-
-pub(crate) fn identity(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
-    AzureIdentity {
-        metadata: meta(namespace, name),
-        spec: AzureIdentitySpec {
-            type_: Some(0),
-            resource_id: Some(format!("{RG}/{name}")),
-            client_id: Some(client_id.into()),
-            ..Default::default()
-        },
-        status: None,
-    }
-}
-
-pub(crate) fn service_principal(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
-    AzureIdentity {
-        metadata: meta(namespace, name),
-        spec: AzureIdentitySpec {
-            type_: Some(1),
-            client_id: Some(client_id.into()),
-            tenant_id: Some("tenant".into()),
-            client_password: Some(SecretReference {
-                name: Some("sp-secret".into()),
-                namespace: Some(namespace.into()),
-            }),
-            ..Default::default()
-        },
-        status: None,
-    }
-}
-
-pub(crate) fn binding(
-    namespace: &str,
-    name: &str,
-    identity: &str,
-    selector: &str,
-    weight: Option<i64>,
-) -> AzureIdentityBinding {
-    AzureIdentityBinding {
-        metadata: meta(namespace, name),
-        spec: AzureIdentityBindingSpec {
-            azure_identity: Some(identity.into()),
-            selector: Some(selector.into()),
-            weight,
-        },
-        status: None,
-    }
-}
-
+/// A running pod of node `node-a` at 10.244.0.2, bound by `selector` when it has one.
 pub(crate) fn pod(namespace: &str, name: &str, selector: Option<&str>) -> PodRecord {
-    let mut labels = BTreeMap::new();
+    let mut view = pod_view(namespace, name)
+        .with_uid(&format!("uid-{name}"))
+        .on_node("node-a")
+        .with_ip("10.244.0.2".parse().unwrap());
     if let Some(selector) = selector {
-        labels.insert(pod_identity_api::POD_LABEL.to_owned(), selector.to_owned());
+        view = view.with_selector(selector);
     }
     PodRecord {
-        view: PodView {
-            key: ObjectKey::new(namespace, name),
-            uid: Some(format!("uid-{name}")),
-            labels,
-            node_name: Some("node-a".into()),
-            phase: Some("Running".into()),
-            deleting: false,
-            containers: Containers::Running,
-            host_network: false,
-            ips: vec!["10.244.0.2".parse().unwrap()],
-        },
+        view,
         created: None,
         service_account: None,
         gate: Default::default(),
@@ -158,10 +91,10 @@ fn a_pod_without_the_label_is_refused_at_once_and_told_why() {
 #[test]
 fn a_label_no_binding_carries_is_refused_at_once() {
     let mut world = synced_world();
-    world.matching.upsert_identity(identity("ns", "id-a", CLIENT_A));
     world
         .matching
-        .upsert_binding(binding("ns", "b", "id-a", "other", None));
+        .upsert_identity(user_assigned_identity("ns", "id-a", CLIENT_A));
+    world.matching.upsert_binding(binding("ns", "b", "id-a", "other"));
     let resolution = resolve(
         &world,
         standard(),
@@ -180,10 +113,10 @@ fn a_binding_of_another_namespace_gives_nothing_by_default() {
     let mut world = synced_world();
     world
         .matching
-        .upsert_identity(identity("other", "id-a", CLIENT_A));
+        .upsert_identity(user_assigned_identity("other", "id-a", CLIENT_A));
     world
         .matching
-        .upsert_binding(binding("other", "b", "id-a", "web", None));
+        .upsert_binding(binding("other", "b", "id-a", "web"));
     let web = pod("ns", "web", Some("web"));
     let other = world.matching.identity("other", "id-a").unwrap().clone();
     assign(&mut world, &web, &other, "Assigned");
@@ -200,10 +133,10 @@ fn cross_namespace_scope_lets_it_through() {
     world.matching = Index::empty(Scope::CrossNamespace);
     world
         .matching
-        .upsert_identity(identity("other", "id-a", CLIENT_A));
+        .upsert_identity(user_assigned_identity("other", "id-a", CLIENT_A));
     world
         .matching
-        .upsert_binding(binding("other", "b", "id-a", "web", None));
+        .upsert_binding(binding("other", "b", "id-a", "web"));
     let web = pod("ns", "web", Some("web"));
     world.upsert_assigned(AssignedView {
         key: ObjectKey::new("default", assigned_identity_name("web", "ns", "id-a")),
@@ -222,11 +155,9 @@ fn cross_namespace_scope_lets_it_through() {
 #[test]
 fn an_assigned_identity_is_served() {
     let mut world = synced_world();
-    let id = identity("ns", "id-a", CLIENT_A);
+    let id = user_assigned_identity("ns", "id-a", CLIENT_A);
     world.matching.upsert_identity(id.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &id, "Assigned");
     let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
@@ -242,55 +173,54 @@ fn an_assigned_identity_is_served() {
     );
 }
 
+/// What the pod's assignment record says decides whether its identity is served or waited for. Rows are
+/// the former tests `a_created_or_missing_assignment_means_wait` and
+/// `a_legacy_assignment_without_status_is_usable`.
 #[test]
-fn a_created_or_missing_assignment_means_wait() {
-    let mut world = synced_world();
-    let id = identity("ns", "id-a", CLIENT_A);
-    world.matching.upsert_identity(id.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
-    let web = pod("ns", "web", Some("web"));
-    assert!(matches!(
-        resolve(&world, standard(), &web, &Selector::Default, &()),
-        Resolution::Wait(Pending::Assignment { status: None, .. })
-    ));
-    assign(&mut world, &web, &id, "Created");
-    assert!(matches!(
-        resolve(&world, standard(), &web, &Selector::Default, &()),
-        Resolution::Wait(Pending::Assignment {
-            status: Some(AssignmentStatus::Created),
-            ..
-        })
-    ));
-}
-
-#[test]
-fn a_legacy_assignment_without_status_is_usable() {
-    let mut world = synced_world();
-    let id = identity("ns", "id-a", CLIENT_A);
-    world.matching.upsert_identity(id.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
-    let web = pod("ns", "web", Some("web"));
-    assign(&mut world, &web, &id, "");
-    assert_eq!(
-        served_client(&resolve(&world, standard(), &web, &Selector::Default, &())).as_deref(),
-        Some(CLIENT_A)
-    );
+fn an_assignment_record_decides_between_serving_and_waiting() {
+    // (row, the record's status if there is one, what the resolution must be)
+    type Row = (&'static str, Option<&'static str>, fn(&Resolution) -> bool);
+    let rows: [Row; 3] = [
+        ("no record: wait", None, |r| {
+            matches!(r, Resolution::Wait(Pending::Assignment { status: None, .. }))
+        }),
+        ("created: wait", Some("Created"), |r| {
+            matches!(
+                r,
+                Resolution::Wait(Pending::Assignment {
+                    status: Some(AssignmentStatus::Created),
+                    ..
+                })
+            )
+        }),
+        ("legacy record without status: usable", Some(""), |r| {
+            served_client(r).as_deref() == Some(CLIENT_A)
+        }),
+    ];
+    for (row, status, expected) in rows {
+        let mut world = synced_world();
+        let id = user_assigned_identity("ns", "id-a", CLIENT_A);
+        world.matching.upsert_identity(id.clone());
+        world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
+        let web = pod("ns", "web", Some("web"));
+        if let Some(status) = status {
+            assign(&mut world, &web, &id, status);
+        }
+        let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
+        assert!(expected(&resolution), "{row}: {resolution:?}");
+    }
 }
 
 #[test]
 fn an_assignment_of_an_older_client_id_means_wait() {
     let mut world = synced_world();
-    let id = identity("ns", "id-a", CLIENT_A);
-    world
-        .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
+    let id = user_assigned_identity("ns", "id-a", CLIENT_A);
+    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &id, "Assigned");
-    world.matching.upsert_identity(identity("ns", "id-a", CLIENT_B));
+    world
+        .matching
+        .upsert_identity(user_assigned_identity("ns", "id-a", CLIENT_B));
     assert!(matches!(
         resolve(&world, standard(), &web, &Selector::Default, &()),
         Resolution::Wait(_)
@@ -300,11 +230,9 @@ fn an_assignment_of_an_older_client_id_means_wait() {
 #[test]
 fn an_assignment_for_another_pod_of_the_same_name_is_not_ours() {
     let mut world = synced_world();
-    let id = identity("ns", "id-a", CLIENT_A);
+    let id = user_assigned_identity("ns", "id-a", CLIENT_A);
     world.matching.upsert_identity(id.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
+    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
     let web = pod("ns", "web", Some("web"));
     world.upsert_assigned(AssignedView {
         key: ObjectKey::new("ns", assigned_identity_name("web", "ns", "id-a")),
@@ -321,15 +249,13 @@ fn an_assignment_for_another_pod_of_the_same_name_is_not_ours() {
 #[test]
 fn someone_elses_client_id_is_refused() {
     let mut world = synced_world();
-    let mine = identity("ns", "id-a", CLIENT_A);
+    let mine = user_assigned_identity("ns", "id-a", CLIENT_A);
     world.matching.upsert_identity(mine.clone());
-    world.matching.upsert_identity(identity("ns", "id-b", CLIENT_B));
     world
         .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
-    world
-        .matching
-        .upsert_binding(binding("ns", "b2", "id-b", "db", None));
+        .upsert_identity(user_assigned_identity("ns", "id-b", CLIENT_B));
+    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
+    world.matching.upsert_binding(binding("ns", "b2", "id-b", "db"));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &mine, "Assigned");
     let resolution = resolve(
@@ -348,16 +274,12 @@ fn someone_elses_client_id_is_refused() {
 #[test]
 fn client_id_and_resource_id_select_among_the_pods_identities() {
     let mut world = synced_world();
-    let a = identity("ns", "id-a", CLIENT_A);
-    let b = identity("ns", "id-b", CLIENT_B);
+    let a = user_assigned_identity("ns", "id-a", CLIENT_A);
+    let b = user_assigned_identity("ns", "id-b", CLIENT_B);
     world.matching.upsert_identity(a.clone());
     world.matching.upsert_identity(b.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
-    world
-        .matching
-        .upsert_binding(binding("ns", "bb", "id-b", "web", None));
+    world.matching.upsert_binding(binding("ns", "ba", "id-a", "web"));
+    world.matching.upsert_binding(binding("ns", "bb", "id-b", "web"));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, "Assigned");
     assign(&mut world, &web, &b, "Assigned");
@@ -373,7 +295,7 @@ fn client_id_and_resource_id_select_among_the_pods_identities() {
         .as_deref(),
         Some(CLIENT_B)
     );
-    let resource = format!("{RG}/id-b").to_ascii_lowercase();
+    let resource = user_assigned_identity_id("s", "id-b").to_ascii_lowercase();
     assert_eq!(
         served_client(&resolve(
             &world,
@@ -390,16 +312,16 @@ fn client_id_and_resource_id_select_among_the_pods_identities() {
 #[test]
 fn the_default_identity_is_the_highest_weight_and_waits_for_it() {
     let mut world = synced_world();
-    let a = identity("ns", "id-a", CLIENT_A);
-    let b = identity("ns", "id-b", CLIENT_B);
+    let a = user_assigned_identity("ns", "id-a", CLIENT_A);
+    let b = user_assigned_identity("ns", "id-b", CLIENT_B);
     world.matching.upsert_identity(a.clone());
     world.matching.upsert_identity(b.clone());
     world
         .matching
-        .upsert_binding(binding("ns", "ba", "id-a", "web", Some(1)));
+        .upsert_binding(binding("ns", "ba", "id-a", "web").with_weight(1));
     world
         .matching
-        .upsert_binding(binding("ns", "bb", "id-b", "web", Some(5)));
+        .upsert_binding(binding("ns", "bb", "id-b", "web").with_weight(5));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, "Assigned");
     assign(&mut world, &web, &b, "Created");
@@ -419,10 +341,10 @@ fn the_default_identity_is_the_highest_weight_and_waits_for_it() {
 fn managed_mode_serves_bound_identities_without_assignments() {
     let mut world = synced_world();
     world.synced.assigned = false;
-    world.matching.upsert_identity(identity("ns", "id-a", CLIENT_A));
     world
         .matching
-        .upsert_binding(binding("ns", "b", "id-a", "web", None));
+        .upsert_identity(user_assigned_identity("ns", "id-a", CLIENT_A));
+    world.matching.upsert_binding(binding("ns", "b", "id-a", "web"));
     let web = pod("ns", "web", Some("web"));
     assert_eq!(
         served_client(&resolve(&world, managed(), &web, &Selector::Default, &())).as_deref(),
@@ -440,9 +362,7 @@ fn service_principals_need_no_assignment() {
     world
         .matching
         .upsert_identity(service_principal("ns", "sp", CLIENT_A));
-    world
-        .matching
-        .upsert_binding(binding("ns", "b", "sp", "web", None));
+    world.matching.upsert_binding(binding("ns", "b", "sp", "web"));
     let web = pod("ns", "web", Some("web"));
     let resolution = resolve(&world, standard(), &web, &Selector::Default, &());
     let Resolution::Serve(grant) = resolution else {
@@ -451,28 +371,20 @@ fn service_principals_need_no_assignment() {
     assert!(matches!(grant.principal, Principal::ServicePrincipal { .. }));
 }
 
-pub(crate) fn federated(namespace: &str, name: &str, client_id: &str) -> AzureIdentity {
-    let mut object = identity(namespace, name, client_id);
-    object.metadata.annotations = Some(BTreeMap::from([(
-        pod_identity_api::federation::BACKEND_ANNOTATION.to_owned(),
-        "federated".to_owned(),
-    )]));
-    object.spec.tenant_id = Some("tenant".into());
-    object
-}
-
 #[test]
 fn a_federated_identity_needs_no_assignment_and_is_its_own_principal() {
     let mut world = synced_world();
-    world.matching.upsert_identity(federated("ns", "fed", CLIENT_A));
+    world
+        .matching
+        .upsert_identity(federated_identity("ns", "fed", CLIENT_A));
     // Another object naming the same client ID, on the node backend.
-    world.matching.upsert_identity(identity("ns", "plain", CLIENT_A));
     world
         .matching
-        .upsert_binding(binding("ns", "b", "fed", "web", None));
+        .upsert_identity(user_assigned_identity("ns", "plain", CLIENT_A));
+    world.matching.upsert_binding(binding("ns", "b", "fed", "web"));
     world
         .matching
-        .upsert_binding(binding("ns", "b2", "plain", "other", None));
+        .upsert_binding(binding("ns", "b2", "plain", "other"));
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     let resolution = resolve(
@@ -514,13 +426,9 @@ fn a_federated_identity_needs_no_assignment_and_is_its_own_principal() {
 #[test]
 fn an_excepted_pod_goes_to_the_node() {
     let mut world = synced_world();
-    world.matching.upsert_exception(AzurePodIdentityException {
-        metadata: meta("ns", "exc"),
-        spec: AzurePodIdentityExceptionSpec {
-            pod_labels: BTreeMap::from([("app".to_owned(), "Controller".to_owned())]),
-        },
-        status: None,
-    });
+    world
+        .matching
+        .upsert_exception(exception("ns", "exc", &[("app", "Controller")]));
     let mut pod = pod("ns", "ctl", None);
     pod.view.labels.insert("app".into(), "controller".into());
     world.upsert_pod(pod.clone());
@@ -546,16 +454,12 @@ impl ObjectIds for Known {
 #[test]
 fn object_id_is_matched_against_what_tokens_taught() {
     let mut world = synced_world();
-    let a = identity("ns", "id-a", CLIENT_A);
-    let b = identity("ns", "id-b", CLIENT_B);
+    let a = user_assigned_identity("ns", "id-a", CLIENT_A);
+    let b = user_assigned_identity("ns", "id-b", CLIENT_B);
     world.matching.upsert_identity(a.clone());
     world.matching.upsert_identity(b.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
-    world
-        .matching
-        .upsert_binding(binding("ns", "bb", "id-b", "web", None));
+    world.matching.upsert_binding(binding("ns", "ba", "id-a", "web"));
+    world.matching.upsert_binding(binding("ns", "bb", "id-b", "web"));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, "Assigned");
     assign(&mut world, &web, &b, "Assigned");
@@ -587,16 +491,12 @@ fn object_id_is_matched_against_what_tokens_taught() {
 #[test]
 fn only_identities_live_pods_may_use_stay_authorized() {
     let mut world = synced_world();
-    let a = identity("ns", "id-a", CLIENT_A);
-    let b = identity("ns", "id-b", CLIENT_B);
+    let a = user_assigned_identity("ns", "id-a", CLIENT_A);
+    let b = user_assigned_identity("ns", "id-b", CLIENT_B);
     world.matching.upsert_identity(a.clone());
     world.matching.upsert_identity(b.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
-    world
-        .matching
-        .upsert_binding(binding("ns", "bb", "id-b", "web", None));
+    world.matching.upsert_binding(binding("ns", "ba", "id-a", "web"));
+    world.matching.upsert_binding(binding("ns", "bb", "id-b", "web"));
     let web = pod("ns", "web", Some("web"));
     world.upsert_pod(web.clone());
     assign(&mut world, &web, &a, "Assigned");
@@ -619,11 +519,9 @@ fn only_identities_live_pods_may_use_stay_authorized() {
 #[test]
 fn a_pod_being_deleted_is_served_and_its_tokens_stay_cached_until_its_containers_stop() {
     let mut world = synced_world();
-    let a = identity("ns", "id-a", CLIENT_A);
+    let a = user_assigned_identity("ns", "id-a", CLIENT_A);
     world.matching.upsert_identity(a.clone());
-    world
-        .matching
-        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
+    world.matching.upsert_binding(binding("ns", "ba", "id-a", "web"));
     let mut web = pod("ns", "web", Some("web"));
     web.view.deleting = true;
     world.upsert_pod(web.clone());

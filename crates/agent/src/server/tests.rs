@@ -8,6 +8,7 @@ use std::{
 
 use axum::extract::connect_info::MockConnectInfo;
 use base64::Engine;
+use pod_identity_api::fixtures::{binding, user_assigned_identity};
 use pod_identity_azure::{AzureError, imds_http::ImdsHttp};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -16,7 +17,7 @@ use super::*;
 use crate::{
     cache::{Freshness, TokenCache},
     request::Selector,
-    resolve::tests::{CLIENT_A, CLIENT_B, assign, binding, identity, pod, synced_world},
+    resolve::tests::{CLIENT_A, CLIENT_B, assign, pod, synced_world},
     tokens::Credentials,
     upstream::{BoxFuture, RETRY, ServicePrincipal, Upstream},
     upstream::{Token, UpstreamError},
@@ -160,15 +161,13 @@ fn fixture(world: World, config: ServerConfig, upstream: FakeUpstream) -> Fixtur
 /// A world with pod `ns/web` at POD_IP bound to identity A (assigned) and `ns/db` bound to B.
 fn bound_world(status: &str) -> World {
     let mut world = synced_world();
-    let a = identity("ns", "id-a", CLIENT_A);
+    let a = user_assigned_identity("ns", "id-a", CLIENT_A);
     world.matching.upsert_identity(a.clone());
-    world.matching.upsert_identity(identity("ns", "id-b", CLIENT_B));
     world
         .matching
-        .upsert_binding(binding("ns", "ba", "id-a", "web", None));
-    world
-        .matching
-        .upsert_binding(binding("ns", "bb", "id-b", "db", None));
+        .upsert_identity(user_assigned_identity("ns", "id-b", CLIENT_B));
+    world.matching.upsert_binding(binding("ns", "ba", "id-a", "web"));
+    world.matching.upsert_binding(binding("ns", "bb", "id-b", "db"));
     let web = pod("ns", "web", Some("web"));
     assign(&mut world, &web, &a, status);
     world.upsert_pod(web);
@@ -300,7 +299,7 @@ async fn each_identity_of_a_pod_has_its_first_token_observed_once() {
     // `web` is bound to id-b too, and an excepted pod gets the node's identities.
     world
         .matching
-        .upsert_binding(binding("ns", "bb-web", "id-b", "web", None));
+        .upsert_binding(binding("ns", "bb-web", "id-b", "web"));
     let b = world.matching.identity("ns", "id-b").unwrap().clone();
     let mut web = world
         .pod(&pod_identity_api::ObjectKey::new("ns", "web"))
@@ -545,7 +544,12 @@ async fn a_request_waits_for_the_assignment_and_is_served_once_assigned() {
     );
     shared.update(|world| {
         let web = pod("ns", "web", Some("web"));
-        assign(world, &web, &identity("ns", "id-a", CLIENT_A), "Assigned");
+        assign(
+            world,
+            &web,
+            &user_assigned_identity("ns", "id-a", CLIENT_A),
+            "Assigned",
+        );
     });
     let (status, _, body) = waiter.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -2,12 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use kube::api::ObjectMeta;
-
 use super::*;
 use crate::{
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
-    AzurePodIdentityExceptionSpec, SecretReference,
+    AzureIdentityBinding, AzurePodIdentityException,
+    fixtures::{
+        binding, exception, pod_view, service_principal, user_assigned_identity, user_assigned_identity_id,
+    },
     matching::{Scope, World},
     naming::assigned_identity_name,
     pod::Containers,
@@ -15,56 +15,12 @@ use crate::{
 
 const CLIENT_A: &str = "11111111-1111-1111-1111-111111111111";
 
-fn meta(namespace: &str, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        ..Default::default()
-    }
-}
-
-fn identity(name: &str, type_: i64) -> AzureIdentity {
-    AzureIdentity {
-        metadata: meta("ns", name),
-        spec: AzureIdentitySpec {
-            type_: Some(type_),
-            resource_id: (type_ == 0).then(|| {
-                format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}")
-            }),
-            client_id: Some(CLIENT_A.into()),
-            tenant_id: (type_ != 0).then(|| "tenant".to_owned()),
-            client_password: (type_ != 0).then(|| SecretReference {
-                name: Some("secret".into()),
-                namespace: Some("ns".into()),
-            }),
-            ..Default::default()
-        },
-        status: None,
-    }
-}
-
-fn binding(name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-    AzureIdentityBinding {
-        metadata: meta("ns", name),
-        spec: AzureIdentityBindingSpec {
-            azure_identity: Some(identity.into()),
-            selector: Some(selector.into()),
-            weight: None,
-        },
-        status: None,
-    }
-}
-
+/// `ns/web` on `node`, bound by `selector` when it has one.
 fn pod(selector: Option<&str>) -> PodView {
-    PodView {
-        key: ObjectKey::new("ns", "web"),
-        labels: selector
-            .map(|s| BTreeMap::from([(POD_LABEL.to_owned(), s.to_owned())]))
-            .unwrap_or_default(),
-        node_name: Some("node".into()),
-        phase: Some("Running".into()),
-        containers: Containers::Running,
-        ..PodView::default()
+    let pod = pod_view("ns", "web").on_node("node");
+    match selector {
+        Some(selector) => pod.with_selector(selector),
+        None => pod,
     }
 }
 
@@ -78,8 +34,15 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         Self {
-            identities: vec![identity("id-a", 0), identity("sp", 1)],
-            bindings: vec![binding("ba", "id-a", "web"), binding("bsp", "sp", "robot")],
+            identities: vec![
+                user_assigned_identity("ns", "id-a", CLIENT_A)
+                    .with_resource_id(&user_assigned_identity_id("s", "id-a")),
+                service_principal("ns", "sp", CLIENT_A),
+            ],
+            bindings: vec![
+                binding("ns", "ba", "id-a", "web"),
+                binding("ns", "bsp", "sp", "robot"),
+            ],
             exceptions: Vec::new(),
             assigned: HashMap::new(),
         }
@@ -181,7 +144,7 @@ fn refusals_say_what_would_have_to_change() {
         fx.answer(&pod(Some("nothing")), Mode::Standard)
             .contains("no AzureIdentityBinding has selector 'nothing'")
     );
-    fx.bindings.push(binding("ghost", "missing", "haunted"));
+    fx.bindings.push(binding("ns", "ghost", "missing", "haunted"));
     assert!(
         fx.answer(&pod(Some("haunted")), Mode::Standard)
             .contains("names identity ns/missing, which does not exist")
@@ -191,13 +154,7 @@ fn refusals_say_what_would_have_to_change() {
 #[test]
 fn an_excepted_pod_goes_to_the_node() {
     let mut fx = Fixture::new();
-    fx.exceptions.push(AzurePodIdentityException {
-        metadata: meta("ns", "exc"),
-        spec: AzurePodIdentityExceptionSpec {
-            pod_labels: BTreeMap::from([(POD_LABEL.to_owned(), "web".to_owned())]),
-        },
-        status: None,
-    });
+    fx.exceptions.push(exception("ns", "exc", &[(POD_LABEL, "web")]));
     assert_eq!(fx.answer(&pod(Some("web")), Mode::Standard), "excepted");
 }
 

@@ -1,66 +1,18 @@
 //! One test per matching rule, named after the rule.
 
-use std::collections::BTreeMap;
-
-use kube::api::ObjectMeta;
-
 use super::*;
 use crate::{
-    AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityExceptionSpec, POD_LABEL, pod::Containers,
+    POD_LABEL,
+    fixtures::{CLIENT_ID, binding, exception, pod_view, service_principal, user_assigned_identity},
+    pod::Containers,
 };
 
-const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
-
-fn meta(namespace: &str, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        ..Default::default()
-    }
-}
-
-fn identity(namespace: &str, name: &str) -> AzureIdentity {
-    AzureIdentity {
-        metadata: meta(namespace, name),
-        spec: AzureIdentitySpec {
-            type_: Some(0),
-            resource_id: Some(format!(
-                "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-            )),
-            client_id: Some(CLIENT_ID.into()),
-            ..Default::default()
-        },
-        status: None,
-    }
-}
-
-fn binding(namespace: &str, name: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
-    AzureIdentityBinding {
-        metadata: meta(namespace, name),
-        spec: AzureIdentityBindingSpec {
-            azure_identity: Some(identity.into()),
-            selector: Some(selector.into()),
-            weight: None,
-        },
-        status: None,
-    }
-}
-
-fn weighted(mut b: AzureIdentityBinding, weight: i64) -> AzureIdentityBinding {
-    b.spec.weight = Some(weight);
-    b
-}
-
+/// A running pod of `node` bound by `selector`, with a UID made from its name.
 fn pod(namespace: &str, name: &str, selector: &str, node: &str) -> PodView {
-    PodView {
-        key: ObjectKey::new(namespace, name),
-        uid: Some(format!("uid-{name}")),
-        labels: BTreeMap::from([(POD_LABEL.to_owned(), selector.to_owned())]),
-        node_name: Some(node.into()),
-        phase: Some("Running".into()),
-        containers: Containers::Running,
-        ..PodView::default()
-    }
+    pod_view(namespace, name)
+        .with_uid(&format!("uid-{name}"))
+        .with_selector(selector)
+        .on_node(node)
 }
 
 struct Fixture {
@@ -114,7 +66,7 @@ impl Fixture {
 #[test]
 fn matching_selector_in_same_namespace_assigns_identity() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "payments-binding", "payments", "pay")],
     );
     let desired = fx.desired(&[pod("shop", "web", "pay", "node-1")]);
@@ -136,7 +88,7 @@ fn matching_selector_in_same_namespace_assigns_identity() {
 #[test]
 fn selector_is_compared_by_exact_string_equality() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "Pay")],
     );
     assert!(fx.names(&[pod("shop", "web", "pay", "n")]).is_empty());
@@ -147,24 +99,128 @@ fn selector_is_compared_by_exact_string_equality() {
     );
 }
 
+/// A pod's labels and life decide whether it gets the identity its label binds. Each row is a former
+/// test: `pod_without_label_or_with_empty_label_gets_nothing`,
+/// `a_pod_being_deleted_keeps_its_identities_until_its_containers_stop` and
+/// `finished_pods_release_their_identities`.
 #[test]
-fn pod_without_label_or_with_empty_label_gets_nothing() {
+fn a_pods_label_and_life_decide_whether_it_gets_its_identity() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     );
-    let mut unlabelled = pod("shop", "web", "pay", "n");
-    unlabelled.labels.clear();
-    let empty = pod("shop", "web2", "", "n");
-    assert!(fx.names(&[unlabelled.clone(), empty.clone()]).is_empty());
-    assert_eq!(fx.decide(&unlabelled).skipped, Some(PodSkip::NotLabelled));
-    assert_eq!(fx.decide(&empty).skipped, Some(PodSkip::NotLabelled));
+    let with = |change: fn(&mut PodView)| {
+        let mut pod = pod("shop", "web", "pay", "n");
+        change(&mut pod);
+        pod
+    };
+    // (row, pod, assignments, skip; `None` where the row asserts its assignments only)
+    let rows: [(&str, PodView, usize, Option<Option<PodSkip>>); 12] = [
+        (
+            "no label",
+            with(|p| p.labels.clear()),
+            0,
+            Some(Some(PodSkip::NotLabelled)),
+        ),
+        (
+            "empty label",
+            pod("shop", "web2", "", "n"),
+            0,
+            Some(Some(PodSkip::NotLabelled)),
+        ),
+        // SIGTERM handlers run through the grace period and need their tokens.
+        (
+            "deleted, containers running",
+            with(|p| {
+                p.deleting = true;
+                p.containers = Containers::Running;
+            }),
+            1,
+            Some(None),
+        ),
+        (
+            "deleted, containers unreported",
+            with(|p| {
+                p.deleting = true;
+                p.containers = Containers::Unreported;
+            }),
+            1,
+            Some(None),
+        ),
+        (
+            "deleted, every container stopped",
+            with(|p| {
+                p.deleting = true;
+                p.containers = Containers::NoneRunning;
+            }),
+            0,
+            Some(Some(PodSkip::Finished(Ending::Stopped))),
+        ),
+        (
+            "phase Succeeded",
+            with(|p| p.phase = Some("Succeeded".into())),
+            0,
+            Some(Some(PodSkip::Finished(Ending::Succeeded))),
+        ),
+        // Being deleted changes nothing for a pod that finished.
+        (
+            "phase Succeeded, deleted",
+            with(|p| {
+                p.phase = Some("Succeeded".into());
+                p.deleting = true;
+            }),
+            0,
+            None,
+        ),
+        (
+            "phase Failed",
+            with(|p| p.phase = Some("Failed".into())),
+            0,
+            Some(Some(PodSkip::Finished(Ending::Failed))),
+        ),
+        (
+            "phase Failed, deleted",
+            with(|p| {
+                p.phase = Some("Failed".into());
+                p.deleting = true;
+            }),
+            0,
+            None,
+        ),
+        (
+            "phase Pending",
+            with(|p| p.phase = Some("Pending".into())),
+            1,
+            None,
+        ),
+        (
+            "phase Running",
+            with(|p| p.phase = Some("Running".into())),
+            1,
+            None,
+        ),
+        (
+            "phase Unknown",
+            with(|p| p.phase = Some("Unknown".into())),
+            1,
+            None,
+        ),
+    ];
+    for (row, pod, assignments, skipped) in rows {
+        assert_eq!(
+            fx.names(std::slice::from_ref(&pod)).len(),
+            assignments,
+            "{row}: assignments"
+        );
+        if let Some(skipped) = skipped {
+            assert_eq!(fx.decide(&pod).skipped, skipped, "{row}: skip");
+        }
+    }
 }
-
 #[test]
 fn pod_without_node_gets_nothing_until_scheduled() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     );
     let mut pending = pod("shop", "web", "pay", "n");
@@ -181,68 +237,16 @@ fn pod_without_node_gets_nothing_until_scheduled() {
 }
 
 #[test]
-fn a_pod_being_deleted_keeps_its_identities_until_its_containers_stop() {
-    let fx = Fixture::new(
-        vec![identity("shop", "payments")],
-        vec![binding("shop", "b", "payments", "pay")],
-    );
-    // SIGTERM handlers run through the grace period and need their tokens.
-    for containers in [Containers::Running, Containers::Unreported] {
-        let mut leaving = pod("shop", "web", "pay", "n");
-        leaving.deleting = true;
-        leaving.containers = containers;
-        assert_eq!(
-            fx.names(std::slice::from_ref(&leaving)).len(),
-            1,
-            "{containers:?}"
-        );
-        assert_eq!(fx.decide(&leaving).skipped, None);
-    }
-    let mut gone = pod("shop", "web", "pay", "n");
-    gone.deleting = true;
-    gone.containers = Containers::NoneRunning;
-    assert!(fx.names(std::slice::from_ref(&gone)).is_empty());
-    assert_eq!(fx.decide(&gone).skipped, Some(PodSkip::Finished(Ending::Stopped)));
-}
-
-#[test]
 fn host_network_pods_are_matched_like_any_other() {
     // They reach IMDS directly (their traffic is not intercepted), so their identity must be on the
     // machine as for any pod; only the agent's lookup by address leaves them out.
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     );
     let mut host = pod("shop", "csi", "pay", "n");
     host.host_network = true;
     assert_eq!(fx.names(&[host]).len(), 1);
-}
-
-#[test]
-fn finished_pods_release_their_identities() {
-    let fx = Fixture::new(
-        vec![identity("shop", "payments")],
-        vec![binding("shop", "b", "payments", "pay")],
-    );
-    for phase in ["Succeeded", "Failed"] {
-        let mut done = pod("shop", "job", "pay", "n");
-        done.phase = Some(phase.into());
-        assert!(fx.names(std::slice::from_ref(&done)).is_empty());
-        let ending = if phase == "Succeeded" {
-            Ending::Succeeded
-        } else {
-            Ending::Failed
-        };
-        assert_eq!(fx.decide(&done).skipped, Some(PodSkip::Finished(ending)));
-        // Being deleted changes nothing for a pod that finished.
-        done.deleting = true;
-        assert!(fx.names(std::slice::from_ref(&done)).is_empty());
-    }
-    for phase in ["Pending", "Running", "Unknown"] {
-        let mut live = pod("shop", "job", "pay", "n");
-        live.phase = Some(phase.into());
-        assert_eq!(fx.names(&[live]).len(), 1, "phase {phase} keeps the identity");
-    }
 }
 
 #[test]
@@ -260,7 +264,7 @@ fn binding_to_missing_identity_is_reported_and_assigns_nothing() {
 fn binding_refers_to_identity_in_its_own_namespace_only() {
     // The identity exists, but in another namespace than the binding: it is not found.
     let fx = Fixture::new(
-        vec![identity("other", "payments")],
+        vec![user_assigned_identity("other", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     )
     .cross_namespace();
@@ -275,7 +279,7 @@ fn binding_refers_to_identity_in_its_own_namespace_only() {
 #[test]
 fn namespaced_scope_ignores_bindings_of_other_namespaces() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     );
     let intruder = pod("attacker", "evil", "pay", "n");
@@ -289,7 +293,7 @@ fn namespaced_scope_ignores_bindings_of_other_namespaces() {
 #[test]
 fn cross_namespace_scope_matches_any_namespace_and_records_in_default() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     )
     .cross_namespace();
@@ -301,11 +305,8 @@ fn cross_namespace_scope_matches_any_namespace_and_records_in_default() {
 
 #[test]
 fn cross_namespace_scope_respects_namespaced_annotation_on_identity() {
-    let mut id = identity("shop", "payments");
-    id.metadata.annotations = Some(BTreeMap::from([(
-        BEHAVIOR_ANNOTATION.into(),
-        BEHAVIOR_NAMESPACED.into(),
-    )]));
+    let id = user_assigned_identity("shop", "payments", CLIENT_ID)
+        .with_annotation(BEHAVIOR_ANNOTATION, BEHAVIOR_NAMESPACED);
     let fx = Fixture::new(vec![id], vec![binding("shop", "b", "payments", "pay")]).cross_namespace();
     let outsider = pod("frontend", "web", "pay", "n");
     assert!(fx.names(std::slice::from_ref(&outsider)).is_empty());
@@ -325,7 +326,10 @@ fn same_identity_name_in_two_namespaces_keeps_the_higher_ranked_binding() {
     // Cross-namespace: both bindings match a pod of a third namespace and both assignments would be
     // named web-frontend-payments in `default`.
     let fx = Fixture::new(
-        vec![identity("a", "payments"), identity("b", "payments")],
+        vec![
+            user_assigned_identity("a", "payments", CLIENT_ID),
+            user_assigned_identity("b", "payments", CLIENT_ID),
+        ],
         vec![
             binding("b", "bind", "payments", "pay"),
             binding("a", "bind", "payments", "pay"),
@@ -353,10 +357,13 @@ fn same_identity_name_in_two_namespaces_keeps_the_higher_ranked_binding() {
 #[test]
 fn weight_decides_which_duplicate_wins_and_the_default_identity() {
     let fx = Fixture::new(
-        vec![identity("a", "payments"), identity("b", "payments")],
+        vec![
+            user_assigned_identity("a", "payments", CLIENT_ID),
+            user_assigned_identity("b", "payments", CLIENT_ID),
+        ],
         vec![
             binding("a", "bind", "payments", "pay"),
-            weighted(binding("b", "bind", "payments", "pay"), 10),
+            binding("b", "bind", "payments", "pay").with_weight(10),
         ],
     )
     .cross_namespace();
@@ -367,7 +374,7 @@ fn weight_decides_which_duplicate_wins_and_the_default_identity() {
 #[test]
 fn two_bindings_of_one_identity_give_one_assignment() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![
             binding("shop", "one", "payments", "pay"),
             binding("shop", "two", "payments", "pay"),
@@ -391,13 +398,13 @@ fn two_bindings_of_one_identity_give_one_assignment() {
 fn several_identities_per_pod_are_ranked_by_weight_then_namespace_and_name() {
     let fx = Fixture::new(
         vec![
-            identity("shop", "a-id"),
-            identity("shop", "b-id"),
-            identity("shop", "c-id"),
+            user_assigned_identity("shop", "a-id", CLIENT_ID),
+            user_assigned_identity("shop", "b-id", CLIENT_ID),
+            user_assigned_identity("shop", "c-id", CLIENT_ID),
         ],
         vec![
             binding("shop", "c", "c-id", "pay"),
-            weighted(binding("shop", "b", "b-id", "pay"), 5),
+            binding("shop", "b", "b-id", "pay").with_weight(5),
             binding("shop", "a", "a-id", "pay"),
         ],
     );
@@ -413,9 +420,12 @@ fn several_identities_per_pod_are_ranked_by_weight_then_namespace_and_name() {
 #[test]
 fn negative_weight_ranks_below_absent_weight() {
     let fx = Fixture::new(
-        vec![identity("shop", "a-id"), identity("shop", "b-id")],
         vec![
-            weighted(binding("shop", "a", "a-id", "pay"), -1),
+            user_assigned_identity("shop", "a-id", CLIENT_ID),
+            user_assigned_identity("shop", "b-id", CLIENT_ID),
+        ],
+        vec![
+            binding("shop", "a", "a-id", "pay").with_weight(-1),
             binding("shop", "b", "b-id", "pay"),
         ],
     );
@@ -426,7 +436,7 @@ fn negative_weight_ranks_below_absent_weight() {
 #[test]
 fn binding_with_empty_selector_matches_no_pod() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "")],
     );
     let mut labelled_empty = pod("shop", "web", "", "n");
@@ -440,7 +450,7 @@ fn binding_with_empty_selector_matches_no_pod() {
 #[test]
 fn binding_with_empty_identity_name_is_rejected_as_invalid() {
     let fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "", "pay")],
     );
     let web = pod("shop", "web", "pay", "n");
@@ -452,11 +462,11 @@ fn binding_with_empty_identity_name_is_rejected_as_invalid() {
 
 #[test]
 fn invalid_identity_is_skipped_and_reported() {
-    let mut bad = identity("shop", "payments");
+    let mut bad = user_assigned_identity("shop", "payments", CLIENT_ID);
     bad.spec.resource_id =
         Some("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm".into());
     let fx = Fixture::new(
-        vec![bad, identity("shop", "good")],
+        vec![bad, user_assigned_identity("shop", "good", CLIENT_ID)],
         vec![
             binding("shop", "b1", "payments", "pay"),
             binding("shop", "b2", "good", "pay"),
@@ -477,17 +487,7 @@ fn invalid_identity_is_skipped_and_reported() {
 
 #[test]
 fn service_principal_identities_are_assigned_too() {
-    let mut sp = identity("shop", "sp");
-    sp.spec = AzureIdentitySpec {
-        type_: Some(1),
-        client_id: Some(CLIENT_ID.into()),
-        tenant_id: Some("tenant".into()),
-        client_password: Some(crate::SecretReference {
-            name: Some("sp-secret".into()),
-            namespace: None,
-        }),
-        ..Default::default()
-    };
+    let sp = service_principal("shop", "sp", CLIENT_ID);
     let fx = Fixture::new(vec![sp], vec![binding("shop", "b", "sp", "pay")]);
     assert_eq!(
         fx.names(&[pod("shop", "web", "pay", "n")]),
@@ -498,16 +498,14 @@ fn service_principal_identities_are_assigned_too() {
 #[test]
 fn exceptions_match_any_label_case_insensitively_in_the_pod_namespace_only() {
     let mut fx = Fixture::new(
-        vec![identity("shop", "payments")],
+        vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         vec![binding("shop", "b", "payments", "pay")],
     );
-    fx.exceptions = vec![AzurePodIdentityException {
-        metadata: meta("shop", "allow-agent"),
-        spec: AzurePodIdentityExceptionSpec {
-            pod_labels: BTreeMap::from([("app".into(), "Agent".into()), ("tier".into(), "system".into())]),
-        },
-        status: None,
-    }];
+    fx.exceptions = vec![exception(
+        "shop",
+        "allow-agent",
+        &[("app", "Agent"), ("tier", "system")],
+    )];
     let mut agent = pod("shop", "agent", "pay", "n");
     agent.labels.insert("app".into(), "agent".into());
     let decision = fx.decide(&agent);
@@ -530,9 +528,9 @@ fn exceptions_match_any_label_case_insensitively_in_the_pod_namespace_only() {
 #[test]
 fn result_is_sorted_and_independent_of_input_order() {
     let identities = vec![
-        identity("shop", "x"),
-        identity("shop", "y"),
-        identity("blog", "x"),
+        user_assigned_identity("shop", "x", CLIENT_ID),
+        user_assigned_identity("shop", "y", CLIENT_ID),
+        user_assigned_identity("blog", "x", CLIENT_ID),
     ];
     let bindings = vec![
         binding("shop", "bx", "x", "s"),
@@ -564,7 +562,7 @@ fn result_is_sorted_and_independent_of_input_order() {
 #[test]
 fn ambiguous_names_of_different_pods_are_reported_as_collisions() {
     let fx = Fixture::new(
-        vec![identity("shop", "id")],
+        vec![user_assigned_identity("shop", "id", CLIENT_ID)],
         vec![binding("shop", "b", "id", "s")],
     )
     .cross_namespace();
@@ -580,16 +578,6 @@ fn ambiguous_names_of_different_pods_are_reported_as_collisions() {
     assert_eq!(desired.collisions[0].1.pod, ObjectKey::new("c", "a-b"));
 }
 
-fn exception(namespace: &str, name: &str, selector: &str) -> AzurePodIdentityException {
-    AzurePodIdentityException {
-        metadata: meta(namespace, name),
-        spec: AzurePodIdentityExceptionSpec {
-            pod_labels: BTreeMap::from([(POD_LABEL.to_owned(), selector.to_owned())]),
-        },
-        status: None,
-    }
-}
-
 /// What every pod of `pods` is decided, by an index.
 fn decisions(index: &Index, pods: &[PodView]) -> Vec<PodDecision> {
     pods.iter().map(|pod| index.decide(pod)).collect()
@@ -603,32 +591,35 @@ fn an_index_kept_by_events_decides_as_one_built_from_the_final_lists() {
         pod("bank", "ledger", "pay", "node-2"),
     ];
     let mut kept = Index::empty(Scope::Namespaced);
-    kept.upsert_identity(identity("shop", "payments"));
-    kept.upsert_identity(identity("shop", "audit"));
+    kept.upsert_identity(user_assigned_identity("shop", "payments", CLIENT_ID));
+    kept.upsert_identity(user_assigned_identity("shop", "audit", CLIENT_ID));
     kept.upsert_binding(binding("shop", "b1", "payments", "pay"));
-    kept.upsert_binding(weighted(binding("shop", "b2", "audit", "pay"), 5));
+    kept.upsert_binding(binding("shop", "b2", "audit", "pay").with_weight(5));
     kept.upsert_binding(binding("shop", "b3", "audit", "audit"));
-    kept.upsert_exception(exception("shop", "skip", "audit"));
+    kept.upsert_exception(exception("shop", "skip", &[(POD_LABEL, "audit")]));
     // A binding moves to another selector, another changes weight, one goes; an identity and an exception go.
     kept.upsert_binding(binding("shop", "b3", "audit", "none"));
-    kept.upsert_binding(weighted(binding("shop", "b1", "payments", "pay"), 9));
+    kept.upsert_binding(binding("shop", "b1", "payments", "pay").with_weight(9));
     kept.upsert_binding(binding("bank", "b4", "payments", "pay"));
     assert!(kept.remove_binding(&ObjectKey::new("bank", "b4")));
     assert!(
         !kept.remove_binding(&ObjectKey::new("bank", "b4")),
         "already gone"
     );
-    kept.upsert_identity(identity("bank", "payments"));
+    kept.upsert_identity(user_assigned_identity("bank", "payments", CLIENT_ID));
     assert!(kept.remove_identity(&ObjectKey::new("bank", "payments")));
     assert!(kept.remove_exception(&ObjectKey::new("shop", "skip")));
 
     let fx = Fixture {
         bindings: vec![
-            weighted(binding("shop", "b1", "payments", "pay"), 9),
-            weighted(binding("shop", "b2", "audit", "pay"), 5),
+            binding("shop", "b1", "payments", "pay").with_weight(9),
+            binding("shop", "b2", "audit", "pay").with_weight(5),
             binding("shop", "b3", "audit", "none"),
         ],
-        identities: vec![identity("shop", "payments"), identity("shop", "audit")],
+        identities: vec![
+            user_assigned_identity("shop", "payments", CLIENT_ID),
+            user_assigned_identity("shop", "audit", CLIENT_ID),
+        ],
         exceptions: Vec::new(),
         scope: Scope::Namespaced,
     };
@@ -652,12 +643,12 @@ fn an_index_kept_by_events_decides_as_one_built_from_the_final_lists() {
 fn a_relist_replaces_everything_and_the_last_copy_of_a_repeated_object_counts() {
     let mut index = Index::empty(Scope::Namespaced);
     index.upsert_binding(binding("shop", "old", "payments", "pay"));
-    index.upsert_exception(exception("shop", "skip", "pay"));
+    index.upsert_exception(exception("shop", "skip", &[(POD_LABEL, "pay")]));
     index.replace_bindings([
         binding("shop", "b1", "payments", "other"),
         binding("shop", "b1", "payments", "pay"),
     ]);
-    index.replace_identities([identity("shop", "payments")]);
+    index.replace_identities([user_assigned_identity("shop", "payments", CLIENT_ID)]);
     index.replace_exceptions([]);
     let decision = index.decide(&pod("shop", "web", "pay", "node-1"));
     assert!(!decision.excepted);
@@ -683,7 +674,7 @@ fn a_binding_without_a_selector_is_kept_and_matches_no_pod() {
     let mut unselective = binding("shop", "b", "payments", "");
     unselective.spec.selector = None;
     index.upsert_binding(unselective);
-    index.upsert_identity(identity("shop", "payments"));
+    index.upsert_identity(user_assigned_identity("shop", "payments", CLIENT_ID));
     assert_eq!(index.binding_count(), 1);
     assert_eq!(index.bindings().count(), 1);
     let mut unlabelled = pod("shop", "web", "", "node-1");

@@ -4,7 +4,7 @@ use crate::fixtures::*;
 fn state() -> ClusterState {
     ClusterState {
         pods: vec![pod("shop", "web", Some("pay")), pod("shop", "plain", None)],
-        identities: vec![identity("shop", "payments")],
+        identities: vec![user_assigned_identity("shop", "payments", CLIENT_ID)],
         bindings: vec![binding("shop", "payments-binding", "payments", "pay")],
         ..Default::default()
     }

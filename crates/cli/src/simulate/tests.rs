@@ -8,7 +8,10 @@ fn state() -> ClusterState {
             pod("shop", "api", Some("pay")),
             pod("shop", "db", Some("data")),
         ],
-        identities: vec![identity("shop", "payments"), identity("shop", "storage")],
+        identities: vec![
+            user_assigned_identity("shop", "payments", CLIENT_ID),
+            user_assigned_identity("shop", "storage", CLIENT_ID),
+        ],
         bindings: vec![binding("shop", "payments-binding", "payments", "pay")],
         ..Default::default()
     }

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use pod_identity_api::{AzureIdentitySpec, federation::BACKEND_ANNOTATION};
+use pod_identity_api::{federation::BACKEND_ANNOTATION, fixtures::user_assigned_identity};
 
 use super::*;
 
@@ -10,22 +10,14 @@ const SUBJECT: &str = "system:serviceaccount:pod-identity-federation:shop.paymen
 const UAMI: &str =
     "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/payments";
 
+/// Identity `name` of `shop` for [`UAMI`] in tenant `t`, with the backend annotation when given.
 fn identity(name: &str, backend: Option<&str>) -> AzureIdentity {
-    AzureIdentity {
-        metadata: ObjectMeta {
-            namespace: Some("shop".into()),
-            name: Some(name.into()),
-            annotations: backend.map(|b| BTreeMap::from([(BACKEND_ANNOTATION.to_owned(), b.to_owned())])),
-            ..Default::default()
-        },
-        spec: AzureIdentitySpec {
-            type_: Some(0),
-            resource_id: Some(UAMI.into()),
-            client_id: Some("11111111-1111-1111-1111-111111111111".into()),
-            tenant_id: Some("t".into()),
-            ..Default::default()
-        },
-        status: None,
+    let identity = user_assigned_identity("shop", name, "11111111-1111-1111-1111-111111111111")
+        .with_resource_id(UAMI)
+        .with_tenant_id("t");
+    match backend {
+        Some(backend) => identity.with_annotation(BACKEND_ANNOTATION, backend),
+        None => identity,
     }
 }
 
