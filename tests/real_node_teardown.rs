@@ -55,9 +55,68 @@ async fn node_with_a_pod() -> Result<RealNode> {
     Ok(node)
 }
 
+/// Whether a process's arguments are a node teardown still to finish: the teardown script itself, or a
+/// watchdog whose test process is gone and which is about to run it. A watchdog of a live test process
+/// (this one's own earlier node) only waits.
+fn is_pending_teardown(args: &[String]) -> bool {
+    let tears_down = args.iter().any(|a| a == "teardown") && args.iter().any(|a| a.starts_with("pin"));
+    match args.iter().position(|a| a == "node-watchdog") {
+        _ if !tears_down => false,
+        None => true,
+        Some(at) => args.get(at + 1).is_none_or(|parent| {
+            std::fs::read_to_string(format!("/proc/{parent}/stat")).map_or(true, |stat| stat.contains(") Z "))
+        }),
+    }
+}
+
+/// Waits until no other node is being torn down: a test process that ended just before this one leaves
+/// its node to its watchdog, which may still be removing it (shim sockets, CNI results, its run
+/// directory) while this test takes its first snapshot, and those would show as lost.
+async fn earlier_teardowns_done() {
+    eventually(|| async {
+        let mut pending = Vec::new();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if is_pending_teardown(&args) {
+                pending.push(args.join(" "));
+            }
+        }
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            bail!("nodes still being torn down: {pending:?}")
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn only_teardowns_that_will_run_are_waited_for() {
+    let args = |text: &str| text.split(' ').map(str::to_owned).collect::<Vec<_>>();
+    assert!(is_pending_teardown(&args(
+        "sh /x/teardown.sh teardown pin12x0abc"
+    )));
+    let this = std::process::id();
+    assert!(!is_pending_teardown(&args(&format!(
+        "sh -c loop node-watchdog {this} -c s teardown pin12x0abc"
+    ))));
+    assert!(is_pending_teardown(&args(
+        "sh -c loop node-watchdog 4194305 -c s teardown pin12x0abc"
+    )));
+    assert!(!is_pending_teardown(&args("sleep 86400")));
+}
+
 #[tokio::test]
 async fn a_node_torn_down_leaves_nothing_behind() {
     let _turn = TURN.lock().await;
+    earlier_teardowns_done().await;
     let before = Snapshot::take(None);
     let node = node_with_a_pod().await.unwrap();
     let layout = node.layout().clone();
@@ -83,6 +142,7 @@ async fn child_node_for_the_watchdog_test() {
 #[tokio::test]
 async fn a_node_whose_test_process_is_killed_is_torn_down_by_its_watchdog() {
     let _turn = TURN.lock().await;
+    earlier_teardowns_done().await;
     let before = Snapshot::take(None);
     let report = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(std::env::current_exe().unwrap())
