@@ -6,7 +6,7 @@
 //! the watch while the answer may still change), token (cache, then upstream).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -83,7 +83,8 @@ pub struct AppState {
     /// The audit stream.
     pub audit: Audit,
     /// The (pod UID, identity) pairs whose first token was observed.
-    first_tokens: Mutex<HashSet<(String, String)>>,
+    /// Identities each pod (by UID) has had a first token of.
+    first_tokens: Mutex<HashMap<String, HashSet<String>>>,
 }
 
 impl AppState {
@@ -745,16 +746,19 @@ fn record_first_token(state: &AppState, pod: Option<&PodRecord>, identity: &str)
     let (Some(uid), Some(created)) = (pod.view.uid.as_ref(), pod.created) else {
         return;
     };
-    let key = (uid.clone(), identity.to_owned());
     let mut seen = state.first_tokens.lock().unwrap_or_else(|p| p.into_inner());
-    if seen.contains(&key) {
+    // Every served token passes here: a repeat is a lookup, with nothing allocated.
+    if seen
+        .get(uid)
+        .is_some_and(|identities| identities.contains(identity))
+    {
         return;
     }
-    // Pods come and go; a bounded set forgets old ones rather than growing with the node's history.
-    if seen.len() >= 4096 {
+    // Pods come and go; a bounded memory forgets old ones rather than growing with the node's history.
+    if seen.values().map(HashSet::len).sum::<usize>() >= 4096 {
         seen.clear();
     }
-    seen.insert(key);
+    seen.entry(uid.clone()).or_default().insert(identity.to_owned());
     drop(seen);
     let elapsed = jiff::Timestamp::now().duration_since(created);
     state
