@@ -473,7 +473,12 @@ impl Audit {
         })
     }
 
-    /// Records a decision.
+    /// Whether records are kept at all: building one is skipped when they are not.
+    pub fn is_enabled(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Records one decision (nothing when disabled); a full queue drops it and counts the drop.
     pub fn record(&self, entry: &Entry<'_>) {
         let Some(queue) = &self.queue else { return };
         let record = build(&self.node, entry, jiff::Timestamp::now());

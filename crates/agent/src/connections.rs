@@ -10,6 +10,8 @@
 //! `pod_identity_connections_shed_total{reason}` counts them. The accept loop is the smallest one that
 //! can count per source address before a connection is served (axum's `serve` cannot); serving is
 //! hyper's HTTP/1.1 connection with its own limits and timer, and graceful shutdown is hyper-util's.
+//! Requests go straight to a [`Handler`] with their peer and connection: no router sits on the token
+//! path, whose only other cost is the HTTP exchange itself.
 //! HTTP/1.1 only: IMDS speaks nothing else, and HTTP/2 would let one connection carry many requests.
 
 use std::{
@@ -21,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, body::Body, extract::ConnectInfo};
+use axum::response::Response;
 use http::Request;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
@@ -33,7 +35,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
-use tower::ServiceExt;
 
 use crate::{
     attest::caller::ConnectionAttestation,
@@ -232,12 +233,36 @@ fn shed_connection(stream: TcpStream, shed: Shed, drains: &Arc<Semaphore>) {
     });
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown` resolves; then stops accepting, lets
+/// What answers the endpoint's requests: called with each request, the peer it came from and the facts
+/// of its connection. Any `Fn(Request<Incoming>, SocketAddr, Arc<Connection>) -> impl Future<Output =
+/// Response>` is one.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The answer's future.
+    type Future: Future<Output = Response> + Send + 'static;
+
+    /// Answers `request` from `peer`, on `connection`.
+    fn call(&self, request: Request<Incoming>, peer: SocketAddr, connection: Arc<Connection>)
+    -> Self::Future;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request<Incoming>, SocketAddr, Arc<Connection>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, request: Request<Incoming>, peer: SocketAddr, connection: Arc<Connection>) -> Fut {
+        self(request, peer, connection)
+    }
+}
+
+/// Serves `handler` on `listener` within `limits` until `shutdown` resolves; then stops accepting, lets
 /// requests in flight finish, closes idle connections, and returns once every connection is closed
-/// (the caller bounds that wait). Each request carries [`ConnectInfo`] with its peer address.
+/// (the caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    handler: impl Handler,
     limits: Limits,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
@@ -293,7 +318,8 @@ pub async fn serve(
             local,
             attestation: ConnectionAttestation::default(),
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service(router.clone(), peer, facts));
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), service(handler.clone(), peer, facts));
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             let _guard = guard;
@@ -306,7 +332,7 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// What a request knows of the connection it came on, besides its peer ([`ConnectInfo`]).
+/// What a request knows of the connection it came on, besides its peer.
 #[derive(Debug)]
 pub struct Connection {
     /// The address the connection was accepted on (the redirect target for intercepted callers).
@@ -315,21 +341,20 @@ pub struct Connection {
     pub attestation: ConnectionAttestation,
 }
 
-/// The router as the service of one connection from `peer`.
-fn service(
-    router: Router,
+/// The handler as the service of one connection from `peer`.
+fn service<H: Handler>(
+    handler: H,
     peer: SocketAddr,
     facts: Arc<Connection>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = axum::response::Response,
+    Response = Response,
     Error = Infallible,
-    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+    Future = impl Future<Output = Result<Response, Infallible>> + Send,
 > {
-    hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        request.extensions_mut().insert(facts.clone());
-        router.clone().oneshot(request.map(Body::new))
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let answer = handler.call(request, peer, facts.clone());
+        async move { Ok::<_, Infallible>(answer.await) }
     })
 }
 

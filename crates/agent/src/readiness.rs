@@ -272,7 +272,7 @@ async fn prefetch(
     let mut state = TokenState::Fetched;
     for resource in &resources {
         let (result, outcome) = tokens
-            .tokens(&grant.principal, Some(&grant.object), resource)
+            .tokens(&grant.principal, Some(&*grant.object), resource)
             .await;
         match result {
             Ok(_) => {

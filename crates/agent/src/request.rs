@@ -7,7 +7,7 @@
 //! canonical form first; a path whose canonical form names an identity endpoint is either exactly the
 //! token path (served here) or refused, and only clean paths are ever forwarded.
 
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr};
 
 /// The token endpoint, the only path the agent mints tokens on.
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
@@ -53,6 +53,10 @@ impl Route {
 
 /// Classifies a raw request path (as it came on the wire, still percent-encoded).
 pub fn classify(raw_path: &str) -> Route {
+    // What nearly every request is, and its own canonical form: no need to build one.
+    if raw_path == TOKEN_PATH {
+        return Route::Token;
+    }
     let canonical = match canonicalize(raw_path) {
         Ok(canonical) => canonical,
         Err(reason) => return Route::Variant(reason),
@@ -238,22 +242,21 @@ impl QueryError {
 /// identity selectors are GUIDs or an ARM ID, `api-version` (optional, as the original ignored it) is
 /// a date. Unknown parameters are ignored and never forwarded.
 pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
+    // Borrowed from the query unless percent-decoding changed them.
+    let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = form_urlencoded::parse(query.as_bytes()).collect();
     for (index, (name, _)) in pairs.iter().enumerate() {
         if pairs[..index]
             .iter()
             .any(|(other, _)| other.eq_ignore_ascii_case(name))
         {
-            return Err(QueryError::Duplicate(name.clone()));
+            return Err(QueryError::Duplicate(name.clone().into_owned()));
         }
     }
     let get = |name: &str| {
         pairs
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+            .map(|(_, value)| value.as_ref())
             .filter(|value| !value.is_empty())
     };
     if let Some(version) = get("api-version")
@@ -437,6 +440,9 @@ mod tests {
     #[test]
     fn only_the_exact_token_path_is_the_token_route() {
         assert_eq!(classify("/metadata/identity/oauth2/token"), Route::Token);
+        // The shortcut for the exact path decides as the canonical form does.
+        assert_eq!(canonicalize(TOKEN_PATH).as_deref(), Ok(TOKEN_PATH));
+        assert_eq!(canonical_spelling(TOKEN_PATH), TOKEN_PATH);
     }
 
     #[test]

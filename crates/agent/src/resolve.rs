@@ -7,7 +7,11 @@
 //! learnt from tokens, and whether its watches have synced. It is a plain function of the world and the
 //! request; waiting, fetching and answering are the server's.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 pub use pod_identity_api::answer::Mode;
 use pod_identity_api::{
@@ -79,8 +83,9 @@ impl Principal {
 pub struct Grant {
     /// The AzureIdentity.
     pub identity: ObjectKey,
-    /// Its spec and metadata, as the token source needs them.
-    pub object: AzureIdentity,
+    /// Its spec and metadata, as the token source needs them; shared, not copied, by every request
+    /// that picks it.
+    pub object: Arc<AzureIdentity>,
     /// Whose tokens these are.
     pub principal: Principal,
 }
@@ -224,27 +229,32 @@ pub fn resolve(
     selector: &Selector,
     ids: &dyn ObjectIds,
 ) -> Resolution {
-    if !synced(world, policy) {
-        return Resolution::Wait(Pending::NotSynced);
-    }
-    let key = &pod.view.key;
-    let identities = match answer::answer(&world.matching, &pod.view, policy.mode, world) {
-        Answer::Excepted => return Resolution::Excepted,
-        Answer::Refused(refusal) => return Resolution::Deny(refusal.to_string()),
-        Answer::Identities(identities) => identities,
-    };
-    // The pod's identities in rank order (0 is the default), each with whether it may be used now.
-    let mut options: Vec<(Grant, Option<Pending>)> = identities
-        .into_iter()
-        .map(|identity| {
-            let pending = identity.pending.clone().map(Pending::from);
-            (grant(identity), pending)
-        })
-        .collect();
+    resolve_from(
+        pod_identities(world, policy, pod).as_ref(),
+        &pod.view.key,
+        selector,
+        ids,
+    )
+}
 
+/// Resolves a request of pod `key` for `selector` from the pod's identities ([`pod_identities`]; `None`
+/// before every list has arrived).
+pub fn resolve_from(
+    identities: Option<&PodIdentities>,
+    key: &ObjectKey,
+    selector: &Selector,
+    ids: &dyn ObjectIds,
+) -> Resolution {
+    let options = match identities {
+        None => return Resolution::Wait(Pending::NotSynced),
+        Some(PodIdentities::Excepted) => return Resolution::Excepted,
+        Some(PodIdentities::Refused(why)) => return Resolution::Deny(why.clone()),
+        // The pod's identities in rank order (0 is the default), each with whether it may be used now.
+        Some(PodIdentities::Identities(options)) => options,
+    };
     let chosen = match selector {
-        Selector::Default => (!options.is_empty()).then_some(0),
-        Selector::ClientId(id) => options.iter().position(|(grant, _)| {
+        Selector::Default => options.first(),
+        Selector::ClientId(id) => options.iter().find(|(grant, _)| {
             grant
                 .object
                 .spec
@@ -252,7 +262,7 @@ pub fn resolve(
                 .as_deref()
                 .is_some_and(|client| client.eq_ignore_ascii_case(id))
         }),
-        Selector::ResourceId(id) => options.iter().position(|(grant, _)| {
+        Selector::ResourceId(id) => options.iter().find(|(grant, _)| {
             grant
                 .object
                 .spec
@@ -261,7 +271,7 @@ pub fn resolve(
                 .is_some_and(|resource| resource_id::same(resource, id))
         }),
         Selector::ObjectId(id) => {
-            if let Some(found) = options.iter().position(|(grant, _)| {
+            if let Some(found) = options.iter().find(|(grant, _)| {
                 ids.object_id(&grant.principal)
                     .is_some_and(|known| known.eq_ignore_ascii_case(id))
             }) {
@@ -286,11 +296,63 @@ pub fn resolve(
             }
         }
     };
-    // The chosen option is moved out, not copied: the identity object is the larger part of an answer.
-    match chosen.map(|at| options.swap_remove(at)) {
-        Some((grant, None)) => Resolution::Serve(Box::new(grant)),
-        Some((_, Some(pending))) => Resolution::Wait(pending),
+    match chosen {
+        // The identity object itself is shared, not copied: it is the larger part of a grant.
+        Some((grant, None)) => Resolution::Serve(Box::new(grant.clone())),
+        Some((_, Some(pending))) => Resolution::Wait(pending.clone()),
         None => Resolution::Deny(format!("{selector} is not an identity of pod {key}")),
+    }
+}
+
+/// Each pod's identities as last decided, until the world changes: a request of a stable cluster looks
+/// its pod's identities up instead of matching again, whatever the number of bindings, identities and
+/// assignments. Any change of the world (a pod, a binding, an identity, an assignment, an exception)
+/// starts a new generation ([`World::generation`]), and an entry of an older one is decided again.
+/// Holds at most one entry per pod of the node that asked, plus those of pods gone since the last
+/// change.
+#[derive(Debug, Default)]
+pub struct Decided {
+    entries: Mutex<HashMap<ObjectKey, (u64, Arc<PodIdentities>)>>,
+}
+
+impl Decided {
+    /// The identities of `pod` ([`pod_identities`]), decided at most once per generation of the world.
+    pub fn pod_identities(
+        &self,
+        world: &World,
+        policy: Policy,
+        pod: &PodRecord,
+    ) -> Option<Arc<PodIdentities>> {
+        let generation = world.generation();
+        let key = &pod.view.key;
+        if let Some((decided_at, identities)) = self.lock().get(key)
+            && *decided_at == generation
+        {
+            return Some(identities.clone());
+        }
+        let identities = Arc::new(pod_identities(world, policy, pod)?);
+        let mut entries = self.lock();
+        // Entries of pods that are gone are dropped once they outnumber the node's pods.
+        if entries.len() > 2 * world.pod_count() + 16 {
+            entries.retain(|_, (decided_at, _)| *decided_at == generation);
+        }
+        entries.insert(key.clone(), (generation, identities.clone()));
+        Some(identities)
+    }
+
+    /// Pods with an entry, whatever its generation.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no pod has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, (u64, Arc<PodIdentities>)>> {
+        // Entries are whole values: a panic elsewhere cannot leave one half-written.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -342,7 +404,7 @@ fn grant(identity: PodIdentity<'_>) -> Grant {
             &identity.assignment.identity,
         ),
         identity: identity.assignment.identity,
-        object: identity.object.clone(),
+        object: Arc::new(identity.object.clone()),
     }
 }
 

@@ -62,13 +62,21 @@ pub fn token_json(token: &Token, resource: &str, now: i64) -> Value {
 /// The answer to a token request: one token as an object; for a multi-tenant service principal a list,
 /// the primary tenant's first, as the original answered.
 pub fn tokens(tokens: &[Token], resource: &str, now: i64) -> Response {
-    let bodies: Vec<TokenBody<'_>> = tokens.iter().map(|t| TokenBody::new(t, resource, now)).collect();
-    let bytes = match bodies.as_slice() {
-        [single] => serde_json::to_vec(single),
-        many => serde_json::to_vec(many),
+    // Sized for the tokens and the other fields, so that the body is written without growing.
+    let capacity = tokens
+        .iter()
+        .map(|t| t.access_token.len() + resource.len() + 256)
+        .sum();
+    let mut bytes = Vec::with_capacity(capacity);
+    let written = match tokens {
+        [single] => serde_json::to_writer(&mut bytes, &TokenBody::new(single, resource, now)),
+        many => {
+            let bodies: Vec<TokenBody<'_>> = many.iter().map(|t| TokenBody::new(t, resource, now)).collect();
+            serde_json::to_writer(&mut bytes, &bodies)
+        }
     };
-    match bytes {
-        Ok(bytes) => json_bytes(StatusCode::OK, bytes),
+    match written {
+        Ok(()) => json_bytes(StatusCode::OK, bytes),
         // Strings and integers always serialise; this is only what the type system cannot know.
         Err(_) => error(
             StatusCode::INTERNAL_SERVER_ERROR,

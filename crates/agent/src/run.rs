@@ -327,7 +327,7 @@ pub async fn start(
     }));
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let app = server::router(state);
+    let app = server::handler(state);
     health.set_serving(true);
     let serve_health = health.clone();
     let limits = args.limits.limits();

@@ -6,19 +6,16 @@
 //! the watch while the answer may still change), token (cache, then upstream).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use axum::{
-    Router,
-    body::Body,
-    extract::{ConnectInfo, State},
-    response::Response,
-};
+use axum::{body::Body, response::Response};
 use http::{Method, Request, StatusCode, request::Parts};
+use hyper::body::{Bytes, Incoming};
+use pod_identity_api::ObjectKey;
 use serde_json::json;
 use tracing::Instrument;
 
@@ -29,7 +26,7 @@ use crate::{
     },
     audit::{self, Audit, Call, Decision, IdentityRef},
     cache::Outcome,
-    connections::Connection,
+    connections::{self, Connection},
     events::{Events, Notice, Reason},
     metrics::{IdentityLabels, Metrics, RequestLabels, ResultLabels, RouteLabels},
     proxy::Proxy,
@@ -82,9 +79,11 @@ pub struct AppState {
     attestor: Option<Arc<Attestor>>,
     /// The audit stream.
     pub audit: Audit,
-    /// The (pod UID, identity) pairs whose first token was observed.
-    /// Identities each pod (by UID) has had a first token of.
-    first_tokens: Mutex<HashMap<String, HashSet<String>>>,
+    /// Identities each pod (by UID) has had a first token of (`None`: the node's, for an excepted pod);
+    /// a pod has a handful, so a list.
+    first_tokens: Mutex<HashMap<String, Vec<Option<ObjectKey>>>>,
+    /// Each pod's identities, decided once per change of the world.
+    decided: resolve::Decided,
 }
 
 impl AppState {
@@ -107,6 +106,7 @@ impl AppState {
             events,
             attestor: None,
             first_tokens: Mutex::default(),
+            decided: resolve::Decided::default(),
         }
     }
 
@@ -160,19 +160,28 @@ impl Caller {
     }
 }
 
-/// The endpoint's router; serve it with `into_make_service_with_connect_info::<SocketAddr>()` so each
-/// request knows its peer.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new().fallback(handle).with_state(state)
+/// The endpoint as the connections' [`Handler`](connections::Handler): each request goes to [`handle`]
+/// with its peer and connection facts.
+pub fn handler(state: Arc<AppState>) -> impl connections::Handler {
+    move |request: Request<Incoming>, peer: SocketAddr, connection: Arc<Connection>| {
+        handle(state.clone(), peer, Some(connection), request)
+    }
 }
 
-/// One span per request, which the token path fills in with the pod and the identity once it knows them,
-/// so that every line logged for the request names node, caller, pod and identity.
-async fn handle(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request<Body>,
-) -> Response {
+/// Answers one request from `peer` (`connection`: the facts of the connection it came on, which
+/// attestation needs). One span per request, which the token path fills in with the pod and the
+/// identity once it knows them, so that every line logged for the request names node, caller, pod and
+/// identity. The body is only read when the request is forwarded to IMDS.
+pub async fn handle<B>(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    connection: Option<Arc<Connection>>,
+    req: Request<B>,
+) -> Response
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let span = tracing::info_span!(
         "request",
         node = %state.config.node,
@@ -180,12 +189,22 @@ async fn handle(
         pod = tracing::field::Empty,
         identity = tracing::field::Empty,
     );
-    handle_request(state, peer, req).instrument(span).await
+    handle_request(state, peer, connection, req)
+        .instrument(span)
+        .await
 }
 
-async fn handle_request(state: Arc<AppState>, peer: SocketAddr, req: Request<Body>) -> Response {
+async fn handle_request<B>(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    connection: Option<Arc<Connection>>,
+    req: Request<B>,
+) -> Response
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let started = Instant::now();
-    let connection = req.extensions().get::<Arc<Connection>>().cloned();
     let (parts, body) = req.into_parts();
     let route = request::classify(parts.uri.path());
     let caller = match route {
@@ -197,7 +216,7 @@ async fn handle_request(state: Arc<AppState>, peer: SocketAddr, req: Request<Bod
         Route::HostToken if state.config.host_token => host_token(&state, peer.ip(), &parts).await,
         Route::HostToken => response::not_found("/host/token is not enabled on this node"),
         Route::Instance | Route::OtherMetadata if caller.is_passed_node(&state) => {
-            forward(&state, peer, Request::from_parts(parts, body)).await
+            forward(&state, peer, Request::from_parts(parts, Body::new(body))).await
         }
         Route::Instance | Route::OtherMetadata if refused_caller(&caller).is_some() => {
             let (status, why) = refused_caller(&caller).unwrap_or((StatusCode::FORBIDDEN, String::new()));
@@ -210,7 +229,7 @@ async fn handle_request(state: Arc<AppState>, peer: SocketAddr, req: Request<Bod
             blocked(&state, peer, &parts, "this metadata path is blocked on this node")
         }
         Route::Instance | Route::OtherMetadata => {
-            forward(&state, peer, Request::from_parts(parts, body)).await
+            forward(&state, peer, Request::from_parts(parts, Body::new(body))).await
         }
         Route::Variant(reason) => {
             tracing::warn!(peer = %peer.ip(), path = %logged_path(&parts), reason, decision = "refused", "refused a path variant");
@@ -531,10 +550,10 @@ async fn resolve_waiting(
             let world = state.shared.read();
             match find(&world) {
                 Ok(pod) => {
-                    let resolution = resolve::resolve(
-                        &world,
-                        state.config.policy,
-                        &pod,
+                    let identities = state.decided.pod_identities(&world, state.config.policy, &pod);
+                    let resolution = resolve::resolve_from(
+                        identities.as_deref(),
+                        &pod.view.key,
                         &query.selector,
                         state.tokens.cache(),
                     );
@@ -568,7 +587,7 @@ async fn resolve_waiting(
                 for grant in grants {
                     let _ = state
                         .tokens
-                        .tokens(&grant.principal, Some(&grant.object), &query.resource)
+                        .tokens(&grant.principal, Some(&*grant.object), &query.resource)
                         .await;
                 }
             }
@@ -629,16 +648,21 @@ async fn answer(
         tracing::info!(pod = name, namespace, selector = %query.selector, resource, status = verdict.status.as_u16(), decision = verdict.decision, reason = %why, waited_ms = waited.as_millis() as u64, "refused a token request");
         return refuse(state, call, pod.as_ref(), Some(query), &verdict, &why);
     }
-    let (principal, identity_object, identity_name) = match &resolution {
-        Resolution::Serve(grant) => (
-            grant.principal.clone(),
-            Some(&grant.object),
-            grant.identity.to_string(),
-        ),
-        _ => (Principal::Node(query.selector.clone()), None, "node".to_owned()),
+    // Borrowed from the resolution: a cached answer copies nothing of the identity.
+    let node_principal;
+    let (principal, identity_object, identity) = match &resolution {
+        Resolution::Serve(grant) => (&grant.principal, Some(&*grant.object), Some(&grant.identity)),
+        _ => {
+            node_principal = Principal::Node(query.selector.clone());
+            (&node_principal, None, None)
+        }
     };
-    let (result, outcome) = state.tokens.tokens(&principal, identity_object, resource).await;
+    let identity_name = IdentityName(identity);
+    let (result, outcome) = state.tokens.tokens(principal, identity_object, resource).await;
     let audited = |decided: (Decision, audit::Reason), why: &str, tokens: &[crate::upstream::Token]| {
+        if !state.audit.is_enabled() {
+            return;
+        }
         let identity = IdentityRef::of(identity_object, &query.selector);
         state.audit.record(&audit::Entry {
             caller: call.peer,
@@ -668,7 +692,7 @@ async fn answer(
             } else {
                 tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             }
-            record_first_token(state, pod.as_ref(), &identity_name);
+            record_first_token(state, pod.as_ref(), identity);
             let reason = if matches!(resolution, Resolution::Excepted) {
                 audit::Reason::Excepted
             } else {
@@ -738,10 +762,24 @@ fn notify(state: &AppState, pod: Option<&PodRecord>, reason: Reason, why: &str) 
     }
 }
 
+/// The identity a token is served under, as logs and metrics name it: `namespace/name`, or `node` for
+/// an excepted pod's node identity.
+#[derive(Clone, Copy)]
+struct IdentityName<'a>(Option<&'a ObjectKey>);
+
+impl std::fmt::Display for IdentityName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(key) => key.fmt(f),
+            None => f.write_str("node"),
+        }
+    }
+}
+
 /// Observes the time from a pod's creation to its first token of `identity` (`namespace/name`, or `node`
 /// for an excepted pod, whatever node identity it asked for), once per pod and identity: a pod's second
 /// identity is a first token of its own, a repeat of either is not.
-fn record_first_token(state: &AppState, pod: Option<&PodRecord>, identity: &str) {
+fn record_first_token(state: &AppState, pod: Option<&PodRecord>, identity: Option<&ObjectKey>) {
     let Some(pod) = pod else { return };
     let (Some(uid), Some(created)) = (pod.view.uid.as_ref(), pod.created) else {
         return;
@@ -750,22 +788,22 @@ fn record_first_token(state: &AppState, pod: Option<&PodRecord>, identity: &str)
     // Every served token passes here: a repeat is a lookup, with nothing allocated.
     if seen
         .get(uid)
-        .is_some_and(|identities| identities.contains(identity))
+        .is_some_and(|identities| identities.iter().any(|seen| seen.as_ref() == identity))
     {
         return;
     }
     // Pods come and go; a bounded memory forgets old ones rather than growing with the node's history.
-    if seen.values().map(HashSet::len).sum::<usize>() >= 4096 {
+    if seen.values().map(Vec::len).sum::<usize>() >= 4096 {
         seen.clear();
     }
-    seen.entry(uid.clone()).or_default().insert(identity.to_owned());
+    seen.entry(uid.clone()).or_default().push(identity.cloned());
     drop(seen);
     let elapsed = jiff::Timestamp::now().duration_since(created);
     state
         .metrics
         .first_token
         .get_or_create(&IdentityLabels {
-            identity: identity.to_owned(),
+            identity: IdentityName(identity).to_string(),
         })
         .observe(elapsed.as_secs_f64().max(0.0));
 }

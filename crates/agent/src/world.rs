@@ -71,6 +71,8 @@ pub struct World {
     pub matching: Index,
     /// Which lists have arrived.
     pub synced: Synced,
+    /// Changes so far ([`Shared::update`]).
+    generation: u64,
 }
 
 /// Who a caller is, by the source address of its connection.
@@ -93,6 +95,17 @@ impl World {
             matching: Index::empty(scope),
             ..Self::default()
         }
+    }
+
+    /// How many changes the world has seen: equal generations are equal worlds, so whatever is decided
+    /// from one holds until the next.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Pods of this node.
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
     }
 
     /// The caller with this source address.
@@ -252,7 +265,12 @@ impl Shared {
                 .world
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            change(&mut world)
+            // Counted after the change, so that even a change that replaces the whole world starts a
+            // new generation.
+            let previous = world.generation;
+            let result = change(&mut world);
+            world.generation = previous + 1;
+            result
         };
         self.version.send_modify(|version| *version += 1);
         result

@@ -1,6 +1,6 @@
 use std::net::Ipv4Addr;
 
-use axum::routing::get;
+use axum::response::IntoResponse;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpSocket,
@@ -103,24 +103,24 @@ async fn endpoint(limits: Limits) -> Endpoint {
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
     let slow_started = Arc::new(tokio::sync::Notify::new());
-    let router = Router::new()
-        .route(
-            "/",
-            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.ip().to_string() }),
-        )
-        .route(
-            "/slow",
-            get({
-                let started = slow_started.clone();
-                move || async move {
+    // `/slow` answers after 300 ms; anything else answers the caller's address at once.
+    let handler = {
+        let started = slow_started.clone();
+        move |request: Request<Incoming>, peer: SocketAddr, _: Arc<Connection>| {
+            let started = started.clone();
+            async move {
+                if request.uri().path() == "/slow" {
                     started.notify_one();
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    "done"
+                    "done".into_response()
+                } else {
+                    peer.ip().to_string().into_response()
                 }
-            }),
-        );
+            }
+        }
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(serve(listener, router, limits, metrics.clone(), async move {
+    let served = tokio::spawn(serve(listener, handler, limits, metrics.clone(), async move {
         let _ = stopped.await;
     }));
     Endpoint {

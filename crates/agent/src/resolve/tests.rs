@@ -582,3 +582,128 @@ fn a_pod_named_by_a_node_local_caller_is_found_while_it_may_run_whatever_its_net
         Pending::UnknownCaller
     );
 }
+
+/// Each kind of change a watch makes, applied to a world where `ns/web` is bound to `id-a` (assigned).
+type Change = (&'static str, fn(&mut World));
+
+fn changes() -> Vec<Change> {
+    vec![
+        ("the assignment goes back to Created", |w| {
+            let web = w.pod(&ObjectKey::new("ns", "web")).unwrap().clone();
+            assign(
+                w,
+                &web,
+                &user_assigned_identity("ns", "id-a", CLIENT_A),
+                "Created",
+            );
+        }),
+        ("the assignment is removed", |w| {
+            let name = assigned_identity_name("web", "ns", "id-a");
+            w.remove_assigned(&ObjectKey::new("ns", name));
+        }),
+        ("a heavier binding of the pod's selector arrives", |w| {
+            w.matching
+                .upsert_identity(user_assigned_identity("ns", "id-b", CLIENT_B));
+            let mut heavier = binding("ns", "bb", "id-b", "web");
+            heavier.spec.weight = Some(10);
+            w.matching.upsert_binding(heavier);
+        }),
+        ("the binding is removed", |w| {
+            w.matching.remove_binding(&ObjectKey::new("ns", "ba"));
+        }),
+        ("the identity's client ID changes", |w| {
+            w.matching
+                .upsert_identity(user_assigned_identity("ns", "id-a", CLIENT_B));
+        }),
+        ("an exception of the pod arrives", |w| {
+            w.matching
+                .upsert_exception(exception("ns", "ex", &[("aadpodidbinding", "web")]));
+        }),
+        ("the pod is relabelled", |w| {
+            let mut web = w.pod(&ObjectKey::new("ns", "web")).unwrap().clone();
+            web.view = web.view.with_selector("db");
+            w.upsert_pod(web);
+        }),
+        ("the whole world is replaced by one without the binding", |w| {
+            let web = w.pod(&ObjectKey::new("ns", "web")).unwrap().clone();
+            *w = synced_world();
+            w.upsert_pod(web);
+        }),
+    ]
+}
+
+fn bound_shared() -> Arc<crate::world::Shared> {
+    let shared = crate::world::Shared::new();
+    shared.update(|w| {
+        *w = synced_world();
+        let a = user_assigned_identity("ns", "id-a", CLIENT_A);
+        w.matching.upsert_identity(a.clone());
+        w.matching.upsert_binding(binding("ns", "ba", "id-a", "web"));
+        let web = pod("ns", "web", Some("web"));
+        assign(w, &web, &a, "Assigned");
+        w.upsert_pod(web);
+    });
+    shared
+}
+
+#[test]
+fn a_pods_identities_are_decided_once_per_world_and_again_after_each_kind_of_change() {
+    let key = ObjectKey::new("ns", "web");
+    for (change, apply) in changes() {
+        let shared = bound_shared();
+        let decided = Decided::default();
+        let first = {
+            let world = shared.read();
+            let web = world.pod(&key).unwrap().clone();
+            let first = decided.pod_identities(&world, standard(), &web).unwrap();
+            // The same world answers from the entry: the very same value, not a new decision.
+            let again = decided.pod_identities(&world, standard(), &web).unwrap();
+            assert!(Arc::ptr_eq(&first, &again), "{change}");
+            first
+        };
+        shared.update(apply);
+        let world = shared.read();
+        let web = world.pod(&key).unwrap().clone();
+        let after = decided.pod_identities(&world, standard(), &web).unwrap();
+        let fresh = pod_identities(&world, standard(), &web).unwrap();
+        assert_eq!(format!("{after:?}"), format!("{fresh:?}"), "{change}");
+        assert_ne!(
+            format!("{after:?}"),
+            format!("{first:?}"),
+            "{change}: the decision must change"
+        );
+    }
+}
+
+#[test]
+fn nothing_is_decided_ahead_before_every_list_has_arrived() {
+    let shared = crate::world::Shared::new();
+    let web = pod("ns", "web", Some("web"));
+    shared.update(|w| w.upsert_pod(web.clone()));
+    let decided = Decided::default();
+    assert!(decided.pod_identities(&shared.read(), standard(), &web).is_none());
+    assert!(decided.is_empty());
+    assert!(matches!(
+        resolve_from(None, &web.view.key, &Selector::Default, &()),
+        Resolution::Wait(Pending::NotSynced)
+    ));
+}
+
+#[test]
+fn entries_of_pods_gone_are_dropped_once_they_outnumber_the_nodes_pods() {
+    let shared = bound_shared();
+    let decided = Decided::default();
+    // 200 short-lived pods ask once each, each in a world of its own generation.
+    for i in 0..200 {
+        let pod = pod("ns", &format!("job-{i}"), Some("web"));
+        shared.update(|w| w.upsert_pod(pod.clone()));
+        decided.pod_identities(&shared.read(), standard(), &pod).unwrap();
+        shared.update(|w| w.remove_pod(&pod.view.key));
+    }
+    let pods = shared.read().pod_count();
+    assert!(
+        decided.len() <= 2 * pods + 17,
+        "{} entries for {pods} pods",
+        decided.len()
+    );
+}

@@ -6,12 +6,10 @@ use std::{
     time::Duration,
 };
 
-use axum::extract::connect_info::MockConnectInfo;
 use base64::Engine;
 use pod_identity_api::fixtures::{binding, user_assigned_identity};
 use pod_identity_azure::{AzureError, imds_http::ImdsHttp};
 use serde_json::Value;
-use tower::ServiceExt;
 
 use super::*;
 use crate::{
@@ -185,11 +183,7 @@ async fn call(
         request = request.header(*name, *value);
     }
     let peer: SocketAddr = format!("{peer}:40000").parse().unwrap();
-    let response = router(state.clone())
-        .layer(MockConnectInfo(peer))
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let response = handle(state.clone(), peer, None, request.body(Body::empty()).unwrap()).await;
     let status = response.status();
     let headers = response.headers().clone();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();

@@ -119,11 +119,12 @@ mod tests {
     use super::*;
     use crate::resolve::{Grant, Principal};
     use pod_identity_api::{AssignmentStatus, AzureIdentity, ObjectKey};
+    use std::sync::Arc;
 
     fn grant() -> Grant {
         Grant {
             identity: ObjectKey::new("ns", "id"),
-            object: AzureIdentity::new("id", Default::default()),
+            object: Arc::new(AzureIdentity::new("id", Default::default())),
             principal: Principal::Managed {
                 client_id: "c".into(),
             },
