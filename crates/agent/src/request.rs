@@ -244,13 +244,8 @@ impl QueryError {
 pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
     // Borrowed from the query unless percent-decoding changed them.
     let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = form_urlencoded::parse(query.as_bytes()).collect();
-    for (index, (name, _)) in pairs.iter().enumerate() {
-        if pairs[..index]
-            .iter()
-            .any(|(other, _)| other.eq_ignore_ascii_case(name))
-        {
-            return Err(QueryError::Duplicate(name.clone().into_owned()));
-        }
+    if let Some(repeated) = first_repeated(&pairs) {
+        return Err(QueryError::Duplicate(pairs[repeated].0.clone().into_owned()));
     }
     let get = |name: &str| {
         pairs
@@ -295,6 +290,34 @@ pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
         resource: resource.to_owned(),
         selector,
     })
+}
+
+/// Query parameters compared pairwise at most: beyond, names are sorted instead, so that a query of
+/// thousands of parameters (a request head may hold 16 KiB of them) costs a sort, not millions of
+/// comparisons.
+const PAIRWISE_PARAMETERS: usize = 16;
+
+/// The position of the first parameter whose name (in any case) an earlier one has, if any.
+fn first_repeated<V>(pairs: &[(Cow<'_, str>, V)]) -> Option<usize> {
+    if pairs.len() <= PAIRWISE_PARAMETERS {
+        return (0..pairs.len()).find(|&index| {
+            pairs[..index]
+                .iter()
+                .any(|(other, _)| other.eq_ignore_ascii_case(&pairs[index].0))
+        });
+    }
+    let mut names: Vec<(String, usize)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(index, (name, _))| (name.to_ascii_lowercase(), index))
+        .collect();
+    names.sort_unstable();
+    // In each run of one name, sorted by position, the second is that name's first repeat.
+    names
+        .windows(2)
+        .filter(|pair| pair[0].0 == pair[1].0)
+        .map(|pair| pair[1].1)
+        .min()
 }
 
 /// `YYYY-MM-DD`, optionally followed by `-preview`.
@@ -372,11 +395,14 @@ pub enum HeaderError {
 /// value exactly `true` as IMDS requires ("must be set to `true`, in all lower case"; IMDS answers
 /// `Metadata: True` with 400, as open-telemetry-collector-contrib #46281 found on AKS nodes).
 pub fn check_headers(headers: &http::HeaderMap, metadata_required: bool) -> Result<(), HeaderError> {
-    if headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED) {
+    // Names made once, not parsed from text on every request.
+    const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    const METADATA: http::HeaderName = http::HeaderName::from_static("metadata");
+    if headers.contains_key(X_FORWARDED_FOR) || headers.contains_key(http::header::FORWARDED) {
         return Err(HeaderError::Forwarded);
     }
     if metadata_required {
-        let mut values = headers.get_all("metadata").iter();
+        let mut values = headers.get_all(METADATA).iter();
         let ok = match (values.next(), values.next()) {
             (Some(value), None) => value.to_str().is_ok_and(|v| v.trim() == "true"),
             _ => false,
@@ -615,6 +641,43 @@ mod tests {
             parse_token_query("resource=https://a&client_id=x&CLIENT_ID=y"),
             Err(QueryError::Duplicate("CLIENT_ID".into()))
         );
+    }
+
+    #[test]
+    fn a_query_of_thousands_of_parameters_is_checked_as_a_short_one_is() {
+        // Long queries are checked by sorting names: the first repeat found is the one a pairwise
+        // check finds, whatever the length.
+        let padding: Vec<String> = (0..5000).map(|i| format!("p{i}=")).collect();
+        let padding = padding.join("&");
+        for (query, repeated) in [
+            (format!("resource=https://a&{padding}"), None),
+            (format!("resource=https://a&{padding}&P17=&p4999="), Some("P17")),
+            (
+                format!("{padding}&Resource=https://a&resource=https://b&p3="),
+                Some("resource"),
+            ),
+            (format!("x=&X=&{padding}&p1="), Some("X")),
+        ] {
+            match repeated {
+                None => assert!(parse_token_query(&query).is_ok()),
+                Some(name) => assert_eq!(
+                    parse_token_query(&query),
+                    Err(QueryError::Duplicate(name.into())),
+                    "{name}"
+                ),
+            }
+        }
+        for length in 0..=40 {
+            let pairs: Vec<(Cow<'_, str>, ())> = (0..length)
+                .map(|i| (Cow::Owned(format!("n{}", (i * 7) % 23)), ()))
+                .collect();
+            let pairwise = (0..pairs.len()).find(|&i| {
+                pairs[..i]
+                    .iter()
+                    .any(|(other, _)| other.eq_ignore_ascii_case(&pairs[i].0))
+            });
+            assert_eq!(first_repeated(&pairs), pairwise, "{length} parameters");
+        }
     }
 
     #[test]

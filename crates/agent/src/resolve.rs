@@ -166,7 +166,7 @@ impl From<AssignmentPending> for Pending {
 }
 
 /// The pod calling from `ip`, or why it is not known yet.
-pub fn calling_pod(world: &World, ip: IpAddr) -> Result<&PodRecord, Pending> {
+pub fn calling_pod(world: &World, ip: IpAddr) -> Result<&Arc<PodRecord>, Pending> {
     match world.caller(ip) {
         Caller::Pod(pod) => Ok(pod),
         Caller::Unknown => Err(Pending::UnknownCaller),
@@ -176,7 +176,7 @@ pub fn calling_pod(world: &World, ip: IpAddr) -> Result<&PodRecord, Pending> {
 }
 
 /// The pod a node-local caller names (`/host/token`), if it may run.
-pub fn named_pod<'a>(world: &'a World, key: &ObjectKey) -> Result<&'a PodRecord, Pending> {
+pub fn named_pod<'a>(world: &'a World, key: &ObjectKey) -> Result<&'a Arc<PodRecord>, Pending> {
     world
         .pod(key)
         .filter(|pod| pod.view.life().may_run())
@@ -185,7 +185,7 @@ pub fn named_pod<'a>(world: &'a World, key: &ObjectKey) -> Result<&'a PodRecord,
 
 /// The pod attestation found holding a host caller's socket (a host-network pod), if it may run; while
 /// the watch has not shown it yet, the caller waits for it.
-pub fn attested_pod<'a>(world: &'a World, uid: &str) -> Result<&'a PodRecord, Pending> {
+pub fn attested_pod<'a>(world: &'a World, uid: &str) -> Result<&'a Arc<PodRecord>, Pending> {
     world
         .pods()
         .find(|pod| pod.view.uid.as_deref() == Some(uid))

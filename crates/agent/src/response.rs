@@ -8,7 +8,14 @@ use axum::{
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::upstream::Token;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use hyper::body::Bytes;
+
+use crate::{cache::Tokens, upstream::Token};
 
 /// One token as IMDS sends it: every field a string (the Rust SDK refuses a numeric `expires_on`; MSAL
 /// needs `expires_in`; Python reads `resource`), keys in alphabetical order as IMDS and the original
@@ -62,6 +69,13 @@ pub fn token_json(token: &Token, resource: &str, now: i64) -> Value {
 /// The answer to a token request: one token as an object; for a multi-tenant service principal a list,
 /// the primary tenant's first, as the original answered.
 pub fn tokens(tokens: &[Token], resource: &str, now: i64) -> Response {
+    match token_body(tokens, resource, now) {
+        Some(body) => json_bytes(StatusCode::OK, body),
+        None => tokens_unencodable(),
+    }
+}
+
+fn token_body(tokens: &[Token], resource: &str, now: i64) -> Option<Vec<u8>> {
     // Sized for the tokens and the other fields, so that the body is written without growing.
     let capacity = tokens
         .iter()
@@ -75,14 +89,79 @@ pub fn tokens(tokens: &[Token], resource: &str, now: i64) -> Response {
             serde_json::to_writer(&mut bytes, &bodies)
         }
     };
-    match written {
-        Ok(()) => json_bytes(StatusCode::OK, bytes),
-        // Strings and integers always serialise; this is only what the type system cannot know.
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "could not encode the token",
-        ),
+    written.ok().map(|()| bytes)
+}
+
+/// Strings and integers always serialise; this is only what the type system cannot know.
+fn tokens_unencodable() -> Response {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "could not encode the token",
+    )
+}
+
+/// Token answers written in the current second, each with the cached tokens it was written from: the
+/// answer to a cached token changes only with the second (`expires_in` counts whole seconds), so every
+/// request for it in the same second is sent the same bytes, written once. Entries of past seconds go
+/// when a new answer is written; holding the tokens keeps their address from naming other tokens while
+/// an entry is kept.
+#[derive(Debug, Default)]
+pub struct Written {
+    entries: Mutex<HashMap<usize, WrittenEntry>>,
+}
+
+#[derive(Debug)]
+struct WrittenEntry {
+    tokens: Tokens,
+    resource: String,
+    second: i64,
+    body: Bytes,
+}
+
+impl Written {
+    /// [`tokens`], answered from what was written for the same tokens, resource and second, if any.
+    pub fn tokens(&self, tokens: &Tokens, resource: &str, now: i64) -> Response {
+        let key = Arc::as_ptr(tokens) as usize;
+        let written = self.lock().get(&key).and_then(|entry| {
+            (Arc::ptr_eq(&entry.tokens, tokens) && entry.second == now && entry.resource == resource)
+                .then(|| entry.body.clone())
+        });
+        if let Some(body) = written {
+            return json_body(StatusCode::OK, Body::from(body));
+        }
+        let Some(body) = token_body(tokens, resource, now) else {
+            return tokens_unencodable();
+        };
+        let body = Bytes::from(body);
+        let mut entries = self.lock();
+        entries.retain(|_, entry| entry.second == now);
+        entries.insert(
+            key,
+            WrittenEntry {
+                tokens: tokens.clone(),
+                resource: resource.to_owned(),
+                second: now,
+                body: body.clone(),
+            },
+        );
+        drop(entries);
+        json_body(StatusCode::OK, Body::from(body))
+    }
+
+    /// Answers kept, for tests.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no answer is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, WrittenEntry>> {
+        // Entries are whole values: a panic elsewhere cannot leave one half-written.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -125,7 +204,11 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response {
 }
 
 fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response {
-    let mut response = (status, Body::from(bytes)).into_response();
+    json_body(status, Body::from(bytes))
+}
+
+fn json_body(status: StatusCode, body: Body) -> Response {
+    let mut response = (status, body).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
@@ -184,6 +267,48 @@ mod tests {
             value["expires_in"], "0",
             "an expired token says 0, never a negative lifetime"
         );
+    }
+
+    async fn body_of(response: Response) -> (StatusCode, Bytes) {
+        let status = response.status();
+        let content_type = response.headers()[header::CONTENT_TYPE].clone();
+        assert_eq!(content_type, "application/json; charset=utf-8");
+        (
+            status,
+            axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_answer_written_this_second_is_sent_again_and_one_of_another_second_or_token_is_not() {
+        let written = Written::default();
+        let cached: Tokens = Arc::new(vec![token()]);
+        let resource = "https://vault.azure.net";
+        let fresh = |now| body_of(tokens(&cached, resource, now));
+        let (status, first) = body_of(written.tokens(&cached, resource, 1_000_000)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(first, fresh(1_000_000).await.1);
+        // The same tokens in the same second: the very bytes written before.
+        let (_, again) = body_of(written.tokens(&cached, resource, 1_000_000)).await;
+        assert_eq!(again.as_ptr(), first.as_ptr());
+        assert_eq!(written.len(), 1);
+        // Equal tokens fetched anew are other tokens: written for themselves.
+        let renewed: Tokens = Arc::new(vec![token()]);
+        let (_, other) = body_of(written.tokens(&renewed, resource, 1_000_000)).await;
+        assert_ne!(other.as_ptr(), first.as_ptr());
+        assert_eq!(written.len(), 2);
+        // The next second counts a second less, and what was written before goes.
+        let (_, later) = body_of(written.tokens(&cached, resource, 1_000_001)).await;
+        assert_eq!(later, fresh(1_000_001).await.1);
+        assert_ne!(later, first);
+        assert_eq!(written.len(), 1);
+        // Another resource is never answered from what was written for the first.
+        let (_, elsewhere) = body_of(written.tokens(&cached, "api://other", 1_000_001)).await;
+        assert_eq!(elsewhere, fresh_for(&cached, "api://other", 1_000_001).await);
+    }
+
+    async fn fresh_for(cached: &Tokens, resource: &str, now: i64) -> Bytes {
+        body_of(tokens(cached, resource, now)).await.1
     }
 
     #[tokio::test]

@@ -84,6 +84,8 @@ pub struct AppState {
     first_tokens: Mutex<HashMap<String, Vec<Option<ObjectKey>>>>,
     /// Each pod's identities, decided once per change of the world.
     decided: resolve::Decided,
+    /// Token answers of the current second.
+    written: response::Written,
 }
 
 impl AppState {
@@ -107,6 +109,7 @@ impl AppState {
             attestor: None,
             first_tokens: Mutex::default(),
             decided: resolve::Decided::default(),
+            written: response::Written::default(),
         }
     }
 
@@ -287,7 +290,7 @@ async fn forward(state: &AppState, peer: SocketAddr, req: Request<Body>) -> Resp
 
 /// The result of resolving a request, with the caller it was made for.
 struct Resolved {
-    pod: Option<PodRecord>,
+    pod: Option<Arc<PodRecord>>,
     resolution: Resolution,
     waited: Duration,
 }
@@ -390,7 +393,7 @@ async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts)
         return refuse(Some(pod), refusal);
     }
     answer(state, &call, &query, resolved, |tokens, resource, now| {
-        response::tokens(tokens, resource, now)
+        state.written.tokens(tokens, resource, now)
     })
     .await
 }
@@ -434,7 +437,7 @@ async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
             _ => format!("no live pod {key} on this node"),
         };
         let decided = (Decision::Denied, audit::Reason::IdentityDenied);
-        call.refused(&state.audit, resolved.pod.as_ref(), Some(&query), decided, &why);
+        call.refused(&state.audit, resolved.pod.as_deref(), Some(&query), decided, &why);
         return response::not_found(&why);
     }
     // The CSI driver refuses an answer without `clientid`; IMDS answers without `client_id` exist
@@ -536,7 +539,7 @@ impl Drop for Waiting<'_> {
 async fn resolve_waiting(
     state: &AppState,
     query: &TokenQuery,
-    find: impl Fn(&crate::world::World) -> Result<PodRecord, Pending>,
+    find: impl Fn(&crate::world::World) -> Result<Arc<PodRecord>, Pending>,
 ) -> Resolved {
     let started = tokio::time::Instant::now();
     let assignment_deadline = started + state.config.assignment_wait;
@@ -617,7 +620,7 @@ async fn answer(
     call: &Call,
     query: &TokenQuery,
     resolved: Resolved,
-    render: impl FnOnce(&[crate::upstream::Token], &str, i64) -> Response,
+    render: impl FnOnce(&crate::cache::Tokens, &str, i64) -> Response,
 ) -> Response {
     let Resolved {
         pod,
@@ -646,7 +649,7 @@ async fn answer(
             _ => "the requested object_id is not an identity of this pod".to_owned(),
         };
         tracing::info!(pod = name, namespace, selector = %query.selector, resource, status = verdict.status.as_u16(), decision = verdict.decision, reason = %why, waited_ms = waited.as_millis() as u64, "refused a token request");
-        return refuse(state, call, pod.as_ref(), Some(query), &verdict, &why);
+        return refuse(state, call, pod.as_deref(), Some(query), &verdict, &why);
     }
     // Borrowed from the resolution: a cached answer copies nothing of the identity.
     let node_principal;
@@ -666,7 +669,7 @@ async fn answer(
         let identity = IdentityRef::of(identity_object, &query.selector);
         state.audit.record(&audit::Entry {
             caller: call.peer,
-            pod: pod.as_ref(),
+            pod: pod.as_deref(),
             identity: Some(&identity),
             resource,
             decision: decided.0,
@@ -692,7 +695,7 @@ async fn answer(
             } else {
                 tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             }
-            record_first_token(state, pod.as_ref(), identity);
+            record_first_token(state, pod.as_deref(), identity);
             let reason = if matches!(resolution, Resolution::Excepted) {
                 audit::Reason::Excepted
             } else {
@@ -707,7 +710,7 @@ async fn answer(
             let verdict = verdict::of_upstream(&error);
             decision(state, verdict.decision);
             if let Some(reason) = verdict.event {
-                notify(state, pod.as_ref(), reason, &why);
+                notify(state, pod.as_deref(), reason, &why);
             }
             audited(verdict.audited, &why, &[]);
             verdict_response(state, &verdict, &why)

@@ -61,7 +61,8 @@ pub struct Synced {
 /// The cluster as this node's agent sees it.
 #[derive(Debug, Default)]
 pub struct World {
-    pods: HashMap<ObjectKey, PodRecord>,
+    /// Shared with the requests that found them, which hold them without copying.
+    pods: HashMap<ObjectKey, Arc<PodRecord>>,
     by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
     /// Pods that may hold an address the API does not show yet ([`PodView::awaits_its_address`]).
     awaiting_address: HashSet<ObjectKey>,
@@ -79,7 +80,7 @@ pub struct World {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Caller<'a> {
     /// That pod ([`pod::caller`]).
-    Pod(&'a PodRecord),
+    Pod(&'a Arc<PodRecord>),
     /// No pod of this node that may run has that IP (yet).
     Unknown,
     /// Several pods that are not being deleted claim it: a refusal, not a guess.
@@ -128,12 +129,12 @@ impl World {
     }
 
     /// The pod of that namespace and name.
-    pub fn pod(&self, key: &ObjectKey) -> Option<&PodRecord> {
+    pub fn pod(&self, key: &ObjectKey) -> Option<&Arc<PodRecord>> {
         self.pods.get(key)
     }
 
     /// All pods of this node.
-    pub fn pods(&self) -> impl Iterator<Item = &PodRecord> {
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<PodRecord>> {
         self.pods.values()
     }
 
@@ -163,18 +164,18 @@ impl World {
         if record.view.awaits_its_address() {
             self.awaiting_address.insert(key.clone());
         }
-        self.pods.insert(key, record);
+        self.pods.insert(key, Arc::new(record));
     }
 
     /// Forgets a pod.
     pub fn remove_pod(&mut self, key: &ObjectKey) {
         self.awaiting_address.remove(key);
         if let Some(old) = self.pods.remove(key) {
-            for ip in old.view.ips {
-                if let Some(keys) = self.by_ip.get_mut(&ip) {
+            for ip in &old.view.ips {
+                if let Some(keys) = self.by_ip.get_mut(ip) {
                     keys.retain(|k| k != key);
                     if keys.is_empty() {
-                        self.by_ip.remove(&ip);
+                        self.by_ip.remove(ip);
                     }
                 }
             }

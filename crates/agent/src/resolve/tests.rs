@@ -620,12 +620,12 @@ fn changes() -> Vec<Change> {
                 .upsert_exception(exception("ns", "ex", &[("aadpodidbinding", "web")]));
         }),
         ("the pod is relabelled", |w| {
-            let mut web = w.pod(&ObjectKey::new("ns", "web")).unwrap().clone();
+            let mut web = PodRecord::clone(w.pod(&ObjectKey::new("ns", "web")).unwrap());
             web.view = web.view.with_selector("db");
             w.upsert_pod(web);
         }),
         ("the whole world is replaced by one without the binding", |w| {
-            let web = w.pod(&ObjectKey::new("ns", "web")).unwrap().clone();
+            let web = PodRecord::clone(w.pod(&ObjectKey::new("ns", "web")).unwrap());
             *w = synced_world();
             w.upsert_pod(web);
         }),

@@ -295,10 +295,7 @@ async fn each_identity_of_a_pod_has_its_first_token_observed_once() {
         .matching
         .upsert_binding(binding("ns", "bb-web", "id-b", "web"));
     let b = world.matching.identity("ns", "id-b").unwrap().clone();
-    let mut web = world
-        .pod(&pod_identity_api::ObjectKey::new("ns", "web"))
-        .unwrap()
-        .clone();
+    let mut web = PodRecord::clone(world.pod(&pod_identity_api::ObjectKey::new("ns", "web")).unwrap());
     web.created = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3));
     assign(&mut world, &web, &b, "Assigned");
     world.upsert_pod(web);
