@@ -1,12 +1,13 @@
 //! Whether the agent's token path costs more on a bigger cluster: cached-token requests from pod network
 //! namespaces through the real interception rules, with 100 and with 10,000 bindings and identities in the
 //! agent's view, beside a bare HTTP handler that answers the same body from the same address (the floor:
-//! what the HTTP exchange alone costs on this machine).
+//! what the HTTP exchange alone costs on this machine), and that handler again behind the agent's own
+//! connection layer (what the limits every pod is held to cost, without the token path).
 //!
 //! Reports, per configuration and concurrency: requests/s, p50 and p99, and the serving process's CPU time
 //! per request (user + system, from `/proc/<pid>/stat`, over the whole run); then ours / floor. The
 //! bindings and identities of the scale run are real objects in the apiserver, each with a selector of its
-//! own, in the namespace of the load pods, so that every request's matching sees them all. Needs root
+//! own, in the namespace of the load pods, so that the agent's index holds them all. Needs root
 //! (network namespaces, iptables) and the control plane of the tests. Run with
 //! `cargo bench -p pod-identity-agent --bench agent_scale`; `BENCH_BINDINGS` (`100,10000`) changes the
 //! sizes. Figures are for this machine only, and nothing here asserts a time.
@@ -38,10 +39,17 @@ const CONCURRENCY: [usize; 2] = [1, 16];
 const REDIRECT: &str = "169.254.79.1:2579";
 /// Set in the environment of this program run as the floor's bare handler: the body it answers.
 const FLOOR_BODY: &str = "POD_IDENTITY_BENCH_FLOOR_BODY";
+/// Set (to anything) beside [`FLOOR_BODY`]: the handler is served through the agent's own connection
+/// layer ([`pod_identity_agent::connections::serve`], with its default limits) instead of bare hyper.
+const FLOOR_WITH_LIMITS: &str = "POD_IDENTITY_BENCH_FLOOR_WITH_LIMITS";
 
 fn main() {
     if let Ok(body) = std::env::var(FLOOR_BODY) {
-        bare_handler(body);
+        if std::env::var_os(FLOOR_WITH_LIMITS).is_some() {
+            handler_behind_limits(body);
+        } else {
+            bare_handler(body);
+        }
         return;
     }
     // `cargo bench` passes `--bench`; anything else (a test run of bench targets) only builds.
@@ -103,16 +111,22 @@ async fn bench() {
         }
     }
 
-    // The floor: the agent gone (its rules stay, as after SIGKILL), a bare handler on its address.
+    // The floor: the agent gone (its rules stay, as after SIGKILL), a bare handler on its address. Then
+    // the same handler behind the agent's connection layer: what the limits every pod is held to cost.
     h.kill_agent();
-    let mut floor = spawn_floor(&h.node_netns, &body);
-    wait_floor(&load_pods[0]).await;
-    for &concurrency in &CONCURRENCY {
-        let figures = measure(&load_pods, concurrency, floor.id()).await;
-        rows.push(("bare handler (floor)".into(), concurrency, figures));
+    for (server, limits) in [
+        ("bare handler (floor)", false),
+        ("fixed body, agent's connection limits", true),
+    ] {
+        let mut floor = spawn_floor(&h.node_netns, &body, limits);
+        wait_floor(&load_pods[0]).await;
+        for &concurrency in &CONCURRENCY {
+            let figures = measure(&load_pods, concurrency, floor.id()).await;
+            rows.push((server.into(), concurrency, figures));
+        }
+        let _ = floor.kill();
+        let _ = floor.wait();
     }
-    let _ = floor.kill();
-    let _ = floor.wait();
 
     println!(
         "agent cached-token path by the number of bindings and identities in its view, load from {LOAD_PODS} pod \
@@ -140,7 +154,7 @@ async fn bench() {
             .2;
         for (server, _, f) in rows
             .iter()
-            .filter(|(s, c, _)| s.starts_with("agent") && *c == concurrency)
+            .filter(|(s, c, _)| !s.starts_with("bare") && *c == concurrency)
         {
             println!(
                 "- concurrency {concurrency}, {server} / floor: CPU per request {:.2}x, p50 {:.2}x, requests/s {:.2}x",
@@ -239,15 +253,19 @@ fn clock_ticks_per_second() -> f64 {
     String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
 }
 
-/// This program again, as the bare handler, in the node's network namespace.
-fn spawn_floor(netns: &str, body: &str) -> Child {
-    Command::new("ip")
+/// This program again, as the bare handler (behind the agent's connection layer when `limits`), in the
+/// node's network namespace.
+fn spawn_floor(netns: &str, body: &str, limits: bool) -> Child {
+    let mut command = Command::new("ip");
+    command
         .args(["netns", "exec", netns])
         .arg(std::env::current_exe().unwrap())
         .env(FLOOR_BODY, body)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
+        .stdin(Stdio::null());
+    if limits {
+        command.env(FLOOR_WITH_LIMITS, "1");
+    }
+    command.spawn().unwrap()
 }
 
 async fn wait_floor(pod: &PodNet) {
@@ -316,5 +334,36 @@ fn bare_handler(body: String) {
                     .await;
             });
         }
+    });
+}
+
+/// The same body, served by the agent's connection layer with its default limits (per-source and total
+/// connection counts, header read timeout, request head size) and nothing of the token path.
+fn handler_behind_limits(body: String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let addr: SocketAddr = REDIRECT.parse().unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let body = hyper::body::Bytes::from(body);
+        let handler = move |_request: http::Request<hyper::body::Incoming>, _peer: SocketAddr, _connection| {
+            let body = body.clone();
+            async move {
+                http::Response::builder()
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(axum::body::Body::from(body))
+                    .unwrap()
+            }
+        };
+        pod_identity_agent::connections::serve(
+            listener,
+            handler,
+            pod_identity_agent::connections::Limits::default(),
+            std::sync::Arc::new(pod_identity_agent::metrics::Metrics::new()),
+            std::future::pending(),
+        )
+        .await;
     });
 }
