@@ -348,15 +348,16 @@ fn handler_behind_limits(body: String) {
         let addr: SocketAddr = REDIRECT.parse().unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let body = hyper::body::Bytes::from(body);
-        let handler = move |_request: http::Request<hyper::body::Incoming>, _peer: SocketAddr, _connection| {
-            let body = body.clone();
-            async move {
-                http::Response::builder()
-                    .header("content-type", "application/json; charset=utf-8")
-                    .body(axum::body::Body::from(body))
-                    .unwrap()
-            }
-        };
+        let handler =
+            move |_request: http::Request<hyper::body::Incoming>, _peer: SocketAddr, _connection| {
+                let body = body.clone();
+                async move {
+                    http::Response::builder()
+                        .header("content-type", "application/json; charset=utf-8")
+                        .body(axum::body::Body::from(body))
+                        .unwrap()
+                }
+            };
         pod_identity_agent::connections::serve(
             listener,
             handler,

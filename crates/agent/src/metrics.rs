@@ -4,6 +4,8 @@
 //! `identity` of [`Metrics::first_token`]: its values are AzureIdentity objects an administrator created
 //! and bound to pods of this node, which no pod can add to.
 
+use std::sync::OnceLock;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -115,6 +117,23 @@ pub struct Metrics {
     pub audit_records: Family<ResultLabels, Counter>,
     /// Token requests waiting now for their pod to be known or their identity to be assigned.
     pub waiting_requests: Gauge,
+    /// The series every served cached token counts in, looked up once.
+    served: ServedSeries,
+}
+
+/// The series of a token answered from the cache, each looked up in its family on first use and kept:
+/// the requests of a busy node count in them without hashing their labels or taking the family's lock
+/// each time. A series still appears when first counted, as any other.
+#[derive(Debug, Default)]
+struct ServedSeries {
+    /// `requests{route="token",code="200"}`.
+    answered: OnceLock<Counter>,
+    /// `request_duration_seconds{route="token"}`.
+    duration: OnceLock<Histogram>,
+    /// `token_decisions{result="served"}`.
+    served: OnceLock<Counter>,
+    /// `token_cache_lookups{result="hit"}`.
+    hit: OnceLock<Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -282,7 +301,58 @@ impl Metrics {
             attestation_duration,
             audit_records,
             waiting_requests,
+            served: ServedSeries::default(),
         }
+    }
+
+    /// Counts an answered request of `route` with status `code`, and the time it took.
+    pub fn answered(&self, route: &'static str, code: u16, seconds: f64) {
+        if route == "token" && code == 200 {
+            let served = &self.served;
+            let duration = served.duration.get_or_init(|| {
+                self.request_duration
+                    .get_or_create(&RouteLabels { route })
+                    .clone()
+            });
+            duration.observe(seconds);
+            let answered = served.answered.get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels { route, code })
+                    .clone()
+            });
+            answered.inc();
+            return;
+        }
+        self.request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(seconds);
+        self.requests.get_or_create(&RequestLabels { route, code }).inc();
+    }
+
+    /// Counts a token decision (`served`, `denied`, `excepted`...).
+    pub fn decided(&self, result: &'static str) {
+        if result == "served" {
+            let served = self
+                .served
+                .served
+                .get_or_init(|| self.decisions.get_or_create(&ResultLabels { result }).clone());
+            served.inc();
+            return;
+        }
+        self.decisions.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a token cache lookup by outcome (`hit`, `miss`...).
+    pub fn looked_up(&self, result: &'static str) {
+        if result == "hit" {
+            let hit = self
+                .served
+                .hit
+                .get_or_init(|| self.cache.get_or_create(&ResultLabels { result }).clone());
+            hit.inc();
+            return;
+        }
+        self.cache.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// The OpenMetrics text of every metric.
@@ -331,6 +401,38 @@ mod tests {
         assert!(text.contains("# TYPE pod_identity_request_duration_seconds histogram"));
         for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
             assert!(line.starts_with("pod_identity_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn series_counted_through_the_kept_handles_are_the_familys_and_appear_when_first_counted() {
+        let metrics = Metrics::new();
+        let before = metrics.render();
+        assert!(!before.contains("route=\"token\""), "{before}");
+        assert!(!before.contains("result=\"served\""), "{before}");
+        assert!(!before.contains("result=\"hit\""), "{before}");
+        for _ in 0..3 {
+            metrics.answered("token", 200, 0.000_2);
+            metrics.decided("served");
+            metrics.looked_up("hit");
+        }
+        metrics.answered("token", 403, 0.000_2);
+        metrics.answered("instance", 200, 0.002);
+        metrics.decided("denied");
+        metrics.looked_up("miss");
+        let text = metrics.render();
+        for line in [
+            "pod_identity_requests_total{route=\"token\",code=\"200\"} 3",
+            "pod_identity_requests_total{route=\"token\",code=\"403\"} 1",
+            "pod_identity_requests_total{route=\"instance\",code=\"200\"} 1",
+            "pod_identity_request_duration_seconds_count{route=\"token\"} 4",
+            "pod_identity_request_duration_seconds_count{route=\"instance\"} 1",
+            "pod_identity_token_decisions_total{result=\"served\"} 3",
+            "pod_identity_token_decisions_total{result=\"denied\"} 1",
+            "pod_identity_token_cache_lookups_total{result=\"hit\"} 3",
+            "pod_identity_token_cache_lookups_total{result=\"miss\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
     }
 }

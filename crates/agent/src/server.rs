@@ -28,7 +28,7 @@ use crate::{
     cache::Outcome,
     connections::{self, Connection},
     events::{Events, Notice, Reason},
-    metrics::{IdentityLabels, Metrics, RequestLabels, ResultLabels, RouteLabels},
+    metrics::{IdentityLabels, Metrics},
     proxy::Proxy,
     request::{self, Route, TokenQuery},
     resolve::{self, Pending, Policy, Principal, Resolution},
@@ -240,20 +240,11 @@ where
         }
         Route::NotFound => response::not_found("Not found"),
     };
-    let labels = RouteLabels { route: route.label() };
-    state
-        .metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route: route.label(),
-            code: response.status().as_u16(),
-        })
-        .inc();
+    state.metrics.answered(
+        route.label(),
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
@@ -509,11 +500,7 @@ fn invalid(state: &AppState, call: &Call, code: &str, why: &str) -> Response {
         (Decision::Denied, audit::Reason::InvalidRequest),
         why,
     );
-    state
-        .metrics
-        .decisions
-        .get_or_create(&ResultLabels { result: "invalid" })
-        .inc();
+    state.metrics.decided("invalid");
     tracing::info!(peer = %peer, decision = "invalid", reason = why, "refused a malformed token request");
     response::error(StatusCode::BAD_REQUEST, code, why)
 }
@@ -635,12 +622,15 @@ async fn answer(
         .map(|p| (p.view.key.namespace.as_str(), p.view.key.name.as_str()))
         .unwrap_or(("", ""));
     let resource = query.resource.as_str();
-    let span = tracing::Span::current();
-    if let Some(pod) = &pod {
-        span.record("pod", tracing::field::display(&pod.view.key));
-    }
-    if let Resolution::Serve(grant) = &resolution {
-        span.record("identity", tracing::field::display(&grant.identity));
+    // The request's span is an INFO span: below that level there is none to fill in, and no need to look.
+    if tracing::level_enabled!(tracing::Level::INFO) {
+        let span = tracing::Span::current();
+        if let Some(pod) = &pod {
+            span.record("pod", tracing::field::display(&pod.view.key));
+        }
+        if let Resolution::Serve(grant) = &resolution {
+            span.record("identity", tracing::field::display(&grant.identity));
+        }
     }
     if let Some(verdict) = verdict::of_resolution(&resolution) {
         let why = match &resolution {
@@ -747,11 +737,7 @@ fn verdict_response(state: &AppState, verdict: &Verdict, why: &str) -> Response 
 }
 
 fn decision(state: &AppState, result: &'static str) {
-    state
-        .metrics
-        .decisions
-        .get_or_create(&ResultLabels { result })
-        .inc();
+    state.metrics.decided(result);
 }
 
 fn notify(state: &AppState, pod: Option<&PodRecord>, reason: Reason, why: &str) {

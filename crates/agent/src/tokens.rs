@@ -11,7 +11,7 @@ use pod_identity_azure::retry::{RetryPolicy, with_retries};
 use crate::{
     cache::{Key, Outcome, TokenCache, Tokens},
     federation::{SubjectToken, Subjects},
-    metrics::{Metrics, ResultLabels, UpstreamLabels, UpstreamOnly},
+    metrics::{Metrics, UpstreamLabels, UpstreamOnly},
     request::Selector,
     resolve::{self, Policy, Principal},
     upstream::Token,
@@ -107,15 +107,13 @@ impl TokenService {
                 self.fetch(principal, identity, resource)
             })
             .await;
-        self.metrics
-            .cache
-            .get_or_create(&ResultLabels {
-                result: outcome.label(),
-            })
-            .inc();
-        self.metrics
-            .cache_entries
-            .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+        self.metrics.looked_up(outcome.label());
+        // A hit found its entry there: the number of entries is unchanged.
+        if outcome != Outcome::Hit {
+            self.metrics
+                .cache_entries
+                .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+        }
         (result, outcome)
     }
 

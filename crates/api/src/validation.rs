@@ -49,12 +49,18 @@ impl fmt::Display for SpecError {
 
 /// Whether `value` is a GUID in its usual 8-4-4-4-12 hexadecimal form.
 pub fn is_guid(value: &str) -> bool {
-    let groups: Vec<&str> = value.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(group, len)| group.len() == len && group.bytes().all(|b| b.is_ascii_hexdigit()))
+    // Groups of 8, 4, 4, 4 and 12 hex digits: hyphens at these offsets, 36 bytes in all. Checked on
+    // every token request's resource, so without allocating.
+    const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+    let bytes = value.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(at, b)| {
+            if HYPHENS.contains(&at) {
+                *b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        })
 }
 
 /// Whether `value` may be the value of a Kubernetes label (empty is allowed there, but never matches).
@@ -338,5 +344,16 @@ mod tests {
         assert!(is_guid("ABCDEF01-2345-6789-abcd-ef0123456789"));
         assert!(!is_guid("11111111-2222-3333-4444-55555555555"));
         assert!(!is_guid("1111111g-2222-3333-4444-555555555555"));
+        // Hyphens in the wrong places, or doubled, though the length is right.
+        for wrong in [
+            "111111112-222-3333-4444-555555555555",
+            "11111111-2222-3333-4444--55555555555",
+            "11111111+2222-3333-4444-555555555555",
+            "111111111222233334444555555555555555",
+            "11111111-2222-3333-4444-55555555555é",
+            "",
+        ] {
+            assert!(!is_guid(wrong), "{wrong}");
+        }
     }
 }
