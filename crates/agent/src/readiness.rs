@@ -147,7 +147,7 @@ struct Pass {
     /// Whether every list has arrived; nothing is decided before.
     synced: bool,
     patches: Vec<(PodId, Condition, Option<Condition>)>,
-    prefetch: Vec<Grant>,
+    prefetch: Vec<Arc<Grant>>,
     principals: HashSet<Principal>,
 }
 
@@ -263,7 +263,7 @@ pub async fn keep(client: Client, admin: AdminState, tokens: Arc<TokenService>, 
 }
 
 async fn prefetch(
-    grant: Grant,
+    grant: Arc<Grant>,
     resources: Vec<String>,
     tokens: Arc<TokenService>,
     states: Arc<std::sync::Mutex<HashMap<Principal, (TokenState, Instant)>>>,
@@ -288,7 +288,7 @@ async fn prefetch(
     states
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(grant.principal, (state.clone(), Instant::now()));
+        .insert(grant.principal.clone(), (state.clone(), Instant::now()));
     woken.notify_one();
     if matches!(state, TokenState::Failed(_)) {
         // Nothing else may change before the retry is due: wake the loop for it.

@@ -344,6 +344,11 @@ fn guid(text: &str) -> Result<String, QueryError> {
 /// Characters no identifier carries: controls (line breaks that would forge log lines, `\0`) and
 /// whitespace.
 fn has_stray_characters(text: &str) -> bool {
+    // ASCII text (what clients send) by bytes: its controls are below 0x20 and 0x7f, its whitespace
+    // those controls and the space.
+    if text.is_ascii() {
+        return text.bytes().any(|b| b < 0x20 || b == 0x7f || b == b' ');
+    }
     text.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
@@ -641,6 +646,23 @@ mod tests {
             parse_token_query("resource=https://a&client_id=x&CLIENT_ID=y"),
             Err(QueryError::Duplicate("CLIENT_ID".into()))
         );
+    }
+
+    #[test]
+    fn stray_characters_are_the_same_by_bytes_and_by_chars() {
+        for byte in 0u8..=0x7f {
+            let c = char::from(byte);
+            let text = format!("api://a{c}b");
+            assert_eq!(
+                has_stray_characters(&text),
+                c.is_control() || c.is_whitespace(),
+                "{byte:#04x}"
+            );
+        }
+        for text in ["api://a\u{a0}b", "api://a\u{2028}b", "api://a\u{85}b"] {
+            assert!(has_stray_characters(text), "{text:?}");
+        }
+        assert!(!has_stray_characters("api://café"));
     }
 
     #[test]

@@ -197,7 +197,7 @@ pub fn attested_pod<'a>(world: &'a World, uid: &str) -> Result<&'a Arc<PodRecord
 #[derive(Clone, Debug)]
 pub enum Resolution {
     /// A token of this identity.
-    Serve(Box<Grant>),
+    Serve(Arc<Grant>),
     /// The pod is excepted: it gets what the node's IMDS gives for its request.
     Excepted,
     /// The answer may change: wait for the world to change, up to a bound.
@@ -206,7 +206,7 @@ pub enum Resolution {
     Deny(String),
     /// `object_id` was asked and some of the pod's identities have an object ID the agent has not
     /// learnt yet; their tokens tell it.
-    LearnObjectIds(Vec<Grant>),
+    LearnObjectIds(Vec<Arc<Grant>>),
 }
 
 /// What the agent knows of an identity's object ID, learnt from the `oid` of its tokens.
@@ -277,11 +277,11 @@ pub fn resolve_from(
             }) {
                 Some(found)
             } else {
-                let unknown: Vec<&(Grant, Option<Pending>)> = options
+                let unknown: Vec<&(Arc<Grant>, Option<Pending>)> = options
                     .iter()
                     .filter(|(grant, _)| ids.object_id(&grant.principal).is_none())
                     .collect();
-                let learnable: Vec<Grant> = unknown
+                let learnable: Vec<Arc<Grant>> = unknown
                     .iter()
                     .filter(|(_, pending)| pending.is_none())
                     .map(|(grant, _)| grant.clone())
@@ -297,8 +297,8 @@ pub fn resolve_from(
         }
     };
     match chosen {
-        // The identity object itself is shared, not copied: it is the larger part of a grant.
-        Some((grant, None)) => Resolution::Serve(Box::new(grant.clone())),
+        // Shared with the pod's decided identities, not copied.
+        Some((grant, None)) => Resolution::Serve(grant.clone()),
         Some((_, Some(pending))) => Resolution::Wait(pending.clone()),
         None => Resolution::Deny(format!("{selector} is not an identity of pod {key}")),
     }
@@ -364,7 +364,7 @@ pub enum PodIdentities {
     /// None, and why (nothing the pod waits for changes that).
     Refused(String),
     /// Its identities in rank order, each with why it may not be used yet (`None`: it may).
-    Identities(Vec<(Grant, Option<Pending>)>),
+    Identities(Vec<(Arc<Grant>, Option<Pending>)>),
 }
 
 /// The identities of `pod`, or `None` before every list has arrived.
@@ -381,7 +381,7 @@ pub fn pod_identities(world: &World, policy: Policy, pod: &PodRecord) -> Option<
                     .into_iter()
                     .map(|identity| {
                         let pending = identity.pending.clone().map(Pending::from);
-                        (grant(identity), pending)
+                        (Arc::new(grant(identity)), pending)
                     })
                     .collect(),
             ),

@@ -141,7 +141,7 @@ mod tests {
         use EventReason as E;
         let pod = ObjectKey::new("ns", "web");
         let rows: Vec<(Resolution, Option<Row>)> = vec![
-            (Resolution::Serve(Box::new(grant())), None),
+            (Resolution::Serve(Arc::new(grant())), None),
             (Resolution::Excepted, None),
             (
                 Resolution::Deny("not bound".into()),
@@ -154,7 +154,7 @@ mod tests {
                 )),
             ),
             (
-                Resolution::LearnObjectIds(vec![grant()]),
+                Resolution::LearnObjectIds(vec![Arc::new(grant())]),
                 Some((403, "denied", Decision::Denied, A::IdentityDenied, None)),
             ),
             (
