@@ -266,11 +266,13 @@ impl Shared {
                 .world
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            // Counted after the change, so that even a change that replaces the whole world starts a
-            // new generation.
-            let previous = world.generation;
+            // Counted before the change, so that one that panics half-way (the lock is read through
+            // afterwards) still starts a new generation, and after it, so that even one that replaces the
+            // whole world does.
+            let next = world.generation + 1;
+            world.generation = next;
             let result = change(&mut world);
-            world.generation = previous + 1;
+            world.generation = next;
             result
         };
         self.version.send_modify(|version| *version += 1);
@@ -417,5 +419,25 @@ mod tests {
         shared.update(|world| world.upsert_pod(pod("ns", "a", "10.0.0.5", "Running")));
         changes.changed().await.unwrap();
         assert!(matches!(shared.read().caller(ip("10.0.0.5")), Caller::Pod(_)));
+    }
+
+    #[test]
+    fn every_change_starts_a_new_generation_even_one_that_panics_half_way_or_replaces_the_world() {
+        let shared = Shared::new();
+        let mut seen = vec![shared.read().generation()];
+        shared.update(|w| w.upsert_pod(pod("ns", "a", "10.0.0.1", "Running")));
+        seen.push(shared.read().generation());
+        shared.update(|w| *w = World::default());
+        seen.push(shared.read().generation());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shared.update(|w| {
+                w.upsert_pod(pod("ns", "b", "10.0.0.2", "Running"));
+                panic!("half-way");
+            })
+        }));
+        assert!(panicked.is_err());
+        seen.push(shared.read().generation());
+        assert!(shared.read().pod(&ObjectKey::new("ns", "b")).is_some());
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
     }
 }
