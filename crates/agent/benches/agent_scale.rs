@@ -329,9 +329,13 @@ async fn wait_floor(pod: &PodNet) {
     .unwrap();
 }
 
-/// Answers every request with `body`, as the agent answers a cached token, on the agent's address: the
-/// same runtime (tokio, one worker per core) and the same HTTP/1.1 server (hyper), and nothing else.
-fn bare_handler(body: String) {
+/// Runs `serve` with a listener on the agent's address and `body`, on the runtime the agent uses (tokio,
+/// one worker per core).
+fn on_agent_address<F, Fut>(body: String, serve: F)
+where
+    F: FnOnce(tokio::net::TcpListener, hyper::body::Bytes) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -339,7 +343,14 @@ fn bare_handler(body: String) {
     runtime.block_on(async move {
         let addr: SocketAddr = REDIRECT.parse().unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let body = hyper::body::Bytes::from(body);
+        serve(listener, hyper::body::Bytes::from(body)).await;
+    });
+}
+
+/// Answers every request with `body`, as the agent answers a cached token, on the agent's address: the
+/// same runtime and the same HTTP/1.1 server (hyper), and nothing else.
+fn bare_handler(body: String) {
+    on_agent_address(body, |listener, body| async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let body = body.clone();
@@ -366,14 +377,7 @@ fn bare_handler(body: String) {
 /// The same body, served by the agent's connection layer with its default limits (per-source and total
 /// connection counts, header read timeout, request head size) and nothing of the token path.
 fn handler_behind_limits(body: String) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let addr: SocketAddr = REDIRECT.parse().unwrap();
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let body = hyper::body::Bytes::from(body);
+    on_agent_address(body, |listener, body| async move {
         let handler =
             move |_request: http::Request<hyper::body::Incoming>, _peer: SocketAddr, _connection| {
                 let body = body.clone();

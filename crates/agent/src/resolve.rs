@@ -341,13 +341,9 @@ impl Decided {
     }
 
     /// Pods with an entry, whatever its generation.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// Whether no pod has an entry.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, (u64, Arc<PodIdentities>)>> {

@@ -66,15 +66,17 @@ pub fn token_json(token: &Token, resource: &str, now: i64) -> Value {
     serde_json::to_value(TokenBody::new(token, resource, now)).unwrap_or(Value::Null)
 }
 
-/// The answer to a token request: one token as an object; for a multi-tenant service principal a list,
-/// the primary tenant's first, as the original answered.
-pub fn tokens(tokens: &[Token], resource: &str, now: i64) -> Response {
+/// The answer to a token request written afresh ([`Written::tokens`] is what the endpoint sends).
+#[cfg(test)]
+fn tokens(tokens: &[Token], resource: &str, now: i64) -> Response {
     match token_body(tokens, resource, now) {
         Some(body) => json_bytes(StatusCode::OK, body),
         None => tokens_unencodable(),
     }
 }
 
+/// The body of a token answer: one token as an object; for a multi-tenant service principal a list, the
+/// primary tenant's first, as the original answered.
 fn token_body(tokens: &[Token], resource: &str, now: i64) -> Option<Vec<u8>> {
     // Sized for the tokens and the other fields, so that the body is written without growing.
     let capacity = tokens
@@ -120,7 +122,8 @@ struct WrittenEntry {
 }
 
 impl Written {
-    /// [`tokens`], answered from what was written for the same tokens, resource and second, if any.
+    /// The answer to a token request for `tokens`, sent again from what was written for
+    /// the same tokens, resource and second, if any.
     pub fn tokens(&self, tokens: &Tokens, resource: &str, now: i64) -> Response {
         let key = Arc::as_ptr(tokens) as usize;
         let written = self.lock().get(&key).and_then(|entry| {
@@ -149,14 +152,10 @@ impl Written {
         json_body(StatusCode::OK, Body::from(body))
     }
 
-    /// Answers kept, for tests.
-    pub fn len(&self) -> usize {
+    /// Answers kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// Whether no answer is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, WrittenEntry>> {

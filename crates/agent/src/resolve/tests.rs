@@ -682,7 +682,7 @@ fn nothing_is_decided_ahead_before_every_list_has_arrived() {
     shared.update(|w| w.upsert_pod(web.clone()));
     let decided = Decided::default();
     assert!(decided.pod_identities(&shared.read(), standard(), &web).is_none());
-    assert!(decided.is_empty());
+    assert_eq!(decided.len(), 0);
     assert!(matches!(
         resolve_from(None, &web.view.key, &Selector::Default, &()),
         Resolution::Wait(Pending::NotSynced)
