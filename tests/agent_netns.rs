@@ -341,9 +341,9 @@ async fn killed_and_restarted_under_load_no_pod_request_reaches_imds_and_the_rul
     let (status, _) = curl(&h, &web, TOKEN_URL, &["-H", "Metadata: true"]);
     assert_eq!(status, 0, "with the agent down the connection is refused");
     // An outage the load lasts through, so that it sees refused connections, not only the one above.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.refused().await;
     h.restart_agent().await;
-    let outcome = load.await.unwrap();
+    let outcome = load.counts().await;
     assert!(outcome["ok"].as_u64().unwrap() > 0, "{outcome}");
     assert!(
         outcome["refused"].as_u64().unwrap() > 0,

@@ -11,7 +11,10 @@ use std::process::{Child, Command, Stdio};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use netns_harness::{Harness, TOKEN_URL, curl};
-use pod_identity_api::{AssignmentStatus, AzureAssignedIdentity};
+use pod_identity_api::{
+    AssignmentStatus, AzureAssignedIdentity,
+    fixtures::{binding_of, user_assigned_identity},
+};
 use pod_identity_emulator::{Config, Emulator, Seed};
 use pod_identity_test_support::{
     ControlPlane, eventually,
@@ -278,23 +281,9 @@ async fn the_controller_does_its_job_with_the_charts_service_account() {
     )
     .await
     .unwrap();
-    let identity: pod_identity_api::AzureIdentity = serde_json::from_value(json!({
-        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity", "metadata": {"name": "app"},
-        "spec": {"type": 0, "resourceID": identity_id(), "clientID": IDENTITY_CLIENT}
-    }))
-    .unwrap();
-    let binding: pod_identity_api::AzureIdentityBinding = serde_json::from_value(json!({
-        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding", "metadata": {"name": "app-binding"},
-        "spec": {"azureIdentity": "app", "selector": "app"}
-    }))
-    .unwrap();
-    let pp = kube::api::PostParams::default();
-    Api::<pod_identity_api::AzureIdentity>::namespaced(admin.clone(), &ns.name)
-        .create(&pp, &identity)
-        .await
-        .unwrap();
-    Api::<pod_identity_api::AzureIdentityBinding>::namespaced(admin.clone(), &ns.name)
-        .create(&pp, &binding)
+    let identity = user_assigned_identity(&ns.name, "app", IDENTITY_CLIENT).with_resource_id(&identity_id());
+    fixtures::create(&admin, &identity).await.unwrap();
+    fixtures::create(&admin, &binding_of(&ns.name, "app", "app"))
         .await
         .unwrap();
     let template = PodTemplate {

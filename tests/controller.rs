@@ -20,9 +20,9 @@ use kube::{
 };
 use pod_identity_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignmentStatus, AzureAssignedIdentity, AzureAssignedIdentitySpec,
-    AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
-    AzureIdentitySpec, EmbeddedAzureIdentity, EmbeddedAzureIdentityBinding, NODENAME_LABEL, POD_LABEL,
-    SecretReference,
+    AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, EmbeddedAzureIdentity,
+    EmbeddedAzureIdentityBinding, NODENAME_LABEL, POD_LABEL,
+    fixtures::{binding_of, service_principal, user_assigned_identity},
 };
 use pod_identity_azure::{AzureConfig, ResourceId};
 use pod_identity_controller::{
@@ -207,36 +207,14 @@ impl World {
     }
 
     async fn identity(&self, name: &str, resource: &str) {
-        let mut identity = AzureIdentity::new(
-            name,
-            AzureIdentitySpec {
-                type_: Some(0),
-                resource_id: Some(uami(resource)),
-                client_id: Some(client_of(resource)),
-                ..AzureIdentitySpec::default()
-            },
-        );
-        identity.metadata.namespace = Some(self.ns.name.clone());
-        Api::<AzureIdentity>::namespaced(self.client(), &self.ns.name)
-            .create(&PostParams::default(), &identity)
-            .await
-            .unwrap();
+        let identity = user_assigned_identity(&self.ns.name, name, &client_of(resource))
+            .with_resource_id(&uami(resource));
+        fixtures::create(&self.ns.client, &identity).await.unwrap();
     }
 
     async fn binding(&self, identity: &str, selector: &str) {
-        let mut binding = AzureIdentityBinding::new(
-            &format!("{identity}-binding"),
-            AzureIdentityBindingSpec {
-                azure_identity: Some(identity.into()),
-                selector: Some(selector.into()),
-                weight: None,
-            },
-        );
-        binding.metadata.namespace = Some(self.ns.name.clone());
-        Api::<AzureIdentityBinding>::namespaced(self.client(), &self.ns.name)
-            .create(&PostParams::default(), &binding)
-            .await
-            .unwrap();
+        let binding = binding_of(&self.ns.name, identity, selector);
+        fixtures::create(&self.ns.client, &binding).await.unwrap();
     }
 
     /// An identity of `resource` bound to pods labelled with its own name.
@@ -897,24 +875,8 @@ async fn assignments_left_by_aad_pod_identity_1_8_are_adopted_not_duplicated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_principal_identities_are_assigned_without_any_arm_call() {
     let w = World::new().await;
-    let mut identity = AzureIdentity::new(
-        "sp",
-        AzureIdentitySpec {
-            type_: Some(1),
-            client_id: Some(client_of("sp")),
-            tenant_id: Some(TENANT.into()),
-            client_password: Some(SecretReference {
-                name: Some("sp-secret".into()),
-                namespace: Some(w.ns.name.clone()),
-            }),
-            ..AzureIdentitySpec::default()
-        },
-    );
-    identity.metadata.namespace = Some(w.ns.name.clone());
-    Api::<AzureIdentity>::namespaced(w.client(), &w.ns.name)
-        .create(&PostParams::default(), &identity)
-        .await
-        .unwrap();
+    let identity = service_principal(&w.ns.name, "sp", &client_of("sp")).with_tenant_id(TENANT);
+    fixtures::create(&w.ns.client, &identity).await.unwrap();
     w.binding("sp", "sp").await;
     let controller = w.start(w.config());
     w.pod("app", "a0", "sp").await;

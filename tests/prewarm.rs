@@ -13,7 +13,10 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
 };
-use pod_identity_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, POD_LABEL};
+use pod_identity_api::{
+    AzureAssignedIdentity, POD_LABEL,
+    fixtures::{binding_of, user_assigned_identity},
+};
 use pod_identity_azure::AzureConfig;
 use pod_identity_controller::{
     ControllerConfig,
@@ -177,32 +180,15 @@ impl World {
     }
 
     async fn bind(&self, identity: &str, selector: &str, prewarm: bool) {
-        let identity_object: AzureIdentity = serde_json::from_value(json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-            "metadata": {"name": identity, "namespace": self.ns.name},
-            "spec": {"type": 0, "resourceID": uami(identity), "clientID": client_of(identity)},
-        }))
-        .unwrap();
-        let annotations = if prewarm {
-            json!({PREWARM_ANNOTATION: "true"})
-        } else {
-            json!(null)
-        };
-        let binding: AzureIdentityBinding = serde_json::from_value(json!({
-            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
-            "metadata": {"name": format!("{identity}-binding"), "namespace": self.ns.name, "annotations": annotations},
-            "spec": {"azureIdentity": identity, "selector": selector},
-        }))
-        .unwrap();
-        let pp = PostParams::default();
-        Api::<AzureIdentity>::namespaced(self.client(), &self.ns.name)
-            .create(&pp, &identity_object)
-            .await
-            .unwrap();
-        Api::<AzureIdentityBinding>::namespaced(self.client(), &self.ns.name)
-            .create(&pp, &binding)
-            .await
-            .unwrap();
+        let ns = &self.ns.name;
+        let identity_object =
+            user_assigned_identity(ns, identity, &client_of(identity)).with_resource_id(&uami(identity));
+        let mut binding = binding_of(ns, identity, selector);
+        if prewarm {
+            binding = binding.with_annotation(PREWARM_ANNOTATION, "true");
+        }
+        fixtures::create(&self.ns.client, &identity_object).await.unwrap();
+        fixtures::create(&self.ns.client, &binding).await.unwrap();
     }
 
     /// A Deployment whose pods carry `aadpodidbinding=<selector>` and go to agent pool `pool`. Without a

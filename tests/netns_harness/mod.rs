@@ -19,13 +19,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use pod_identity_api::{
     AzureAssignedIdentity, AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity,
-    AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, EmbeddedAzureIdentity,
-    EmbeddedAzureIdentityBinding, SecretReference, naming::assigned_identity_name,
+    AzureIdentityBinding, EmbeddedAzureIdentity, EmbeddedAzureIdentityBinding, IdentityType, SecretReference,
+    fixtures::{binding_of, identity_of_type, user_assigned_identity, user_assigned_identity_id},
+    naming::assigned_identity_name,
 };
 use pod_identity_emulator::{Config, Emulator, ImdsListener, LogFilter, RequestRecord, Seed, Service};
 use pod_identity_test_support::{
@@ -55,9 +56,7 @@ pub fn scale_set_id() -> String {
 }
 
 pub fn identity_resource_id(name: &str) -> String {
-    format!(
-        "/subscriptions/{SUBSCRIPTION}/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-    )
+    user_assigned_identity_id(SUBSCRIPTION, name)
 }
 
 /// The workspace root (tests of several packages include this file).
@@ -491,28 +490,13 @@ impl Harness {
         if identity == "id-a" || identity == "id-b" {
             let client_id = if identity == "id-a" { CLIENT_A } else { CLIENT_B };
             self.ensure_identity(
-                identity,
-                AzureIdentitySpec {
-                    type_: Some(0),
-                    resource_id: Some(identity_resource_id(identity)),
-                    client_id: Some(client_id.to_owned()),
-                    ..Default::default()
-                },
+                &user_assigned_identity(&self.ns.name, identity, client_id)
+                    .with_resource_id(&identity_resource_id(identity)),
             )
             .await;
         }
-        let binding = AzureIdentityBinding::new(
-            &format!("{identity}-binding"),
-            AzureIdentityBindingSpec {
-                azure_identity: Some(identity.to_owned()),
-                selector: Some(selector.to_owned()),
-                weight: None,
-            },
-        );
-        Api::<AzureIdentityBinding>::namespaced(self.ns.client.clone(), &self.ns.name)
-            .create(&PostParams::default(), &binding)
-            .await
-            .unwrap();
+        let binding = binding_of(&self.ns.name, identity, selector);
+        fixtures::create(&self.ns.client, &binding).await.unwrap();
     }
 
     /// Deletes the binding of `identity`.
@@ -523,12 +507,10 @@ impl Harness {
             .unwrap();
     }
 
-    async fn ensure_identity(&self, name: &str, spec: AzureIdentitySpec) {
+    async fn ensure_identity(&self, identity: &AzureIdentity) {
         let api = Api::<AzureIdentity>::namespaced(self.ns.client.clone(), &self.ns.name);
-        if api.get_opt(name).await.unwrap().is_none() {
-            api.create(&PostParams::default(), &AzureIdentity::new(name, spec))
-                .await
-                .unwrap();
+        if api.get_opt(&identity.name_any()).await.unwrap().is_none() {
+            fixtures::create(&self.ns.client, identity).await.unwrap();
         }
     }
 
@@ -557,23 +539,22 @@ impl Harness {
             .create(&PostParams::default(), &secret)
             .await
             .unwrap();
-        self.ensure_identity(
-            name,
-            AzureIdentitySpec {
-                type_: Some(kind),
-                client_id: Some(SP_CLIENT.to_owned()),
-                tenant_id: Some(TENANT.to_owned()),
-                auxiliary_tenant_ids: (!auxiliary.is_empty())
-                    .then(|| auxiliary.iter().map(|t| (*t).to_owned()).collect()),
-                client_password: Some(SecretReference {
-                    name: Some(format!("{name}-credential")),
-                    namespace: None,
-                }),
-                ad_endpoint: Some("https://login.microsoftonline.com/".to_owned()),
-                ..Default::default()
-            },
-        )
-        .await;
+        let type_ = if kind == 1 {
+            IdentityType::ServicePrincipalSecret
+        } else {
+            IdentityType::ServicePrincipalCertificate
+        };
+        let mut identity = identity_of_type(&self.ns.name, name, type_)
+            .with_client_id(SP_CLIENT)
+            .with_tenant_id(TENANT);
+        identity.spec.auxiliary_tenant_ids =
+            (!auxiliary.is_empty()).then(|| auxiliary.iter().map(|t| (*t).to_owned()).collect());
+        identity.spec.client_password = Some(SecretReference {
+            name: Some(format!("{name}-credential")),
+            namespace: None,
+        });
+        identity.spec.ad_endpoint = Some("https://login.microsoftonline.com/".to_owned());
+        self.ensure_identity(&identity).await;
     }
 
     /// What the controller writes once it has assigned (or started assigning) `identity` to `pod`; with
@@ -843,10 +824,12 @@ impl Harness {
 
     /// A request loop from a pod for `duration`: counts of 200s, refused or reset connections, and
     /// anything else, as JSON.
-    pub fn load(&self, pod: &PodNet, duration: Duration) -> tokio::task::JoinHandle<Value> {
+    pub fn load(&self, pod: &PodNet, duration: Duration) -> Load {
         let netns = pod.netns.clone();
         let seconds = duration.as_secs_f64().to_string();
-        tokio::task::spawn_blocking(move || {
+        let refused = self.dir.path().join(format!("load-{}-refused", pod.netns));
+        let marker = refused.display().to_string();
+        let counts = tokio::task::spawn_blocking(move || {
             let output = Command::new("ip")
                 .args([
                     "netns",
@@ -857,6 +840,7 @@ impl Harness {
                     LOAD_SCRIPT,
                     TOKEN_URL,
                     &seconds,
+                    &marker,
                 ])
                 .stdin(Stdio::null())
                 .output()
@@ -868,7 +852,8 @@ impl Harness {
                     String::from_utf8_lossy(&output.stderr)
                 )
             })
-        })
+        });
+        Load { counts, refused }
     }
 
     /// curl from a pod on a blocking thread.
@@ -962,16 +947,49 @@ pub async fn install_chart(plane: &ControlPlane, extra: &[&str]) -> String {
     ns.name
 }
 
+/// A request loop running in a pod ([`Harness::load`]).
+pub struct Load {
+    counts: tokio::task::JoinHandle<Value>,
+    /// A file the loop creates when it is first refused.
+    refused: PathBuf,
+}
+
+impl Load {
+    /// Waits until a request of the loop has been refused, reset or cut.
+    pub async fn refused(&self) {
+        eventually(|| async {
+            if self.refused.exists() {
+                Ok(())
+            } else {
+                Err("no request of the load has been refused yet")
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Waits for the loop to end: its counts.
+    pub async fn counts(self) -> Value {
+        self.counts.await.unwrap()
+    }
+}
+
 /// Python's standard library only, so it runs without the SDK venv.
 const LOAD_SCRIPT: &str = r#"
 import json, sys, time, urllib.request, urllib.error, http.client
-url, seconds = sys.argv[1], float(sys.argv[2])
+url, seconds, refused_marker = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 counts = {"ok": 0, "refused": 0, "other": 0, "errors": []}
 # A connection refused, reset or cut while the agent is down is what fail-closed looks like. So is a
 # request in flight when the restarted agent flushes the IMDS conntrack entries: it stalls until the
 # client's timeout. None of these reaches IMDS, which the tests check in the emulator's log; an error
 # status is something else.
 cut = (ConnectionError, http.client.IncompleteRead, TimeoutError)
+# The first one creates the marker file, which tells the test that the load has met the outage.
+def refused():
+    if counts["refused"] == 0:
+        open(refused_marker, "w").close()
+    counts["refused"] += 1
+    time.sleep(0.05)
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     try:
@@ -984,14 +1002,12 @@ while time.monotonic() < end:
         counts["errors"].append("HTTP %d" % e.code)
     except urllib.error.URLError as e:
         if isinstance(e.reason, cut):
-            counts["refused"] += 1
-            time.sleep(0.05)
+            refused()
         else:
             counts["other"] += 1
             counts["errors"].append(repr(e.reason))
     except cut:
-        counts["refused"] += 1
-        time.sleep(0.05)
+        refused()
     except Exception as e:
         counts["other"] += 1
         counts["errors"].append(repr(e))

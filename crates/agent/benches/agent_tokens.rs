@@ -251,8 +251,7 @@ struct Federated {
 /// pod: the first request of each pod (its identity's first token: a TokenRequest and an exchange), then
 /// misses for new resources and cached requests from the first pod.
 async fn federated_backend(h: &Harness, subjects: &str, resources: &[String]) -> Federated {
-    use kube::{Api, api::PostParams};
-    use pod_identity_api::{AzureIdentity, AzureIdentitySpec, federation::TOKEN_EXCHANGE_AUDIENCE};
+    use pod_identity_api::{federation::TOKEN_EXCHANGE_AUDIENCE, fixtures::federated_identity};
     h.trust_the_cluster_issuer().await;
     let issuer = h.issuer().await;
     // Resources nobody asked for yet, which the emulator's Entra knows.
@@ -268,27 +267,10 @@ async fn federated_backend(h: &Harness, subjects: &str, resources: &[String]) ->
     let mut pods = Vec::new();
     for i in 0..FEDERATED {
         let name = format!("fed-{i}");
-        let mut identity = AzureIdentity::new(
-            &name,
-            AzureIdentitySpec {
-                type_: Some(0),
-                resource_id: Some(identity_resource_id("id-b")),
-                client_id: Some(CLIENT_B.to_owned()),
-                tenant_id: Some(TENANT.to_owned()),
-                ..Default::default()
-            },
-        );
-        identity.metadata.annotations = Some(
-            [(
-                pod_identity_api::federation::BACKEND_ANNOTATION.to_owned(),
-                "federated".to_owned(),
-            )]
-            .into(),
-        );
-        Api::<AzureIdentity>::namespaced(h.ns.client.clone(), &h.ns.name)
-            .create(&PostParams::default(), &identity)
-            .await
-            .unwrap();
+        let identity = federated_identity(&h.ns.name, &name, CLIENT_B)
+            .with_resource_id(&identity_resource_id("id-b"))
+            .with_tenant_id(TENANT);
+        fixtures::create(&h.ns.client, &identity).await.unwrap();
         h.bind(&name, &name).await;
         credentials.push((format!("kube-{i}"), h.create_subject(subjects, &name).await));
         pods.push(h.pod(&format!("fed-pod-{i}"), Some(&name)).await);

@@ -4,15 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use clap::Parser;
-use kube::{Api, api::PostParams};
+use kube::Api;
 use pod_identity_agent::{Args, Parts, run};
-use pod_identity_api::{
-    AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec,
-    AzurePodIdentityException, AzurePodIdentityExceptionSpec,
-};
+use pod_identity_api::fixtures::{binding_of, exception, user_assigned_identity, user_assigned_identity_id};
 use pod_identity_emulator::{Config, Emulator, LogFilter, Seed, Service};
 use pod_identity_test_support::{ControlPlane, TestNamespace, eventually, fixtures};
 use serde_json::{Value, json};
@@ -22,9 +19,7 @@ const CLIENT_A: &str = "aaaaaaaa-1111-4111-8111-111111111111";
 const CLIENT_NODE: &str = "dddddddd-1111-4111-8111-111111111111";
 
 fn uami(name: &str) -> String {
-    format!(
-        "/subscriptions/{SUBSCRIPTION}/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-    )
+    user_assigned_identity_id(SUBSCRIPTION, name)
 }
 
 fn seed() -> Seed {
@@ -119,29 +114,10 @@ impl Setup {
     }
 
     async fn bind(&self, selector: &str) {
-        let identity = AzureIdentity::new(
-            "id-a",
-            AzureIdentitySpec {
-                type_: Some(0),
-                resource_id: Some(uami("id-a")),
-                client_id: Some(CLIENT_A.into()),
-                ..Default::default()
-            },
-        );
-        Api::<AzureIdentity>::namespaced(self.ns.client.clone(), &self.ns.name)
-            .create(&PostParams::default(), &identity)
-            .await
-            .unwrap();
-        let binding = AzureIdentityBinding::new(
-            "id-a-binding",
-            AzureIdentityBindingSpec {
-                azure_identity: Some("id-a".into()),
-                selector: Some(selector.into()),
-                weight: None,
-            },
-        );
-        Api::<AzureIdentityBinding>::namespaced(self.ns.client.clone(), &self.ns.name)
-            .create(&PostParams::default(), &binding)
+        let ns = &self.ns.name;
+        let identity = user_assigned_identity(ns, "id-a", CLIENT_A).with_resource_id(&uami("id-a"));
+        fixtures::create(&self.ns.client, &identity).await.unwrap();
+        fixtures::create(&self.ns.client, &binding_of(ns, "id-a", selector))
             .await
             .unwrap();
     }
@@ -181,16 +157,8 @@ async fn managed_mode_serves_bound_pods_and_excepted_pods_get_the_nodes_identity
     s.bind("web").await;
     s.pod("web", "127.0.0.2", &[("aadpodidbinding", "web")]).await;
     s.pod("system", "127.0.0.3", &[("app", "node-agent")]).await;
-    let exception = AzurePodIdentityException::new(
-        "node-agents",
-        AzurePodIdentityExceptionSpec {
-            pod_labels: BTreeMap::from([("app".to_owned(), "node-agent".to_owned())]),
-        },
-    );
-    Api::<AzurePodIdentityException>::namespaced(s.ns.client.clone(), &s.ns.name)
-        .create(&PostParams::default(), &exception)
-        .await
-        .unwrap();
+    let exception = exception(&s.ns.name, "node-agents", &[("app", "node-agent")]);
+    fixtures::create(&s.ns.client, &exception).await.unwrap();
     eventually(|| async {
         let (status, body) = s.admin("/readyz").await;
         if status == 200 { Ok(()) } else { Err(body) }

@@ -133,6 +133,12 @@ pub fn binding(namespace: &str, name: &str, identity: &str, selector: &str) -> A
     }
 }
 
+/// The [`binding`] of `identity` to `selector` named `{identity}-binding`, as aad-pod-identity's examples
+/// name the binding of an identity.
+pub fn binding_of(namespace: &str, identity: &str, selector: &str) -> AzureIdentityBinding {
+    binding(namespace, &format!("{identity}-binding"), identity, selector)
+}
+
 impl AzureIdentityBinding {
     /// This binding with `spec.weight` set (the heavier binding wins a selector's collision).
     pub fn with_weight(mut self, weight: i64) -> Self {

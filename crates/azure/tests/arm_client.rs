@@ -15,6 +15,7 @@ use pod_identity_azure::{
     RetryPolicy,
 };
 use pod_identity_emulator::{Emulator, FaultSpec, LogFilter, Service};
+use pod_identity_test_support::eventually;
 
 fn fast_retry() -> RetryPolicy {
     RetryPolicy {
@@ -190,7 +191,16 @@ async fn another_operation_in_progress_is_retried() {
         },
     );
     let (a, b) = tokio::join!(slow, async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Once the first update's operation is running.
+        eventually(|| async {
+            if em.with_state(|state| state.operations.is_empty()) {
+                Err("the first update has not started its operation yet")
+            } else {
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
         c2.update_identities(&vmss(), &[uami("id-c")], &[]).await
     });
     a.unwrap();

@@ -8,7 +8,10 @@ use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
 };
-use pod_identity_api::{AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use pod_identity_api::{
+    AzureAssignedIdentity,
+    fixtures::{binding_of, user_assigned_identity},
+};
 use pod_identity_test_support::{
     ControlPlane, TestNamespace,
     fixtures::{self, PodTemplate},
@@ -23,27 +26,10 @@ async fn setup() -> (&'static ControlPlane, TestNamespace) {
     fixtures::apply_crds(&ns.client, &pod_identity_api::crds::all())
         .await
         .unwrap();
-    let identity: AzureIdentity = serde_json::from_value(json!({
-        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-        "metadata": {"name": "payments"},
-        "spec": {"type": 0, "clientID": "5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b",
-            "resourceID": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/payments"}
-    }))
-    .unwrap();
-    let binding: AzureIdentityBinding = serde_json::from_value(json!({
-        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
-        "metadata": {"name": "payments-binding"},
-        "spec": {"azureIdentity": "payments", "selector": "pay"}
-    }))
-    .unwrap();
-    Api::<AzureIdentity>::namespaced(ns.client.clone(), &ns.name)
-        .create(&PostParams::default(), &identity)
-        .await
-        .unwrap();
-    Api::<AzureIdentityBinding>::namespaced(ns.client.clone(), &ns.name)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
+    let identity = user_assigned_identity(&ns.name, "payments", "5c2f3e1a-7b4d-4e8f-9a1b-2c3d4e5f6a7b");
+    fixtures::create(&ns.client, &identity).await.unwrap();
+    let binding = binding_of(&ns.name, "payments", "pay");
+    fixtures::create(&ns.client, &binding).await.unwrap();
     for (name, label, ip) in [
         ("web", Some("pay"), "10.244.3.4"),
         ("db", Some("data"), "10.244.3.5"),

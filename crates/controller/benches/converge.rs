@@ -47,14 +47,10 @@ use std::{
 };
 
 use futures::{StreamExt, stream};
-use kube::{
-    Api,
-    api::{DeleteParams, PostParams},
-    runtime::watcher,
-};
+use kube::{Api, api::DeleteParams, runtime::watcher};
 use pod_identity_api::{
-    AssignmentStatus, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
-    AzureIdentitySpec, POD_LABEL,
+    AssignmentStatus, AzureAssignedIdentity, POD_LABEL,
+    fixtures::{binding, user_assigned_identity},
 };
 use pod_identity_emulator::{Config, Emulator, FaultSpec, LogFilter, RequestRecord, Service};
 use pod_identity_test_support::{
@@ -266,33 +262,11 @@ impl World {
             }
         }
         for n in 0..IDENTITIES {
-            let mut identity = AzureIdentity::new(
-                &format!("id-{n:03}"),
-                AzureIdentitySpec {
-                    type_: Some(0),
-                    resource_id: Some(uami(n)),
-                    client_id: Some(client_of(n)),
-                    ..AzureIdentitySpec::default()
-                },
-            );
-            identity.metadata.namespace = Some(ns.name.clone());
-            Api::<AzureIdentity>::namespaced(client.clone(), &ns.name)
-                .create(&PostParams::default(), &identity)
-                .await
-                .unwrap();
-            let mut binding = AzureIdentityBinding::new(
-                &format!("id-{n:03}"),
-                AzureIdentityBindingSpec {
-                    azure_identity: Some(format!("id-{n:03}")),
-                    selector: Some(format!("sel-{n:03}")),
-                    weight: None,
-                },
-            );
-            binding.metadata.namespace = Some(ns.name.clone());
-            Api::<AzureIdentityBinding>::namespaced(client.clone(), &ns.name)
-                .create(&PostParams::default(), &binding)
-                .await
-                .unwrap();
+            let name = format!("id-{n:03}");
+            let identity = user_assigned_identity(&ns.name, &name, &client_of(n)).with_resource_id(&uami(n));
+            fixtures::create(&client, &identity).await.unwrap();
+            let binding = binding(&ns.name, &name, &name, &format!("sel-{n:03}"));
+            fixtures::create(&client, &binding).await.unwrap();
         }
 
         // The benchmark's own view of the assignments.

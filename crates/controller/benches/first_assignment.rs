@@ -22,7 +22,11 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use pod_identity_api::{AssignmentStatus, AzureAssignedIdentity, POD_LABEL, naming::assigned_identity_name};
+use pod_identity_api::{
+    AssignmentStatus, AzureAssignedIdentity, POD_LABEL,
+    fixtures::{binding_of, user_assigned_identity},
+    naming::assigned_identity_name,
+};
 use pod_identity_azure::AzureConfig;
 use pod_identity_controller::{
     ControllerConfig,
@@ -126,26 +130,10 @@ async fn measure(prewarm: bool, lro_ms: u64, latency_ms: u64, runs: u64) -> Vec<
         .await
         .unwrap();
     let pp = PostParams::default();
-    let identity = serde_json::from_value(json!({
-        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-        "metadata": {"name": "app", "namespace": ns.name},
-        "spec": {"type": 0, "resourceID": uami(), "clientID": IDENTITY_CLIENT},
-    }))
-    .unwrap();
-    Api::<pod_identity_api::AzureIdentity>::namespaced(client.clone(), &ns.name)
-        .create(&pp, &identity)
-        .await
-        .unwrap();
-    let binding = serde_json::from_value(json!({
-        "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
-        "metadata": {"name": "app-binding", "namespace": ns.name, "annotations": {PREWARM_ANNOTATION: "true"}},
-        "spec": {"azureIdentity": "app", "selector": "app"},
-    }))
-    .unwrap();
-    Api::<pod_identity_api::AzureIdentityBinding>::namespaced(client.clone(), &ns.name)
-        .create(&pp, &binding)
-        .await
-        .unwrap();
+    let identity = user_assigned_identity(&ns.name, "app", IDENTITY_CLIENT).with_resource_id(&uami());
+    fixtures::create(&client, &identity).await.unwrap();
+    let binding = binding_of(&ns.name, "app", "app").with_annotation(PREWARM_ANNOTATION, "true");
+    fixtures::create(&client, &binding).await.unwrap();
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "app", "namespace": ns.name},

@@ -543,7 +543,7 @@ mod tests {
         selector: &str,
         prewarm: Option<&str>,
     ) -> AzureIdentityBinding {
-        let binding = fixtures::binding(namespace, &format!("{identity}-binding"), identity, selector);
+        let binding = fixtures::binding_of(namespace, identity, selector);
         match prewarm {
             Some(value) => binding.with_annotation(PREWARM_ANNOTATION, value),
             None => binding,

@@ -356,7 +356,7 @@ pub(crate) mod fixtures {
         Wanted::new(
             &desired,
             &identity("ns", name, n),
-            &binding("ns", &format!("{name}-binding"), name, "sel"),
+            &pod_identity_api::fixtures::binding_of("ns", name, "sel"),
             None,
         )
     }

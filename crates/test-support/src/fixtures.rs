@@ -1,16 +1,18 @@
 //! Cluster objects as a kubelet and scheduler would leave them, for a control plane that has neither.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt::Debug};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::{
+    NamespaceResourceScope,
     api::core::v1::{Container, Node, NodeSpec, Pod, PodSpec},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 
 const FIELD_MANAGER: &str = "pod-identity-tests";
@@ -48,6 +50,30 @@ pub async fn apply_crds(client: &Client, crds: &[CustomResourceDefinition]) -> R
         .await?;
     }
     Ok(())
+}
+
+/// Creates `object` in the namespace that its `metadata.namespace` names (the builders of
+/// `pod_identity_api::fixtures` name one), and returns it as the API server stored it: with the UID and
+/// resource version the server gave, whatever the object carried.
+///
+/// # Errors
+/// An object without a namespace, or the API server's refusal (a name taken, a schema violation).
+pub async fn create<K>(client: &Client, object: &K) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope> + Clone + Debug + DeserializeOwned + Serialize,
+    K::DynamicType: Default,
+{
+    let meta = object.meta();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let name = meta.name.as_deref().unwrap_or_default();
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .with_context(|| format!("{kind} {name} names no namespace"))?;
+    Api::<K>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), object)
+        .await
+        .with_context(|| format!("creating {kind} {namespace}/{name}"))
 }
 
 /// Creates a node whose `spec.providerID` points at an Azure VM or scale-set instance.

@@ -141,19 +141,11 @@ fn invalid_identity_shows_the_field() {
 #[test]
 fn excepted_pod_goes_direct() {
     let mut state = state();
-    state
-        .exceptions
-        .push(pod_identity_api::AzurePodIdentityException {
-            metadata: kube::api::ObjectMeta {
-                namespace: Some("shop".into()),
-                name: Some("e".into()),
-                ..Default::default()
-            },
-            spec: pod_identity_api::AzurePodIdentityExceptionSpec {
-                pod_labels: [(POD_LABEL.to_owned(), "pay".to_owned())].into(),
-            },
-            status: None,
-        });
+    state.exceptions.push(pod_identity_api::fixtures::exception(
+        "shop",
+        "e",
+        &[(POD_LABEL, "pay")],
+    ));
     let e = explained(&state, "web");
     assert!(e.excepted);
     assert_eq!(e.agent.verdict, Verdict::Direct);
