@@ -53,6 +53,10 @@ pub struct MachineInput {
     /// Case-folded identity IDs that pods on this machine need but whose records cannot be written yet
     /// (their name is still held by a stale record); they must not be removed meanwhile.
     pub reserved: BTreeSet<String>,
+    /// Assignments still wanted whose pod's node is gone and whose record the planner has not seen yet
+    /// (its watch lags behind the worker's own write): only the record knows the machine, so a record
+    /// of one of these names found here is kept, with its identity, as the planner would keep it.
+    pub held: BTreeSet<ObjectKey>,
 }
 
 impl MachineInput {
@@ -63,6 +67,7 @@ impl MachineInput {
             wanted: Vec::new(),
             recorded: Vec::new(),
             reserved: BTreeSet::new(),
+            held: BTreeSet::new(),
         }
     }
 
@@ -222,6 +227,8 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
     let recorded_by_name: BTreeMap<&ObjectKey, &Recorded> =
         input.recorded.iter().map(|r| (&r.key, r)).collect();
     let wanted_names: HashSet<&ObjectKey> = input.wanted.iter().map(|w| &w.key).collect();
+    // Records no assignment wants, and none is held for.
+    let is_stale = |r: &Recorded| !wanted_names.contains(&r.key) && !input.held.contains(&r.key);
 
     let mut pairs: BTreeMap<Option<String>, Pair<'_>> = BTreeMap::new();
     for wanted in &input.wanted {
@@ -268,14 +275,16 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
                     }
                 }
             }
-            for recorded in pair.recorded.iter().filter(|r| !wanted_names.contains(&r.key)) {
+            for recorded in pair.recorded.iter().filter(|r| is_stale(r)) {
                 releases.push(release(recorded));
             }
             continue;
         };
         let id = pair.id.unwrap_or(key);
         let needed_now = !pair.wanted.is_empty();
-        let needed = needed_now || input.reserved.contains(key);
+        let needed = needed_now
+            || input.reserved.contains(key)
+            || pair.recorded.iter().any(|r| input.held.contains(&r.key));
         let owned = pair.recorded.iter().any(|r| r.origin == Origin::Added);
         let client_ids = pair
             .wanted
@@ -288,12 +297,7 @@ pub fn plan(input: &MachineInput, ctx: &Context<'_>) -> Plan {
                     .and_then(|i| i.client_id.as_deref()),
             );
         let protected = ctx.protection.protects(key, client_ids);
-        let stale: Vec<&Recorded> = pair
-            .recorded
-            .iter()
-            .copied()
-            .filter(|r| !wanted_names.contains(&r.key))
-            .collect();
+        let stale: Vec<&Recorded> = pair.recorded.iter().copied().filter(|r| is_stale(r)).collect();
         let needs_knowledge = pair.wanted.iter().any(|w| {
             recorded_by_name.get(&w.key).is_none_or(|r| {
                 !r.status.is_usable() || r.differs_from(w) || !r.has_finalizer || r.machine.is_none()

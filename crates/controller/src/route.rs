@@ -3,7 +3,7 @@
 //! belong to which machine. Pure, so that the grouping rules are tested without a cluster.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -104,6 +104,7 @@ pub fn route(cluster: &Cluster<'_>) -> Routing {
         ..Routing::default()
     };
     let mut recorded_by_name: HashMap<ObjectKey, (Target, Recorded)> = HashMap::new();
+    let mut held = BTreeSet::new();
     for object in cluster.assignments {
         let recorded = Recorded::from_object(object.clone());
         let target = recorded_target(&recorded, cluster.nodes);
@@ -131,7 +132,14 @@ pub fn route(cluster: &Cluster<'_>) -> Routing {
                     {
                         Target::Azure(machine.clone())
                     }
-                    _ => {
+                    Some(_) => {
+                        routing.unplaceable.push((assignment, Unplaceable::NodeMissing));
+                        continue;
+                    }
+                    // No record seen: there may be one the watch has not shown yet, on a machine only
+                    // it names. Whichever worker wrote it keeps it.
+                    None => {
+                        held.insert(wanted.key.clone());
                         routing.unplaceable.push((assignment, Unplaceable::NodeMissing));
                         continue;
                     }
@@ -177,6 +185,7 @@ pub fn route(cluster: &Cluster<'_>) -> Routing {
     for input in routing.inputs.values_mut() {
         input.recorded.sort_by(|a, b| a.key.cmp(&b.key));
         input.wanted.sort_by(|a, b| a.key.cmp(&b.key));
+        input.held.clone_from(&held);
     }
     routing
 }
@@ -345,6 +354,10 @@ mod tests {
         assert_eq!(names(Target::NoAzure), vec!["z"]);
     }
 
+    fn a_key(routing: &Routing) -> ObjectKey {
+        routing.inputs[&Target::Azure(pool("a"))].recorded[0].key.clone()
+    }
+
     #[test]
     fn a_pod_whose_node_object_went_keeps_its_recorded_identity_until_it_goes() {
         let mut world = World::new();
@@ -363,11 +376,17 @@ mod tests {
         assert_eq!(a.wanted[0].key, a.recorded[0].key);
         assert!(routing.unplaceable.is_empty());
 
-        // A pod there without a record cannot be placed.
+        // A pod there without a record cannot be placed; but a record of it may exist that the watch
+        // has not shown yet, so every machine holds whatever record of that name it knows.
         world.pods.push(pod("p2", "a-0", "pay"));
         let routing = world.route();
         assert_eq!(routing.unplaceable.len(), 1);
         assert_eq!(routing.unplaceable[0].0.pod.name, "p2");
+        let held = BTreeSet::from([ObjectKey::new("ns", "p2-ns-payments")]);
+        assert!(!routing.inputs.is_empty());
+        assert!(routing.inputs.values().all(|input| input.held == held));
+        // The one with a record is not held: its machine is known.
+        assert!(!held.contains(&a_key(&routing)));
 
         // The pod gone: the record is stale on its machine, which removes the identity and releases it.
         world.pods.clear();

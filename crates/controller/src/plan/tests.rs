@@ -24,6 +24,7 @@ fn input(wanted: Vec<Wanted>, recorded: Vec<Recorded>) -> MachineInput {
         wanted,
         recorded,
         reserved: BTreeSet::new(),
+        held: BTreeSet::new(),
     }
 }
 
@@ -223,6 +224,36 @@ fn the_last_pod_gone_removes_what_we_added_then_releases_the_record() {
     assert!(input.recorded.is_empty());
     assert!(!machine_state.has(&identity_id("payments")));
     assert!(machine_state.has(&identity_id("cluster")));
+}
+
+#[test]
+fn a_held_record_keeps_its_identity_though_nothing_wants_it_here() {
+    // The worker's own record of a pod whose node is gone, which the planner has not seen yet: the
+    // planner could not place the pod, and holds the name instead.
+    let w = wanted("web-0", "node-1", "payments", 1);
+    let mut input = input(vec![w.clone()], vec![]);
+    let mut machine_state = observed(&["cluster"]);
+    round(&mut input, &mut machine_state, &Protection::default());
+    input.wanted.clear();
+    input.held = BTreeSet::from([w.key.clone()]);
+    for observed in [Some(&machine_state), None] {
+        let plan = run(&input, observed);
+        assert!(plan.delta.remove.is_empty(), "{plan:?}");
+        assert!(plan.writes.is_empty(), "{plan:?}");
+    }
+    assert_eq!(
+        round(&mut input, &mut machine_state, &Protection::default()),
+        vec![]
+    );
+    assert!(machine_state.has(&identity_id("payments")));
+    assert_eq!(input.recorded.len(), 1);
+
+    // Once the planner sees the record it routes the pod here again; if the pod goes, nothing is held
+    // and the identity goes as usual.
+    input.held.clear();
+    let deltas = round(&mut input, &mut machine_state, &Protection::default());
+    assert_eq!(deltas.len(), 1);
+    assert!(!machine_state.has(&identity_id("payments")));
 }
 
 #[test]
@@ -564,6 +595,7 @@ fn service_principals_and_orphans_never_touch_arm() {
         wanted: vec![sp],
         recorded: vec![orphan],
         reserved: BTreeSet::new(),
+        held: BTreeSet::new(),
     };
     let plan = run(&input, None);
     assert!(plan.delta.is_empty() && !plan.needs_observation);

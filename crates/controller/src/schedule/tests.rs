@@ -109,6 +109,7 @@ impl Sim {
                 wanted: Vec::new(),
                 recorded: Vec::new(),
                 reserved: BTreeSet::new(),
+                held: BTreeSet::new(),
             },
             t0,
             quarantined: Vec::new(),

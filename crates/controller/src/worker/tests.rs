@@ -362,6 +362,7 @@ fn input(wanted: Vec<crate::record::Wanted>) -> MachineInput {
         wanted,
         recorded: Vec::new(),
         reserved: BTreeSet::new(),
+        held: BTreeSet::new(),
     }
 }
 
