@@ -27,10 +27,9 @@ use std::{
 };
 
 use futures::{StreamExt, stream};
-use kube::{Api, api::PostParams};
 use netns_harness::Harness;
-use pod_identity_api::{AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec};
-use pod_identity_test_support::netns::PodNet;
+use pod_identity_api::fixtures::{binding_of, user_assigned_identity};
+use pod_identity_test_support::{fixtures, netns::PodNet};
 use support::{cached_load, micros};
 
 const LOAD_PODS: usize = 4;
@@ -169,37 +168,17 @@ async fn bench() {
 
 /// `count` more identities and bindings, numbered from `from`, each binding with a selector of its own.
 async fn create_objects(h: &Harness, from: usize, count: usize) {
-    let identities = Api::<AzureIdentity>::namespaced(h.ns.client.clone(), &h.ns.name);
-    let bindings = Api::<AzureIdentityBinding>::namespaced(h.ns.client.clone(), &h.ns.name);
+    let (client, ns) = (&h.ns.client, h.ns.name.as_str());
     stream::iter(from..count)
-        .map(|i| {
-            let identities = identities.clone();
-            let bindings = bindings.clone();
-            async move {
-                let name = format!("scale-{i}");
-                let identity = AzureIdentity::new(
-                    &name,
-                    AzureIdentitySpec {
-                        type_: Some(0),
-                        resource_id: Some(netns_harness::identity_resource_id(&name)),
-                        client_id: Some(format!("{i:08x}-0000-4000-8000-000000000000")),
-                        ..Default::default()
-                    },
-                );
-                identities
-                    .create(&PostParams::default(), &identity)
-                    .await
-                    .unwrap();
-                let binding = AzureIdentityBinding::new(
-                    &format!("{name}-binding"),
-                    AzureIdentityBindingSpec {
-                        azure_identity: Some(name.clone()),
-                        selector: Some(name),
-                        weight: None,
-                    },
-                );
-                bindings.create(&PostParams::default(), &binding).await.unwrap();
-            }
+        .map(|i| async move {
+            let name = format!("scale-{i}");
+            let client_id = format!("{i:08x}-0000-4000-8000-000000000000");
+            let identity = user_assigned_identity(ns, &name, &client_id)
+                .with_resource_id(&netns_harness::identity_resource_id(&name));
+            fixtures::create(client, &identity).await.unwrap();
+            fixtures::create(client, &binding_of(ns, &name, &name))
+                .await
+                .unwrap();
         })
         .buffer_unordered(32)
         .collect::<Vec<()>>()

@@ -88,13 +88,59 @@ fn secs(duration: Duration) -> i64 {
 }
 
 /// A cache key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     /// Whose tokens.
     pub principal: Principal,
     /// For which resource (audience), as the pod asked.
     pub resource: String,
 }
+
+/// A key's principal and resource, owned ([`Key`]) or borrowed from a request (`(&Principal, &str)`):
+/// a cached token is found without copying either.
+pub trait KeyParts {
+    /// Whose tokens, and for which resource.
+    fn parts(&self) -> (&Principal, &str);
+}
+
+impl KeyParts for Key {
+    fn parts(&self) -> (&Principal, &str) {
+        (&self.principal, &self.resource)
+    }
+}
+
+impl KeyParts for (&Principal, &str) {
+    fn parts(&self) -> (&Principal, &str) {
+        (self.0, self.1)
+    }
+}
+
+// A key hashes and compares as its parts do, so that the entries' map is searched with borrowed ones.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
 
 /// How a request was answered, for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,18 +234,30 @@ impl TokenCache {
         self.freshness
     }
 
-    fn entry(&self, key: &Key) -> Arc<Entry> {
+    fn entry(&self, key: &impl KeyParts) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = entries.get(key) {
+        if let Some(entry) = entries.get(key as &dyn KeyParts) {
             return entry.clone();
         }
+        let (principal, resource) = key.parts();
         let entry = Arc::new(Entry::default());
-        entries.insert(key.clone(), entry.clone());
+        entries.insert(
+            Key {
+                principal: principal.clone(),
+                resource: resource.to_owned(),
+            },
+            entry.clone(),
+        );
         entry
     }
 
     /// The tokens for `key`: cached when fresh, else fetched by `fetch`, once for all concurrent callers.
-    pub async fn get<F, Fut>(&self, key: &Key, now: i64, fetch: F) -> (Result<Tokens, UpstreamError>, Outcome)
+    pub async fn get<F, Fut>(
+        &self,
+        key: &impl KeyParts,
+        now: i64,
+        fetch: F,
+    ) -> (Result<Tokens, UpstreamError>, Outcome)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Token>, UpstreamError>>,
@@ -235,7 +293,7 @@ impl TokenCache {
 
     /// Fetches anew for `key` even if a fresh token is cached (background renewal); skipped when a fetch
     /// for it is already running.
-    pub async fn renew<F, Fut>(&self, key: &Key, fetch: F) -> Option<Result<Tokens, UpstreamError>>
+    pub async fn renew<F, Fut>(&self, key: &impl KeyParts, fetch: F) -> Option<Result<Tokens, UpstreamError>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Token>, UpstreamError>>,
@@ -247,7 +305,12 @@ impl TokenCache {
         Some(result)
     }
 
-    async fn fetch_locked<F, Fut>(&self, key: &Key, entry: &Entry, fetch: F) -> Result<Tokens, UpstreamError>
+    async fn fetch_locked<F, Fut>(
+        &self,
+        key: &impl KeyParts,
+        entry: &Entry,
+        fetch: F,
+    ) -> Result<Tokens, UpstreamError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Token>, UpstreamError>>,
@@ -259,7 +322,7 @@ impl TokenCache {
                     self.object_ids
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.principal.clone(), oid);
+                        .insert(key.parts().0.clone(), oid);
                 }
                 *entry.stored.write().unwrap_or_else(|p| p.into_inner()) = Some(Stored {
                     tokens: tokens.clone(),
@@ -422,6 +485,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_borrowed_from_a_request_finds_the_entry_of_the_same_parts_and_no_other() {
+        let cache = cache();
+        let now = crate::clock::now();
+        let stored = key("a");
+        let _ = cache
+            .get(&stored, now, || async move { Ok(vec![token("t1", now + 3600)]) })
+            .await;
+        let principal = stored.principal.clone();
+        let resource = String::from("https://vault.azure.net");
+        let (found, outcome) = cache
+            .get(&(&principal, resource.as_str()), now, || async {
+                panic!("the owned key's entry must be found")
+            })
+            .await;
+        assert_eq!(
+            (found.unwrap()[0].access_token.as_str(), outcome),
+            ("t1", Outcome::Hit)
+        );
+        // Another resource, or the same client ID as another kind of principal, is another entry.
+        for (principal, resource) in [
+            (principal.clone(), "https://management.azure.com/"),
+            (
+                Principal::Node(Selector::ClientId("a".into())),
+                "https://vault.azure.net",
+            ),
+        ] {
+            let (_, outcome) = cache
+                .get(&(&principal, resource), now, || async move {
+                    Ok(vec![token("t2", now + 3600)])
+                })
+                .await;
+            assert_eq!(outcome, Outcome::Miss, "{principal:?} {resource}");
+        }
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[tokio::test]
     async fn concurrent_misses_fetch_once() {
         let cache = Arc::new(cache());
         let calls = Arc::new(AtomicUsize::new(0));
@@ -440,7 +540,10 @@ mod tests {
                     .await
             }));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // On this single-threaded runtime one yield runs every task until it waits: one in the fetch,
+        // held by the gate, the others for its flight.
+        tokio::task::yield_now().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
         gate.notify_one();
         let mut outcomes = Vec::new();
         for task in tasks {
@@ -450,6 +553,7 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Miss).count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Coalesced).count(), 31);
     }
 
     #[tokio::test]
@@ -474,11 +578,21 @@ mod tests {
                     .await
             }));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // As above: every caller is waiting, one of them in the fetch.
+        tokio::task::yield_now().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
         gate.notify_one();
+        let mut outcomes = Vec::new();
         for task in tasks {
-            assert!(task.await.unwrap().0.is_err());
+            let (result, outcome) = task.await.unwrap();
+            assert!(result.is_err());
+            outcomes.push(outcome);
         }
+        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Miss).count(), 1);
+        assert_eq!(
+            outcomes.iter().filter(|o| **o == Outcome::RecentFailure).count(),
+            7
+        );
         assert_eq!(
             calls.load(Ordering::SeqCst),
             1,

@@ -1,15 +1,16 @@
 //! The endpoint's connections, and what callers may hold of them. One agent serves every pod of the
 //! node, so no pod may take what the others need: each source address may hold at most
 //! `--max-connections-per-source` connections, all callers together `--max-connections`; a connection
-//! that sends no complete request head within `--header-read-timeout-sec` (idle keep-alive, or headers
-//! trickled in) is closed; a request head larger than `--max-request-bytes` is answered 431 and closed.
+//! that sends no complete request head within `--header-read-timeout-sec` of being accepted or of its
+//! last answer (idle keep-alive, headers trickled in, an answer never read) is closed
+//! ([`head_timeout`]); a request head larger than `--max-request-bytes` is answered 431 and closed.
 //! Memory per connection is then bounded, and so is the whole.
 //!
 //! Connections over a limit are shed at once, before hyper allocates anything for them: they get a
 //! ready-made `503` with `Retry-After` (which every SDK retries) and are closed, and
 //! `pod_identity_connections_shed_total{reason}` counts them. The accept loop is the smallest one that
 //! can count per source address before a connection is served (axum's `serve` cannot); serving is
-//! hyper's HTTP/1.1 connection with its own limits and timer, and graceful shutdown is hyper-util's.
+//! hyper's HTTP/1.1 connection with its own size limits, and graceful shutdown is hyper-util's.
 //! Requests go straight to a [`Handler`] with their peer and connection: no router sits on the token
 //! path, whose only other cost is the HTTP exchange itself.
 //! HTTP/1.1 only: IMDS speaks nothing else, and HTTP/2 would let one connection carry many requests.
@@ -26,16 +27,14 @@ use std::{
 use axum::response::Response;
 use http::Request;
 use hyper::{body::Incoming, server::conn::http1};
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
 
+use self::head_timeout::HeadClock;
 use crate::{
     attest::caller::ConnectionAttestation,
     metrics::{Metrics, ReasonLabels},
@@ -64,8 +63,9 @@ pub struct LimitArgs {
     #[arg(long, env = "POD_IDENTITY_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64)]
     pub max_connections_per_source: usize,
 
-    /// Seconds a connection may go without a complete request head, idle between requests or sending
-    /// its headers, before it is closed.
+    /// Seconds a connection may go without a complete request head, from being accepted or from its
+    /// last answer (idle between requests, sending its headers, not reading its answer), before it is
+    /// closed.
     #[arg(long, env = "POD_IDENTITY_HEADER_READ_TIMEOUT_SEC", default_value_t = 30.0)]
     pub header_read_timeout_sec: f64,
 
@@ -271,9 +271,9 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let drains = Arc::new(Semaphore::new(MAX_DRAINS));
     let mut builder = http1::Builder::new();
+    // No timer for hyper: the header read timeout is kept per connection ([`head_timeout`]).
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_request_bytes.max(MIN_REQUEST_BYTES))
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
@@ -318,13 +318,34 @@ pub async fn serve(
             local,
             attestation: ConnectionAttestation::default(),
         });
-        let connection =
-            builder.serve_connection(TokioIo::new(stream), service(handler.clone(), peer, facts));
+        let clock = HeadClock::accepted_now();
+        let timeout = limits.header_read_timeout;
+        let deadline = tokio::time::sleep_until(clock.first_deadline(timeout));
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            service(handler.clone(), peer, facts, clock.clone()),
+        );
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(error) = watched.await {
-                tracing::debug!(peer = %source, %error, "connection closed with an error");
+            tokio::pin!(watched, deadline);
+            loop {
+                tokio::select! {
+                    served = &mut watched => {
+                        if let Err(error) = served {
+                            tracing::debug!(peer = %source, %error, "connection closed with an error");
+                        }
+                        break;
+                    }
+                    () = &mut deadline => match clock.check(tokio::time::Instant::now(), timeout) {
+                        Ok(next) => deadline.as_mut().reset(next),
+                        // Dropping the connection closes it.
+                        Err(head_timeout::Closed) => {
+                            tracing::debug!(peer = %source, "closed a connection that sent no request head in time");
+                            break;
+                        }
+                    },
+                }
             }
         });
     }
@@ -346,6 +367,7 @@ fn service<H: Handler>(
     handler: H,
     peer: SocketAddr,
     facts: Arc<Connection>,
+    clock: Arc<HeadClock>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response,
@@ -353,10 +375,17 @@ fn service<H: Handler>(
     Future = impl Future<Output = Result<Response, Infallible>> + Send,
 > {
     hyper::service::service_fn(move |request: Request<Incoming>| {
+        let answering = clock.answering();
         let answer = handler.call(request, peer, facts.clone());
-        async move { Ok::<_, Infallible>(answer.await) }
+        async move {
+            let answer = answer.await;
+            drop(answering);
+            Ok::<_, Infallible>(answer)
+        }
     })
 }
+
+mod head_timeout;
 
 #[cfg(test)]
 mod tests;

@@ -331,28 +331,12 @@ impl Metrics {
 
     /// Counts a token decision (`served`, `denied`, `excepted`...).
     pub fn decided(&self, result: &'static str) {
-        if result == "served" {
-            let served = self
-                .served
-                .served
-                .get_or_init(|| self.decisions.get_or_create(&ResultLabels { result }).clone());
-            served.inc();
-            return;
-        }
-        self.decisions.get_or_create(&ResultLabels { result }).inc();
+        count(&self.decisions, result, ("served", &self.served.served));
     }
 
     /// Counts a token cache lookup by outcome (`hit`, `miss`...).
     pub fn looked_up(&self, result: &'static str) {
-        if result == "hit" {
-            let hit = self
-                .served
-                .hit
-                .get_or_init(|| self.cache.get_or_create(&ResultLabels { result }).clone());
-            hit.inc();
-            return;
-        }
-        self.cache.get_or_create(&ResultLabels { result }).inc();
+        count(&self.cache, result, ("hit", &self.served.hit));
     }
 
     /// The OpenMetrics text of every metric.
@@ -361,6 +345,18 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Counts `result` in `family`; the `kept` result through its series kept on first use.
+fn count(family: &Family<ResultLabels, Counter>, result: &'static str, kept: (&str, &OnceLock<Counter>)) {
+    let (kept_result, series) = kept;
+    if result == kept_result {
+        series
+            .get_or_init(|| family.get_or_create(&ResultLabels { result }).clone())
+            .inc();
+    } else {
+        family.get_or_create(&ResultLabels { result }).inc();
     }
 }
 

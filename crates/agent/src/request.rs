@@ -242,8 +242,7 @@ impl QueryError {
 /// identity selectors are GUIDs or an ARM ID, `api-version` (optional, as the original ignored it) is
 /// a date. Unknown parameters are ignored and never forwarded.
 pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
-    // Borrowed from the query unless percent-decoding changed them.
-    let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = form_urlencoded::parse(query.as_bytes()).collect();
+    let pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = query_pairs(query).collect();
     if let Some(repeated) = first_repeated(&pairs) {
         return Err(QueryError::Duplicate(pairs[repeated].0.clone().into_owned()));
     }
@@ -289,6 +288,24 @@ pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
     Ok(TokenQuery {
         resource: resource.to_owned(),
         selector,
+    })
+}
+
+/// The query's `name=value` pairs, exactly as `application/x-www-form-urlencoded` parsing gives them
+/// (`form_urlencoded::parse`: split at `&`, empty pieces skipped, split at the first `=`, `+` read as a
+/// space, percent-decoded, invalid UTF-8 replaced), but borrowed from the query where there is nothing
+/// to decode: most pieces, and on a cached token's path all but the resource.
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query.split('&').filter(|piece| !piece.is_empty()).map(|piece| {
+        if piece.bytes().any(|b| b == b'%' || b == b'+') {
+            // The piece holds no `&`, so it is exactly one pair to the decoder.
+            form_urlencoded::parse(piece.as_bytes())
+                .next()
+                .unwrap_or((Cow::Borrowed(""), Cow::Borrowed("")))
+        } else {
+            let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
+            (Cow::Borrowed(name), Cow::Borrowed(value))
+        }
     })
 }
 
@@ -699,6 +716,35 @@ mod tests {
                     .any(|(other, _)| other.eq_ignore_ascii_case(&pairs[i].0))
             });
             assert_eq!(first_repeated(&pairs), pairwise, "{length} parameters");
+        }
+    }
+
+    #[test]
+    fn query_pairs_are_those_of_form_urlencoded_parsing() {
+        // Every query of up to 5 characters over an alphabet of the characters that matter (separators,
+        // escapes, a multi-byte character), and a few longer ones.
+        const ALPHABET: [&str; 8] = ["a", "=", "&", "%", "2", "+", "f", "é"];
+        let mut queries: Vec<String> = vec![String::new()];
+        let mut last = queries.clone();
+        for _ in 0..5 {
+            last = last
+                .iter()
+                .flat_map(|q| ALPHABET.iter().map(move |c| format!("{q}{c}")))
+                .collect();
+            queries.extend(last.iter().cloned());
+        }
+        queries.extend(
+            [
+                "api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net%2F",
+                "resource=https://vault.azure.net&client_id=11111111-2222-3333-4444-555555555555",
+                "a%3Db=c%26d&%ff%fe=%zz&x+y=1+2&&=&=v&n",
+            ]
+            .map(String::from),
+        );
+        for query in &queries {
+            let ours: Vec<_> = query_pairs(query).collect();
+            let theirs: Vec<_> = form_urlencoded::parse(query.as_bytes()).collect();
+            assert_eq!(ours, theirs, "{query:?}");
         }
     }
 

@@ -216,10 +216,10 @@ where
     };
     let response = match &route {
         Route::Token => token(&state, peer, &caller, &parts).await,
-        Route::HostToken if state.config.host_token => host_token(&state, peer.ip(), &parts).await,
+        Route::HostToken if state.config.host_token => Box::pin(host_token(&state, peer.ip(), &parts)).await,
         Route::HostToken => response::not_found("/host/token is not enabled on this node"),
         Route::Instance | Route::OtherMetadata if caller.is_passed_node(&state) => {
-            forward(&state, peer, Request::from_parts(parts, Body::new(body))).await
+            Box::pin(forward(&state, peer, Request::from_parts(parts, Body::new(body)))).await
         }
         Route::Instance | Route::OtherMetadata if refused_caller(&caller).is_some() => {
             let (status, why) = refused_caller(&caller).unwrap_or((StatusCode::FORBIDDEN, String::new()));
@@ -232,7 +232,7 @@ where
             blocked(&state, peer, &parts, "this metadata path is blocked on this node")
         }
         Route::Instance | Route::OtherMetadata => {
-            forward(&state, peer, Request::from_parts(parts, Body::new(body))).await
+            Box::pin(forward(&state, peer, Request::from_parts(parts, Body::new(body)))).await
         }
         Route::Variant(reason) => {
             tracing::warn!(peer = %peer.ip(), path = %logged_path(&parts), reason, decision = "refused", "refused a path variant");
@@ -303,14 +303,11 @@ fn refused_caller(caller: &Caller) -> Option<(StatusCode, String)> {
 }
 
 fn refuse_caller(state: &AppState, peer: SocketAddr, status: StatusCode, why: &str) -> Response {
-    decision(
-        state,
-        if status == StatusCode::FORBIDDEN {
-            "denied"
-        } else {
-            "unattested"
-        },
-    );
+    state.metrics.decided(if status == StatusCode::FORBIDDEN {
+        "denied"
+    } else {
+        "unattested"
+    });
     tracing::info!(peer = %peer, decision = "refused", reason = why, "refused an attested caller");
     if status == StatusCode::FORBIDDEN {
         response::forbidden(why)
@@ -531,11 +528,14 @@ async fn resolve_waiting(
     let started = tokio::time::Instant::now();
     let assignment_deadline = started + state.config.assignment_wait;
     let pod_deadline = started + state.config.pod_wait;
-    let mut changes = state.shared.subscribe();
+    // Subscribed to the world's changes only once there is something to wait for.
+    let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
     let mut learnt = false;
     let mut waiting = None;
     loop {
-        changes.borrow_and_update();
+        if let Some(changes) = changes.as_mut() {
+            changes.borrow_and_update();
+        }
         let (pod, resolution) = {
             let world = state.shared.read();
             match find(&world) {
@@ -557,6 +557,11 @@ async fn resolve_waiting(
         };
         match resolution {
             Resolution::Wait(pending) => {
+                let Some(changes) = changes.as_mut() else {
+                    // The world is looked at again once subscribed, so no change in between is missed.
+                    changes = Some(state.shared.subscribe());
+                    continue;
+                };
                 let deadline = if pending.is_about_the_caller() {
                     pod_deadline
                 } else {
@@ -672,14 +677,13 @@ async fn answer(
     };
     match result {
         Ok(tokens) => {
-            decision(
-                state,
-                if matches!(resolution, Resolution::Excepted) {
+            state
+                .metrics
+                .decided(if matches!(resolution, Resolution::Excepted) {
                     "excepted"
                 } else {
                     "served"
-                },
-            );
+                });
             if outcome == Outcome::Hit {
                 tracing::debug!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             } else {
@@ -698,7 +702,7 @@ async fn answer(
             tracing::warn!(pod = name, namespace, identity = %identity_name, resource, decision = "upstream_error", %error, "no token from upstream");
             let why = format!("could not get a token for {identity_name}: {error}");
             let verdict = verdict::of_upstream(&error);
-            decision(state, verdict.decision);
+            state.metrics.decided(verdict.decision);
             if let Some(reason) = verdict.event {
                 notify(state, pod.as_deref(), reason, &why);
             }
@@ -717,7 +721,7 @@ fn refuse(
     verdict: &Verdict,
     why: &str,
 ) -> Response {
-    decision(state, verdict.decision);
+    state.metrics.decided(verdict.decision);
     call.refused(&state.audit, pod, query, verdict.audited, why);
     if let Some(reason) = verdict.event {
         notify(state, pod, reason, why);
@@ -734,10 +738,6 @@ fn verdict_response(state: &AppState, verdict: &Verdict, why: &str) -> Response 
     } else {
         response::forbidden(why)
     }
-}
-
-fn decision(state: &AppState, result: &'static str) {
-    state.metrics.decided(result);
 }
 
 fn notify(state: &AppState, pod: Option<&PodRecord>, reason: Reason, why: &str) {

@@ -9,7 +9,7 @@ use pod_identity_api::AzureIdentity;
 use pod_identity_azure::retry::{RetryPolicy, with_retries};
 
 use crate::{
-    cache::{Key, Outcome, TokenCache, Tokens},
+    cache::{Outcome, TokenCache, Tokens},
     federation::{SubjectToken, Subjects},
     metrics::{Metrics, UpstreamLabels, UpstreamOnly},
     request::Selector,
@@ -97,14 +97,12 @@ impl TokenService {
         identity: Option<&AzureIdentity>,
         resource: &str,
     ) -> (Result<Tokens, UpstreamError>, Outcome) {
-        let key = Key {
-            principal: principal.clone(),
-            resource: resource.to_owned(),
-        };
+        // The fetch is boxed: a cached answer, the common case, then carries a pointer to it instead
+        // of the upstream requests' whole state through every move of the request's future.
         let (result, outcome) = self
             .cache
-            .get(&key, crate::clock::now(), || {
-                self.fetch(principal, identity, resource)
+            .get(&(principal, resource), crate::clock::now(), || {
+                Box::pin(self.fetch(principal, identity, resource))
             })
             .await;
         self.metrics.looked_up(outcome.label());

@@ -63,7 +63,8 @@ pub struct Synced {
 pub struct World {
     /// Shared with the requests that found them, which hold them without copying.
     pods: HashMap<ObjectKey, Arc<PodRecord>>,
-    by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
+    /// The same pods by address, so that finding a caller is one lookup.
+    by_ip: HashMap<IpAddr, Vec<Arc<PodRecord>>>,
     /// Pods that may hold an address the API does not show yet ([`PodView::awaits_its_address`]).
     awaiting_address: HashSet<ObjectKey>,
     assigned: HashMap<ObjectKey, AssignedView>,
@@ -116,7 +117,6 @@ impl World {
             .get(&ip)
             .into_iter()
             .flatten()
-            .filter_map(|key| self.pods.get(key))
             .map(|record| (record, &record.view));
         match pod::caller(claimants, !self.awaiting_address.is_empty()) {
             pod::Caller::Pod(record) => Caller::Pod(record),
@@ -158,13 +158,14 @@ impl World {
     pub fn upsert_pod(&mut self, record: PodRecord) {
         let key = record.view.key.clone();
         self.remove_pod(&key);
+        let record = Arc::new(record);
         for ip in &record.view.ips {
-            self.by_ip.entry(*ip).or_default().push(key.clone());
+            self.by_ip.entry(*ip).or_default().push(record.clone());
         }
         if record.view.awaits_its_address() {
             self.awaiting_address.insert(key.clone());
         }
-        self.pods.insert(key, Arc::new(record));
+        self.pods.insert(key, record);
     }
 
     /// Forgets a pod.
@@ -172,9 +173,9 @@ impl World {
         self.awaiting_address.remove(key);
         if let Some(old) = self.pods.remove(key) {
             for ip in &old.view.ips {
-                if let Some(keys) = self.by_ip.get_mut(ip) {
-                    keys.retain(|k| k != key);
-                    if keys.is_empty() {
+                if let Some(records) = self.by_ip.get_mut(ip) {
+                    records.retain(|r| r.view.key != *key);
+                    if records.is_empty() {
                         self.by_ip.remove(ip);
                     }
                 }

@@ -241,8 +241,8 @@ pub fn caller<'a, P>(
     claimants: impl IntoIterator<Item = (&'a P, &'a PodView)>,
     awaiting: bool,
 ) -> Caller<'a, P> {
-    let mut active = Vec::new();
-    let mut terminating = Vec::new();
+    let mut active = Claimants::None;
+    let mut terminating = Claimants::None;
     for (pod, view) in claimants {
         if !view.owns_its_addresses() {
             continue;
@@ -252,13 +252,35 @@ pub fn caller<'a, P>(
             _ => active.push(pod),
         }
     }
-    match (active.as_slice(), terminating.as_slice()) {
-        ([one], _) => Caller::Pod(one),
-        ([], []) => Caller::Unknown,
-        ([], [one]) if awaiting => Caller::Unsettled(one),
-        ([], [one]) => Caller::Pod(one),
-        ([], several) => Caller::Ambiguous(several.to_vec()),
-        (several, _) => Caller::Ambiguous(several.to_vec()),
+    match (active, terminating) {
+        (Claimants::One(one), _) => Caller::Pod(one),
+        (Claimants::None, Claimants::None) => Caller::Unknown,
+        (Claimants::None, Claimants::One(one)) if awaiting => Caller::Unsettled(one),
+        (Claimants::None, Claimants::One(one)) => Caller::Pod(one),
+        (Claimants::None, Claimants::Several(several)) | (Claimants::Several(several), _) => {
+            Caller::Ambiguous(several)
+        }
+    }
+}
+
+/// The pods found for an address, in the order found: nothing is allocated unless there are several,
+/// which is never the case on the token path of a healthy node.
+enum Claimants<'a, P> {
+    None,
+    One(&'a P),
+    Several(Vec<&'a P>),
+}
+
+impl<'a, P> Claimants<'a, P> {
+    fn push(&mut self, pod: &'a P) {
+        *self = match std::mem::replace(self, Self::None) {
+            Self::None => Self::One(pod),
+            Self::One(first) => Self::Several(vec![first, pod]),
+            Self::Several(mut several) => {
+                several.push(pod);
+                Self::Several(several)
+            }
+        };
     }
 }
 

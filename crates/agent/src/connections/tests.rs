@@ -273,6 +273,31 @@ async fn idle_and_trickling_connections_are_closed_after_the_header_read_timeout
 }
 
 #[tokio::test]
+async fn the_header_read_timeout_counts_from_the_last_answer_and_never_cuts_one_short() {
+    let timeout = Duration::from_millis(200);
+    let e = endpoint(Limits {
+        header_read_timeout: timeout,
+        ..limits(100, 100)
+    })
+    .await;
+    // Requests, each within the timeout of the last answer, for several timeouts in all.
+    let mut busy = connect(e.addr, ip(2)).await;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < timeout * 4 {
+        assert_eq!(request(&mut busy, "/").await.0, 200);
+        tokio::time::sleep(timeout / 4).await;
+    }
+    // An answer that takes longer than the timeout (300 ms) is still sent.
+    let (status, answer) = request(&mut busy, "/slow").await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.ends_with("done"));
+    // Then idle: closed.
+    assert!(closed_within(&mut busy, Duration::from_secs(5)).await);
+    open_becomes(&e.metrics, 0).await;
+    let _ = e.stop.send(());
+}
+
+#[tokio::test]
 async fn a_request_head_over_the_limit_is_refused_and_the_connection_closed() {
     let e = endpoint(Limits {
         max_request_bytes: 8192,

@@ -257,6 +257,31 @@ fn finished_host_network_and_duplicate_pods_do_not_make_a_caller() {
         )),
         "ambiguous a,b"
     );
+    // Every pod that may be the caller is named, in the order listed; pods being deleted only when no
+    // other pod may be.
+    assert_eq!(
+        name(&who(
+            &[
+                view("a", ip, Life::Active),
+                view("old", ip, Life::Terminating),
+                view("b", ip, Life::Active),
+                view("c", ip, Life::Active),
+            ],
+            true
+        )),
+        "ambiguous a,b,c"
+    );
+    assert_eq!(
+        name(&who(
+            &[
+                view("a", ip, Life::Terminating),
+                view("b", ip, Life::Terminating),
+                view("c", ip, Life::Terminating),
+            ],
+            true
+        )),
+        "ambiguous a,b,c"
+    );
 }
 
 #[test]
