@@ -148,31 +148,21 @@ pub async fn load(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use pod_identity_api::{AzureIdentitySpec, SecretReference};
+    use pod_identity_api::{SecretReference, fixtures};
 
     use super::*;
 
+    /// A service principal of wire type `kind` with an empty auxiliary tenant among its own, whose secret
+    /// reference names no namespace.
     fn sp(kind: i64) -> AzureIdentity {
-        AzureIdentity {
-            metadata: ObjectMeta {
-                namespace: Some("ns".into()),
-                name: Some("sp".into()),
-                ..Default::default()
-            },
-            spec: AzureIdentitySpec {
-                type_: Some(kind),
-                client_id: Some("c".into()),
-                tenant_id: Some("t".into()),
-                auxiliary_tenant_ids: Some(vec!["t2".into(), String::new()]),
-                client_password: Some(SecretReference {
-                    name: Some("s".into()),
-                    namespace: None,
-                }),
-                ..Default::default()
-            },
-            status: None,
-        }
+        let mut identity = fixtures::service_principal("ns", "sp", "c").with_tenant_id("t");
+        identity.spec.type_ = Some(kind);
+        identity.spec.auxiliary_tenant_ids = Some(vec!["t2".into(), String::new()]);
+        identity.spec.client_password = Some(SecretReference {
+            name: Some("s".into()),
+            namespace: None,
+        });
+        identity
     }
 
     fn data(pairs: &[(&str, &[u8])]) -> BTreeMap<String, ByteString> {

@@ -372,8 +372,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use base64::Engine;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use pod_identity_api::AzureIdentitySpec;
+    use pod_identity_api::{IdentityType, fixtures};
 
     use super::*;
 
@@ -388,19 +387,9 @@ mod tests {
     }
 
     fn identity() -> AzureIdentity {
-        AzureIdentity {
-            metadata: ObjectMeta {
-                namespace: Some("shop".into()),
-                name: Some("payments".into()),
-                ..Default::default()
-            },
-            spec: AzureIdentitySpec {
-                client_id: Some("c1".into()),
-                tenant_id: Some(" t1 ".into()),
-                ..Default::default()
-            },
-            status: None,
-        }
+        fixtures::identity_of_type("shop", "payments", IdentityType::UserAssignedManagedIdentity)
+            .with_client_id("c1")
+            .with_tenant_id(" t1 ")
     }
 
     struct Counting(AtomicUsize, i64);

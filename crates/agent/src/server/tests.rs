@@ -7,7 +7,7 @@ use std::{
 };
 
 use base64::Engine;
-use pod_identity_api::fixtures::{binding, user_assigned_identity};
+use pod_identity_api::fixtures::{binding, exception, user_assigned_identity};
 use pod_identity_azure::{AzureError, imds_http::ImdsHttp};
 use serde_json::Value;
 
@@ -301,17 +301,7 @@ async fn each_identity_of_a_pod_has_its_first_token_observed_once() {
     world.upsert_pod(web);
     world
         .matching
-        .upsert_exception(pod_identity_api::AzurePodIdentityException {
-            metadata: kube::api::ObjectMeta {
-                namespace: Some("ns".into()),
-                name: Some("exc".into()),
-                ..Default::default()
-            },
-            spec: pod_identity_api::AzurePodIdentityExceptionSpec {
-                pod_labels: std::collections::BTreeMap::from([("app".to_owned(), "controller".to_owned())]),
-            },
-            status: None,
-        });
+        .upsert_exception(exception("ns", "exc", &[("app", "controller")]));
     let mut excepted = pod("ns", "ctl", None);
     excepted.view.ips = vec!["10.244.0.4".parse().unwrap()];
     excepted.view.labels.insert("app".into(), "controller".into());
@@ -842,17 +832,7 @@ async fn malformed_parameters_get_imds_400s_and_nothing_goes_upstream() {
     // An excepted pod: its requests go to the node's IMDS as they are, so they must be clean first.
     world
         .matching
-        .upsert_exception(pod_identity_api::AzurePodIdentityException {
-            metadata: kube::api::ObjectMeta {
-                namespace: Some("ns".into()),
-                name: Some("exc".into()),
-                ..Default::default()
-            },
-            spec: pod_identity_api::AzurePodIdentityExceptionSpec {
-                pod_labels: std::collections::BTreeMap::from([("app".to_owned(), "controller".to_owned())]),
-            },
-            status: None,
-        });
+        .upsert_exception(exception("ns", "exc", &[("app", "controller")]));
     let mut excepted = pod("ns", "ctl", None);
     excepted.view.ips = vec!["10.244.0.4".parse().unwrap()];
     excepted.view.labels.insert("app".into(), "controller".into());
