@@ -140,12 +140,9 @@ pub struct Call {
 }
 
 impl Call {
-    /// A request from `peer`, arriving now.
-    pub fn new(peer: IpAddr) -> Self {
-        Self {
-            peer,
-            started: std::time::Instant::now(),
-        }
+    /// A request from `peer` that arrived at `started`.
+    pub fn new(peer: IpAddr, started: std::time::Instant) -> Self {
+        Self { peer, started }
     }
 
     /// Records a decision that served no token; the identity is the one the request named, if any.

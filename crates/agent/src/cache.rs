@@ -7,7 +7,6 @@
 //! soon as no live pod may use their principal any more.
 
 use std::{
-    collections::HashMap,
     future::Future,
     sync::{
         Arc, Mutex, RwLock,
@@ -211,8 +210,8 @@ impl Entry {
 /// The node's token cache.
 #[derive(Debug)]
 pub struct TokenCache {
-    entries: Mutex<HashMap<Key, Arc<Entry>>>,
-    object_ids: Mutex<HashMap<Principal, String>>,
+    entries: Mutex<foldhash::HashMap<Key, Arc<Entry>>>,
+    object_ids: Mutex<foldhash::HashMap<Principal, String>>,
     freshness: Freshness,
     /// How long a failed fetch is answered from memory when upstream named no `Retry-After`.
     failure_memory: Duration,

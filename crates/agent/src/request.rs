@@ -296,15 +296,47 @@ pub fn parse_token_query(query: &str) -> Result<TokenQuery, QueryError> {
 /// space, percent-decoded, invalid UTF-8 replaced), but borrowed from the query where there is nothing
 /// to decode: most pieces, and on a cached token's path all but the resource.
 fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query.split('&').filter(|piece| !piece.is_empty()).map(|piece| {
-        if piece.bytes().any(|b| b == b'%' || b == b'+') {
-            // The piece holds no `&`, so it is exactly one pair to the decoder.
-            form_urlencoded::parse(piece.as_bytes())
-                .next()
-                .unwrap_or((Cow::Borrowed(""), Cow::Borrowed("")))
-        } else {
-            let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
-            (Cow::Borrowed(name), Cow::Borrowed(value))
+    let mut rest = query;
+    std::iter::from_fn(move || {
+        loop {
+            if rest.is_empty() {
+                return None;
+            }
+            // One pass over the piece's bytes finds its end, its first `=` and whether it needs decoding:
+            // on the token path this is most of what reading the query costs.
+            let mut end = rest.len();
+            let mut equals = None;
+            let mut encoded = false;
+            for (at, byte) in rest.bytes().enumerate() {
+                match byte {
+                    b'&' => {
+                        end = at;
+                        break;
+                    }
+                    b'=' if equals.is_none() => equals = Some(at),
+                    b'%' | b'+' => encoded = true,
+                    _ => {}
+                }
+            }
+            // `&` and `=` are ASCII: every cut below is on a character boundary.
+            let piece = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or("");
+            if piece.is_empty() {
+                continue;
+            }
+            if encoded {
+                // The piece holds no `&`, so it is exactly one pair to the decoder.
+                return Some(
+                    form_urlencoded::parse(piece.as_bytes())
+                        .next()
+                        .unwrap_or((Cow::Borrowed(""), Cow::Borrowed(""))),
+                );
+            }
+            let (name, value) = match equals {
+                Some(at) => (&piece[..at], &piece[at + 1..]),
+                None => (piece, ""),
+            };
+            return Some((Cow::Borrowed(name), Cow::Borrowed(value)));
         }
     })
 }
@@ -392,12 +424,15 @@ pub fn is_resource(resource: &str) -> bool {
     if pod_identity_api::validation::is_guid(resource) {
         return true;
     }
-    let Some((scheme, rest)) = resource.split_once(':') else {
+    let bytes = resource.as_bytes();
+    let Some(colon) = bytes.iter().position(|b| *b == b':') else {
         return false;
     };
-    let mut scheme_chars = scheme.chars();
-    scheme_chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && scheme_chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    let (scheme, rest) = (&bytes[..colon], &bytes[colon + 1..]);
+    scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme[1..]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
         && !rest.is_empty()
 }
 

@@ -8,7 +8,7 @@
 //! request; waiting, fetching and answering are the server's.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -312,7 +312,7 @@ pub fn resolve_from(
 /// change.
 #[derive(Debug, Default)]
 pub struct Decided {
-    entries: Mutex<HashMap<ObjectKey, (u64, Arc<PodIdentities>)>>,
+    entries: Mutex<foldhash::HashMap<ObjectKey, (u64, Arc<PodIdentities>)>>,
 }
 
 impl Decided {
@@ -346,7 +346,7 @@ impl Decided {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, (u64, Arc<PodIdentities>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<ObjectKey, (u64, Arc<PodIdentities>)>> {
         // Entries are whole values: a panic elsewhere cannot leave one half-written.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }

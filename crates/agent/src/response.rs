@@ -8,10 +8,7 @@ use axum::{
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use hyper::body::Bytes;
 
@@ -110,7 +107,7 @@ fn tokens_unencodable() -> Response {
 /// an entry is kept.
 #[derive(Debug, Default)]
 pub struct Written {
-    entries: Mutex<HashMap<usize, WrittenEntry>>,
+    entries: Mutex<foldhash::HashMap<usize, WrittenEntry>>,
 }
 
 #[derive(Debug)]
@@ -158,7 +155,7 @@ impl Written {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, WrittenEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<usize, WrittenEntry>> {
         // Entries are whole values: a panic elsewhere cannot leave one half-written.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }

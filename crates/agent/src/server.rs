@@ -6,8 +6,7 @@
 //! the watch while the answer may still change), token (cache, then upstream).
 
 use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -81,7 +80,7 @@ pub struct AppState {
     pub audit: Audit,
     /// Identities each pod (by UID) has had a first token of (`None`: the node's, for an excepted pod);
     /// a pod has a handful, so a list.
-    first_tokens: Mutex<HashMap<String, Vec<Option<ObjectKey>>>>,
+    first_tokens: Mutex<foldhash::HashMap<String, Vec<Option<ObjectKey>>>>,
     /// Each pod's identities, decided once per change of the world.
     decided: resolve::Decided,
     /// Token answers of the current second.
@@ -215,8 +214,10 @@ where
         _ => Caller::ByAddress,
     };
     let response = match &route {
-        Route::Token => token(&state, peer, &caller, &parts).await,
-        Route::HostToken if state.config.host_token => Box::pin(host_token(&state, peer.ip(), &parts)).await,
+        Route::Token => token(&state, Call::new(peer.ip(), started), peer, &caller, &parts).await,
+        Route::HostToken if state.config.host_token => {
+            Box::pin(host_token(&state, Call::new(peer.ip(), started), &parts)).await
+        }
         Route::HostToken => response::not_found("/host/token is not enabled on this node"),
         Route::Instance | Route::OtherMetadata if caller.is_passed_node(&state) => {
             Box::pin(forward(&state, peer, Request::from_parts(parts, Body::new(body)))).await
@@ -316,9 +317,8 @@ fn refuse_caller(state: &AppState, peer: SocketAddr, status: StatusCode, why: &s
     }
 }
 
-async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts) -> Response {
+async fn token(state: &AppState, call: Call, peer: SocketAddr, caller: &Caller, req: &Parts) -> Response {
     let (peer_addr, peer) = (peer, peer.ip());
-    let call = Call::new(peer);
     if req.method != Method::GET {
         return response::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -386,8 +386,8 @@ async fn token(state: &AppState, peer: SocketAddr, caller: &Caller, req: &Parts)
     .await
 }
 
-async fn host_token(state: &AppState, peer: IpAddr, req: &Parts) -> Response {
-    let call = Call::new(peer);
+async fn host_token(state: &AppState, call: Call, req: &Parts) -> Response {
+    let peer = call.peer;
     if !request::is_loopback(peer) {
         let why = "/host/token only answers callers on the node itself";
         call.refused(
@@ -525,10 +525,10 @@ async fn resolve_waiting(
     query: &TokenQuery,
     find: impl Fn(&crate::world::World) -> Result<Arc<PodRecord>, Pending>,
 ) -> Resolved {
-    let started = tokio::time::Instant::now();
-    let assignment_deadline = started + state.config.assignment_wait;
-    let pod_deadline = started + state.config.pod_wait;
-    // Subscribed to the world's changes only once there is something to wait for.
+    // The clock starts, and the world's changes are subscribed to, only once there is something to wait
+    // for: an answer at once reads neither.
+    let mut started: Option<tokio::time::Instant> = None;
+    let waited = |started: Option<tokio::time::Instant>| started.map_or(Duration::ZERO, |s| s.elapsed());
     let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
     let mut learnt = false;
     let mut waiting = None;
@@ -562,23 +562,27 @@ async fn resolve_waiting(
                     changes = Some(state.shared.subscribe());
                     continue;
                 };
-                let deadline = if pending.is_about_the_caller() {
-                    pod_deadline
-                } else {
-                    assignment_deadline
-                };
+                let since = *started.get_or_insert_with(tokio::time::Instant::now);
+                let deadline = since
+                    + if pending.is_about_the_caller() {
+                        state.config.pod_wait
+                    } else {
+                        state.config.assignment_wait
+                    };
                 waiting.get_or_insert_with(|| Waiting::new(&state.metrics.waiting_requests));
                 let timed_out = tokio::time::timeout_at(deadline, changes.changed()).await;
                 if !matches!(timed_out, Ok(Ok(()))) {
                     return Resolved {
                         pod,
                         resolution: Resolution::Wait(pending),
-                        waited: started.elapsed(),
+                        waited: waited(started),
                     };
                 }
             }
             Resolution::LearnObjectIds(grants) if !learnt => {
                 learnt = true;
+                // Learning is waited for like the world: it is the caller's wait all the same.
+                started.get_or_insert_with(tokio::time::Instant::now);
                 for grant in grants {
                     let _ = state
                         .tokens
@@ -593,14 +597,14 @@ async fn resolve_waiting(
                         "{} is not an identity of this pod",
                         query.selector
                     )),
-                    waited: started.elapsed(),
+                    waited: waited(started),
                 };
             }
             other => {
                 return Resolved {
                     pod,
                     resolution: other,
-                    waited: started.elapsed(),
+                    waited: waited(started),
                 };
             }
         }

@@ -4,7 +4,7 @@
 //! next change through [`Shared::subscribe`] instead of polling.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::IpAddr,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
@@ -62,12 +62,12 @@ pub struct Synced {
 #[derive(Debug, Default)]
 pub struct World {
     /// Shared with the requests that found them, which hold them without copying.
-    pods: HashMap<ObjectKey, Arc<PodRecord>>,
+    pods: foldhash::HashMap<ObjectKey, Arc<PodRecord>>,
     /// The same pods by address, so that finding a caller is one lookup.
-    by_ip: HashMap<IpAddr, Vec<Arc<PodRecord>>>,
+    by_ip: foldhash::HashMap<IpAddr, Vec<Arc<PodRecord>>>,
     /// Pods that may hold an address the API does not show yet ([`PodView::awaits_its_address`]).
     awaiting_address: HashSet<ObjectKey>,
-    assigned: HashMap<ObjectKey, AssignedView>,
+    assigned: foldhash::HashMap<ObjectKey, AssignedView>,
     /// Bindings, identities and exceptions of all namespaces, indexed for matching as watch events
     /// arrive, so that a request's matching is a lookup whatever the size of the cluster.
     pub matching: Index,
