@@ -262,7 +262,11 @@ impl TokenCache {
         Fut: Future<Output = Result<Vec<Token>, UpstreamError>>,
     {
         let entry = self.entry(key);
-        entry.last_used.store(now, Ordering::Relaxed);
+        // Written only when the second changes: both worker threads read the entry of a busy identity, and
+        // a write on every request would move its cache line between them.
+        if entry.last_used.load(Ordering::Relaxed) != now {
+            entry.last_used.store(now, Ordering::Relaxed);
+        }
         if let Some((tokens, Standing::Fresh | Standing::RenewSoon)) = entry.current(&self.freshness, now) {
             return (Ok(tokens), Outcome::Hit);
         }

@@ -302,29 +302,16 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)
             if rest.is_empty() {
                 return None;
             }
-            // One pass over the piece's bytes finds its end, its first `=` and whether it needs decoding:
-            // on the token path this is most of what reading the query costs.
-            let mut end = rest.len();
-            let mut equals = None;
-            let mut encoded = false;
-            for (at, byte) in rest.bytes().enumerate() {
-                match byte {
-                    b'&' => {
-                        end = at;
-                        break;
-                    }
-                    b'=' if equals.is_none() => equals = Some(at),
-                    b'%' | b'+' => encoded = true,
-                    _ => {}
-                }
-            }
+            // Found with `memchr` rather than by walking the characters: on the token path this is most
+            // of what reading the query costs.
+            let end = memchr::memchr(b'&', rest.as_bytes()).unwrap_or(rest.len());
             // `&` and `=` are ASCII: every cut below is on a character boundary.
             let piece = &rest[..end];
             rest = rest.get(end + 1..).unwrap_or("");
             if piece.is_empty() {
                 continue;
             }
-            if encoded {
+            if memchr::memchr2(b'%', b'+', piece.as_bytes()).is_some() {
                 // The piece holds no `&`, so it is exactly one pair to the decoder.
                 return Some(
                     form_urlencoded::parse(piece.as_bytes())
@@ -332,7 +319,7 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)
                         .unwrap_or((Cow::Borrowed(""), Cow::Borrowed(""))),
                 );
             }
-            let (name, value) = match equals {
+            let (name, value) = match memchr::memchr(b'=', piece.as_bytes()) {
                 Some(at) => (&piece[..at], &piece[at + 1..]),
                 None => (piece, ""),
             };
@@ -393,10 +380,10 @@ fn guid(text: &str) -> Result<String, QueryError> {
 /// Characters no identifier carries: controls (line breaks that would forge log lines, `\0`) and
 /// whitespace.
 fn has_stray_characters(text: &str) -> bool {
-    // ASCII text (what clients send) by bytes: its controls are below 0x20 and 0x7f, its whitespace
-    // those controls and the space.
-    if text.is_ascii() {
-        return text.bytes().any(|b| b < 0x20 || b == 0x7f || b == b' ');
+    // Printable ASCII without spaces, what clients send, has none: told by bytes, without decoding
+    // characters.
+    if text.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return false;
     }
     text.chars().any(|c| c.is_control() || c.is_whitespace())
 }
