@@ -10,7 +10,7 @@
 use std::{
     collections::HashSet,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 pub use pod_identity_api::answer::Mode;
@@ -88,6 +88,9 @@ pub struct Grant {
     pub object: Arc<AzureIdentity>,
     /// Whose tokens these are.
     pub principal: Principal,
+    /// Set once the pod's first token with this identity is known to be recorded: its later requests
+    /// read this, which no request writes, instead of locking the node's record of first tokens.
+    pub first_token_recorded: OnceLock<()>,
 }
 
 /// Why a request must wait. Each can change without anyone's action (a pod's address or containers
@@ -401,6 +404,7 @@ fn grant(identity: PodIdentity<'_>) -> Grant {
         ),
         identity: identity.assignment.identity,
         object: Arc::new(identity.object.clone()),
+        first_token_recorded: OnceLock::new(),
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -693,7 +693,11 @@ async fn answer(
             } else {
                 tracing::info!(pod = name, namespace, identity = %identity_name, resource, decision = "served", cache = outcome.label(), "served a token");
             }
-            record_first_token(state, pod.as_deref(), identity);
+            let recorded = match &resolution {
+                Resolution::Serve(grant) => Some(&grant.first_token_recorded),
+                _ => None,
+            };
+            record_first_token(state, pod.as_deref(), identity, recorded);
             let reason = if matches!(resolution, Resolution::Excepted) {
                 audit::Reason::Excepted
             } else {
@@ -772,13 +776,25 @@ impl std::fmt::Display for IdentityName<'_> {
 /// Observes the time from a pod's creation to its first token of `identity` (`namespace/name`, or `node`
 /// for an excepted pod, whatever node identity it asked for), once per pod and identity: a pod's second
 /// identity is a first token of its own, a repeat of either is not.
-fn record_first_token(state: &AppState, pod: Option<&PodRecord>, identity: Option<&ObjectKey>) {
+fn record_first_token(
+    state: &AppState,
+    pod: Option<&PodRecord>,
+    identity: Option<&ObjectKey>,
+    recorded: Option<&OnceLock<()>>,
+) {
+    // Every served token passes here: a repeat with the same grant reads its flag, and a repeat after a
+    // change of the world (a new grant) is a lookup, with nothing allocated.
+    if recorded.is_some_and(|r| r.get().is_some()) {
+        return;
+    }
     let Some(pod) = pod else { return };
     let (Some(uid), Some(created)) = (pod.view.uid.as_ref(), pod.created) else {
         return;
     };
     let mut seen = state.first_tokens.lock().unwrap_or_else(|p| p.into_inner());
-    // Every served token passes here: a repeat is a lookup, with nothing allocated.
+    if let Some(recorded) = recorded {
+        let _ = recorded.set(());
+    }
     if seen
         .get(uid)
         .is_some_and(|identities| identities.iter().any(|seen| seen.as_ref() == identity))

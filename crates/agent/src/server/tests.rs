@@ -326,6 +326,15 @@ async fn each_identity_of_a_pod_has_its_first_token_observed_once() {
         let (status, _, body) = call(&f.state, peer, path, &[META]).await;
         assert_eq!(status, StatusCode::OK, "{path} from {peer}: {body}");
     }
+    // After a change of the world the pod's identities are decided anew: a repeat is still no first token.
+    f.state.shared.update(|w| {
+        w.matching
+            .upsert_binding(binding("ns", "unrelated", "id-b", "other"))
+    });
+    for path in [&for_a, &for_b] {
+        let (status, _, body) = call(&f.state, POD_IP, path, &[META]).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
     // A pod's second identity is a first token of its own; another resource or a repeat of either is not;
     // an excepted pod is observed once, under `node`, whichever node identity it asked for.
     assert_eq!(first_tokens(&f.state, "ns/id-a"), 1);

@@ -128,6 +128,7 @@ mod tests {
             principal: Principal::Managed {
                 client_id: "c".into(),
             },
+            first_token_recorded: Default::default(),
         }
     }
 
