@@ -243,45 +243,33 @@ fn finished_host_network_and_duplicate_pods_do_not_make_a_caller() {
         ..view("lost", ip, Life::Active)
     };
     assert_eq!(name(&who(&[unknown_phase], false)), "pod lost");
-    assert_eq!(
-        name(&who(
-            &[view("a", ip, Life::Active), view("b", ip, Life::Active)],
-            false
-        )),
-        "ambiguous a,b"
-    );
-    assert_eq!(
-        name(&who(
-            &[view("a", ip, Life::Terminating), view("b", ip, Life::Terminating)],
-            false
-        )),
-        "ambiguous a,b"
-    );
     // Every pod that may be the caller is named, in the order listed; pods being deleted only when no
     // other pod may be.
-    assert_eq!(
-        name(&who(
-            &[
-                view("a", ip, Life::Active),
-                view("old", ip, Life::Terminating),
-                view("b", ip, Life::Active),
-                view("c", ip, Life::Active),
-            ],
-            true
-        )),
-        "ambiguous a,b,c"
-    );
-    assert_eq!(
-        name(&who(
-            &[
-                view("a", ip, Life::Terminating),
-                view("b", ip, Life::Terminating),
-                view("c", ip, Life::Terminating),
-            ],
-            true
-        )),
-        "ambiguous a,b,c"
-    );
+    use Life::{Active, Terminating};
+    /// The pods listed for the address (name, life), whether a pod awaits its address, the caller named.
+    type Case<'a> = (&'a [(&'a str, Life)], bool, &'a str);
+    let several: [Case<'_>; 4] = [
+        (&[("a", Active), ("b", Active)], false, "ambiguous a,b"),
+        (&[("a", Terminating), ("b", Terminating)], false, "ambiguous a,b"),
+        (
+            &[("a", Active), ("old", Terminating), ("b", Active), ("c", Active)],
+            true,
+            "ambiguous a,b,c",
+        ),
+        (
+            &[("a", Terminating), ("b", Terminating), ("c", Terminating)],
+            true,
+            "ambiguous a,b,c",
+        ),
+    ];
+    for (pods, awaiting, named) in several {
+        let views: Vec<PodView> = pods.iter().map(|(n, life)| view(n, ip, *life)).collect();
+        assert_eq!(
+            name(&who(&views, awaiting)),
+            named,
+            "{pods:?}, awaiting {awaiting}"
+        );
+    }
 }
 
 #[test]
